@@ -1,0 +1,3 @@
+from fracwatch.cli import main
+
+main()

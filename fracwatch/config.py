@@ -1,0 +1,177 @@
+"""One Settings type: defaults < TOML file < ``FRACWATCH_*`` environment < explicit overrides (CLI flags).
+
+No instance is created at import; call :func:`load_settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from fracwatch.errors import ConfigError
+
+ENV_PREFIX = "FRACWATCH_"
+CONFIG_ENV = "FRACWATCH_CONFIG"
+DEFAULT_AE_TITLE = "FRACWATCH"
+DEFAULT_PORT = 11112
+DEFAULT_DATA_DIR = Path("./var")
+DB_FILENAME = "fracwatch.db"
+
+_AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: printable ASCII, no backslash
+_DESTINATION_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@\s]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
+
+
+def validate_ae_title(value: str) -> str:
+    """Return ``value`` stripped, or raise ``ValueError`` if it is not a valid DICOM AE title."""
+    stripped = value.strip()
+    if not _AE_TITLE_RE.match(stripped):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
+    return stripped
+
+
+AETitle = Annotated[str, BeforeValidator(lambda v: validate_ae_title(str(v)))]
+
+
+class Destination(BaseModel):
+    """A DICOM peer fracwatch sends its results to."""
+
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """Parse ``AE@HOST:PORT``."""
+        match = _DESTINATION_RE.match(text.strip())
+        if not match:
+            raise ValueError(f"{text!r} is not of the form AE@HOST:PORT")
+        host = match["host"].strip("[]")
+        return cls(ae_title=match["ae"], host=host, port=int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _parse_destination(value: Any) -> Any:
+    return Destination.parse(value) if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    """Every fracwatch setting. ``config/fracwatch.example.toml`` documents each key."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # where things live
+    data_dir: Path = DEFAULT_DATA_DIR
+    db_url: str | None = None
+
+    # the DICOM listener
+    ae_title: AETitle = DEFAULT_AE_TITLE
+    host: str = "0.0.0.0"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    max_pdu: int = Field(default=131072, ge=0)
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=120.0, gt=0)
+    shutdown_grace: float = Field(default=30.0, ge=0)
+
+    # the study lifecycle
+    stable_after: float = Field(default=30.0, gt=0)
+    completion_interval: float = Field(default=2.0, gt=0)
+
+    # results (used by scoring and delivery)
+    destinations: list[Annotated[Destination, BeforeValidator(_parse_destination)]] = Field(
+        default_factory=list
+    )
+    model: Path | None = None
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where received instances are written."""
+        return self.data_dir / "spool"
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL: ``db_url`` if set, else a SQLite file in the data directory."""
+        if self.db_url:
+            return self.db_url
+        return f"sqlite:///{(self.data_dir / DB_FILENAME).resolve()}"
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "settings"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown setting"
+        parts.append(f"invalid setting '{key}': {message}")
+    return "; ".join(parts)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from the optional TOML file, the environment and explicit overrides.
+
+    ``config_file`` defaults to ``$FRACWATCH_CONFIG``. Overrides whose value is ``None`` are ignored so
+    that unset CLI flags fall through to the environment and file. Raises :class:`ConfigError`.
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
+    if config_file is not None:
+        _check_toml(config_file)
+    explicit = {k: v for k, v in overrides.items() if v is not None and v != ()}
+    toml_file = config_file
+
+    class _Settings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if toml_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+            return tuple(sources)
+
+    try:
+        return _Settings(**explicit)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except ValueError as exc:  # an environment value that is not valid JSON for a list setting
+        raise ConfigError(f"invalid setting: {exc}") from None
+
+
+def _check_toml(path: Path) -> None:
+    try:
+        with path.open("rb") as fh:
+            tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"invalid setting 'config': file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"invalid setting 'config': cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid setting 'config': {path} is not valid TOML: {exc}") from None

@@ -1,0 +1,1 @@
+"""DICOM on the wire and on disk: the storage SCP, the durable spool, the SCU, header parsing."""

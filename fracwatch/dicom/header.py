@@ -1,0 +1,119 @@
+"""Read the identifying attributes of an instance from its header, never touching the pixel data."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from fracwatch.domain import InstanceHeader
+from fracwatch.errors import InvalidInstanceError
+
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_DEFER = 4096  # bytes: larger values are not read into memory (overlays, private blobs)
+
+
+def _at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag) in _PIXEL_TAGS
+
+
+def header_from_stream(
+    stream: BinaryIO, transfer_syntax_uid: str, sop_class_uid: str | None = None
+) -> InstanceHeader:
+    """Parse the dataset ``stream`` (no file meta) encoded with ``transfer_syntax_uid``.
+
+    ``sop_class_uid`` (from the DIMSE request) is used when the dataset lacks one. Raises
+    :class:`InvalidInstanceError` naming what is wrong.
+    """
+    syntax = UID(transfer_syntax_uid)
+    try:
+        if syntax == DeflatedExplicitVRLittleEndian:
+            stream = io.BytesIO(zlib.decompress(stream.read(), -zlib.MAX_WBITS))
+        ds = read_dataset(
+            stream,
+            is_implicit_VR=syntax.is_implicit_VR,
+            is_little_endian=syntax.is_little_endian,
+            stop_when=_at_pixels,
+            defer_size=_DEFER,
+        )
+    except InvalidInstanceError:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise InvalidInstanceError(f"dataset cannot be parsed: {exc}") from exc
+    return header_from_dataset(ds, transfer_syntax_uid, sop_class_uid)
+
+
+def header_from_file(path: Path) -> InstanceHeader:
+    """Parse the header of the Part 10 file at ``path``."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, defer_size=_DEFER)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise InvalidInstanceError(f"{path.name} is not a readable DICOM file: {exc}") from exc
+    syntax = getattr(ds.file_meta, "TransferSyntaxUID", None)
+    if not syntax:
+        raise InvalidInstanceError(f"{path.name} has no Transfer Syntax UID in its file meta")
+    media_class = getattr(ds.file_meta, "MediaStorageSOPClassUID", None)
+    return header_from_dataset(ds, str(syntax), str(media_class) if media_class else None)
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed optional attribute must not reject the image
+        return None
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    return text[:64] or None
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = _text(ds, keyword)
+    if not value:
+        raise InvalidInstanceError(f"dataset has no {keyword}")
+    return value
+
+
+def header_from_dataset(
+    ds: Dataset, transfer_syntax_uid: str, sop_class_uid: str | None = None
+) -> InstanceHeader:
+    """Build an :class:`InstanceHeader` from an already parsed dataset."""
+    sop_class = _text(ds, "SOPClassUID") or sop_class_uid
+    if not sop_class:
+        raise InvalidInstanceError("dataset has no SOPClassUID")
+    series_number: int | None
+    try:
+        raw_number = ds.get("SeriesNumber")
+        series_number = int(raw_number) if raw_number not in (None, "") else None
+    except (TypeError, ValueError):
+        series_number = None
+    return InstanceHeader(
+        study_instance_uid=_uid(ds, "StudyInstanceUID"),
+        series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+        sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=transfer_syntax_uid,
+        modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"),
+        accession_number=_text(ds, "AccessionNumber"),
+        series_number=series_number,
+        laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
+    )
+
+
+def source_ae_of_file(path: Path) -> str | None:
+    """The Source Application Entity Title the file meta names (the AE that sent it), if any."""
+    try:
+        meta = read_file_meta_info(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return None
+    value = meta.get("SourceApplicationEntityTitle")
+    return str(value).strip() or None if value else None

@@ -1,0 +1,211 @@
+"""The DICOM listener: C-ECHO and C-STORE for every storage SOP class and transfer syntax pynetdicom knows.
+
+A C-STORE is answered 0x0000 only after the instance is fsynced into the spool *and* recorded by the sink.
+Handlers run on association threads; they write and record, nothing heavier.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from fracwatch.dicom import status
+from fracwatch.dicom.header import header_from_stream
+from fracwatch.dicom.spool import Spool
+from fracwatch.domain import InstanceHeader, ReceivedInstance, RecordOutcome
+from fracwatch.errors import InvalidInstanceError, SpoolError
+
+LOGGER = logging.getLogger(__name__)
+
+
+class InstanceSink(Protocol):
+    """Where the SCP hands a durably written instance (the service wires the database in)."""
+
+    def is_held(self, header: InstanceHeader) -> bool:
+        """True if this SOP Instance is already stored (a resend needs no new write)."""
+        ...
+
+    def record(self, received: ReceivedInstance) -> RecordOutcome:
+        """Record the instance; raise on failure (the SCP then answers 0xA700)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ListenerOptions:
+    """How the listener presents itself on the network."""
+
+    ae_title: str
+    host: str
+    port: int
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_pdu: int = 131072
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+
+
+def _file_meta_bytes(event: Event, header: InstanceHeader, calling_ae: str) -> bytes:
+    """Preamble, prefix and file meta for the dataset as received, naming the sending AE."""
+    meta = FileMetaDataset(event.file_meta)
+    meta.MediaStorageSOPClassUID = header.sop_class_uid
+    meta.MediaStorageSOPInstanceUID = header.sop_instance_uid
+    meta.SourceApplicationEntityTitle = calling_ae
+    buffer = io.BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def handle_store(event: Event, spool: Spool, sink: InstanceSink) -> int:
+    """Write the C-STORE dataset as received (no decode) durably, record it, answer a DICOM status."""
+    request = event.request
+    calling_ae = str(event.assoc.requestor.ae_title).strip()
+    transfer_syntax = str(event.context.transfer_syntax)
+    stream = request.DataSet  # type: ignore[union-attr]
+    try:
+        stream.seek(0)
+        header = header_from_stream(stream, transfer_syntax, str(request.AffectedSOPClassUID))
+    except InvalidInstanceError as exc:
+        LOGGER.warning(
+            "rejecting C-STORE of %s from %s: %s", request.AffectedSOPInstanceUID, calling_ae, exc
+        )
+        return status.CANNOT_UNDERSTAND
+    if header.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip():
+        LOGGER.warning(
+            "C-STORE from %s: Affected SOP Instance UID %s differs from the dataset's %s; using the dataset's",
+            calling_ae,
+            request.AffectedSOPInstanceUID,
+            header.sop_instance_uid,
+        )
+    try:
+        if sink.is_held(header):
+            LOGGER.info("instance %s from %s already held; acknowledged", header.sop_instance_uid, calling_ae)
+            return status.SUCCESS
+    except Exception:
+        LOGGER.exception("cannot look up instance %s", header.sop_instance_uid)
+        return status.OUT_OF_RESOURCES
+
+    path = spool.path_for(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+    try:
+        size = spool.write(path, (_file_meta_bytes(event, header, calling_ae), stream.getbuffer()))
+    except SpoolError as exc:
+        LOGGER.error("refusing instance %s from %s: %s", header.sop_instance_uid, calling_ae, exc)
+        return status.OUT_OF_RESOURCES
+    received = ReceivedInstance(
+        header=header, path=path, size_bytes=size, calling_ae=calling_ae, received_at=datetime.now(UTC)
+    )
+    try:
+        outcome = sink.record(received)
+    except Exception:
+        # The file is safe on disk; the reconciler registers it at the next start if the sender gives up.
+        LOGGER.exception("cannot record instance %s from %s", header.sop_instance_uid, calling_ae)
+        return status.OUT_OF_RESOURCES
+    LOGGER.debug(
+        "stored %s (study %s v%d, %d bytes) from %s",
+        header.sop_instance_uid,
+        header.study_instance_uid,
+        outcome.study_version,
+        size,
+        calling_ae,
+    )
+    return status.SUCCESS
+
+
+def handle_echo(event: Event) -> int:
+    """Answer C-ECHO."""
+    LOGGER.info("C-ECHO from %s", str(event.assoc.requestor.ae_title).strip())
+    return status.SUCCESS
+
+
+def _log_request(event: Event, allowed: tuple[str, ...]) -> None:
+    primitive = event.assoc.requestor.primitive
+    calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
+    address = event.assoc.requestor.address
+    if allowed and calling not in allowed:
+        LOGGER.warning("rejecting association from calling AE %s at %s: not in the allow-list", calling, address)
+    else:
+        LOGGER.info("association requested by %s at %s", calling, address)
+
+
+def _log_aborted(event: Event) -> None:
+    LOGGER.warning("association with %s aborted", str(event.assoc.requestor.ae_title).strip())
+
+
+def build_ae(options: ListenerOptions) -> AE:
+    """An application entity accepting every storage SOP class with every transfer syntax, plus C-ECHO."""
+    ae = AE(ae_title=options.ae_title)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    ae.maximum_pdu_size = options.max_pdu
+    ae.maximum_associations = options.max_associations
+    ae.acse_timeout = options.acse_timeout
+    ae.dimse_timeout = options.dimse_timeout
+    ae.network_timeout = options.network_timeout
+    ae.require_calling_aet = list(options.allowed_calling_aets)
+    return ae
+
+
+class StorageSCP:
+    """A running storage listener; ``start`` binds, ``stop`` drains in-flight associations."""
+
+    def __init__(self, options: ListenerOptions, spool: Spool, sink: InstanceSink) -> None:
+        self.options = options
+        self.spool = spool
+        self.sink = sink
+        self._ae = build_ae(options)
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the port is the real one when 0 was asked for."""
+        if self._server is None:
+            raise RuntimeError("listener not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Bind and serve in background threads."""
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, handle_store, [self.spool, self.sink]),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_REQUESTED, _log_request, [self.options.allowed_calling_aets]),
+            (evt.EVT_ABORTED, _log_aborted),
+        ]
+        self._server = self._ae.start_server(
+            (self.options.host, self.options.port), block=False, evt_handlers=handlers
+        )
+        LOGGER.info("listening as %s on %s:%d", self.options.ae_title, *self.address)
+
+    def stop(self, grace: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        """Stop accepting associations, let in-flight ones finish for ``grace`` seconds, then abort them.
+
+        Handlers already inside a C-STORE finish their write and record before their thread ends.
+        """
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server = None
+        deadline = clock() + grace
+        in_flight = list(self._ae.active_associations)
+        for assoc in in_flight:
+            assoc.join(timeout=max(0.0, deadline - clock()))
+        for assoc in in_flight:
+            if assoc.is_alive():
+                LOGGER.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
+                assoc.abort()
+                assoc.join(timeout=10.0)
+        LOGGER.info("listener stopped")

@@ -1,0 +1,65 @@
+"""Small value types shared by the layers; imports nothing of ours."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+
+class StudyState(enum.StrEnum):
+    """Where a study is in its lifecycle.
+
+    ``receiving`` until ``stable_after`` seconds pass without a new instance, then ``complete`` (handed to
+    the work queue), then ``ready`` once the worker has taken it. A new instance after hand-over re-opens
+    the study (``receiving`` again, version + 1).
+    """
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    READY = "ready"
+
+
+class InstanceState(enum.StrEnum):
+    """State of one stored instance."""
+
+    STORED = "stored"
+    ERROR = "error"
+    PURGED = "purged"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHeader:
+    """The identifying, non-PHI attributes of one received instance, read from its header."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None = None
+    body_part: str | None = None
+    accession_number: str | None = None
+    series_number: int | None = None
+    laterality: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedInstance:
+    """An instance written durably to the spool, ready to be recorded in the database."""
+
+    header: InstanceHeader
+    path: Path
+    size_bytes: int
+    calling_ae: str
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOutcome:
+    """What recording an instance did to its study."""
+
+    created: bool  # False: the SOP Instance UID was already held (a resend)
+    study_version: int
+    reopened: bool  # True: the study had been handed over and is receiving again

@@ -1,0 +1,138 @@
+"""The daemon: the one place where settings, database, spool, listener, scheduler and worker are wired."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
+
+from fracwatch.config import Settings
+from fracwatch.dicom.scp import ListenerOptions, StorageSCP
+from fracwatch.dicom.spool import Spool
+from fracwatch.errors import DatabaseError
+from fracwatch.service.ingest import DatabaseSink
+from fracwatch.service.lifecycle import (
+    Clock,
+    MarkReady,
+    StudyProcessor,
+    Worker,
+    build_scheduler,
+    detect_complete_studies,
+    requeue_pending,
+    utc_now,
+)
+from fracwatch.service.reconcile import reconcile
+from fracwatch.store import db
+
+LOGGER = logging.getLogger(__name__)
+
+
+def listener_options(settings: Settings) -> ListenerOptions:
+    """The listener part of the settings."""
+    return ListenerOptions(
+        ae_title=settings.ae_title,
+        host=settings.host,
+        port=settings.port,
+        allowed_calling_aets=tuple(settings.allowed_calling_aets),
+        max_pdu=settings.max_pdu,
+        max_associations=settings.max_associations,
+        acse_timeout=settings.acse_timeout,
+        dimse_timeout=settings.dimse_timeout,
+        network_timeout=settings.network_timeout,
+    )
+
+
+def open_database(settings: Settings) -> Engine:
+    """Create the engine and migrate the schema to head."""
+    engine = db.make_engine(settings.database_url)
+    try:
+        revision = db.upgrade(engine)
+    except DatabaseError:
+        engine.dispose()
+        raise
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise DatabaseError(f"cannot open the database: {exc}") from exc
+    LOGGER.info("database %s at revision %s", engine.url.render_as_string(), revision)
+    return engine
+
+
+class Daemon:
+    """fracwatch serve: receive, track and hand over studies until told to stop."""
+
+    def __init__(
+        self, settings: Settings, processor: StudyProcessor | None = None, clock: Clock = utc_now
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._processor = processor
+        self._stopping = threading.Event()
+        self.engine: Engine | None = None
+        self.sessions: sessionmaker[Any] | None = None
+        self.scp: StorageSCP | None = None
+        self.worker: Worker | None = None
+        self._scheduler: BackgroundScheduler | None = None
+
+    def start(self) -> None:
+        """Open the database, reconcile the spool, start the worker, the scheduler and the listener."""
+        settings = self.settings
+        self.engine = open_database(settings)
+        self.sessions = db.session_factory(self.engine)
+        spool = Spool(settings.spool_dir)
+        spool.prepare()
+        reconcile(spool, self.sessions)
+        self.worker = Worker(self._processor or MarkReady(self.sessions, self._clock))
+        self.worker.start()
+        requeue_pending(self.sessions, self.worker.submit)
+        self._scheduler = build_scheduler(self.detect_once, settings.completion_interval)
+        self._scheduler.start()
+        self.scp = StorageSCP(listener_options(settings), spool, DatabaseSink(self.sessions))
+        self.scp.start()
+
+    def detect_once(self) -> None:
+        """One run of the completion job (the scheduler calls it; tests may too)."""
+        assert self.sessions is not None and self.worker is not None
+        try:
+            detect_complete_studies(self.sessions, self.worker.submit, self.settings.stable_after, self._clock)
+        except SQLAlchemyError:
+            LOGGER.exception("completion check failed; will retry")
+
+    def stop(self) -> None:
+        """Stop accepting associations, drain in-flight writes, stop the jobs, close the database."""
+        if self.scp is not None:
+            self.scp.stop(grace=self.settings.shutdown_grace)
+            self.scp = None
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+            self._scheduler = None
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        if self.engine is not None:
+            self.engine.dispose()
+            self.engine = None
+        LOGGER.info("fracwatch stopped")
+
+    def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        """Ask :meth:`run` to return (signal handler)."""
+        if signum is not None:
+            LOGGER.info("received %s; shutting down", signal.Signals(signum).name)
+        self._stopping.set()
+
+    def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop."""
+        previous = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            self._stopping.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,47 @@
+"""The SCP's sink: records spooled instances in the database."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import sessionmaker
+
+from fracwatch.domain import InstanceHeader, ReceivedInstance, RecordOutcome
+from fracwatch.store import repository
+
+LOGGER = logging.getLogger(__name__)
+
+
+class DatabaseSink:
+    """Implements :class:`fracwatch.dicom.scp.InstanceSink` on the result database."""
+
+    def __init__(self, sessions: sessionmaker[Any]) -> None:
+        self._sessions = sessions
+
+    def is_held(self, header: InstanceHeader) -> bool:
+        """True when the instance has a row and its file is still on disk."""
+        with self._sessions() as session:
+            instance = repository.find_instance(session, header.sop_instance_uid)
+            return instance is not None and Path(instance.path).exists()
+
+    def record(self, received: ReceivedInstance) -> RecordOutcome:
+        """Record ``received`` in one transaction; a concurrent duplicate counts as a resend."""
+        try:
+            with self._sessions() as session, session.begin():
+                outcome = repository.record_instance(session, received)
+        except IntegrityError:
+            # Two associations delivered the same new instance (or study/series) at once; retry once,
+            # now that the other transaction's rows are visible.
+            with self._sessions() as session, session.begin():
+                outcome = repository.record_instance(session, received)
+        if outcome.reopened:
+            LOGGER.info(
+                "study %s re-opened as version %d by instance %s",
+                received.header.study_instance_uid,
+                outcome.study_version,
+                received.header.sop_instance_uid,
+            )
+        return outcome

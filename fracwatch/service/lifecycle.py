@@ -1,0 +1,151 @@
+"""The study lifecycle: a scheduler job detects complete studies and a worker thread takes them.
+
+Completion is decided in the database (a conditional UPDATE), the hand-over travels through an in-process
+queue, and the worker runs a :class:`StudyProcessor` (here: mark ready; the scoring issue plugs in its own).
+A study that was handed over but not processed when the process stopped is queued again at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.orm import sessionmaker
+
+from fracwatch.store import repository
+from fracwatch.store.repository import HandOver
+
+LOGGER = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The current time, UTC, timezone-aware."""
+    return datetime.now(UTC)
+
+
+class StudyProcessor(Protocol):
+    """What the worker does with a complete study version."""
+
+    def __call__(self, hand_over: HandOver) -> None: ...
+
+
+class MarkReady:
+    """The processor of the receiving spine: record that the study version is ready for scoring."""
+
+    def __init__(self, sessions: sessionmaker[Any], clock: Clock = utc_now) -> None:
+        self._sessions = sessions
+        self._clock = clock
+
+    def __call__(self, hand_over: HandOver) -> None:
+        with self._sessions() as session, session.begin():
+            marked = repository.mark_ready(session, hand_over, self._clock())
+        if marked:
+            LOGGER.info("study %s version %d ready", hand_over.study_instance_uid, hand_over.version)
+        else:
+            LOGGER.info(
+                "study %s version %d re-opened before processing; skipped",
+                hand_over.study_instance_uid,
+                hand_over.version,
+            )
+
+
+_STOP = object()
+
+
+class Worker:
+    """One thread taking hand-overs from an in-process queue, in order."""
+
+    def __init__(self, processor: StudyProcessor) -> None:
+        self._processor = processor
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="fracwatch-worker", daemon=True)
+        self._idle = threading.Condition()
+        self._busy = 0
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def submit(self, hand_over: HandOver) -> None:
+        """Queue a study version for processing."""
+        with self._idle:
+            self._busy += 1
+        self._queue.put(hand_over)
+
+    @property
+    def depth(self) -> int:
+        """Hand-overs queued or in progress."""
+        return self._busy
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until nothing is queued or in progress; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the item in progress, then stop (queued items stay 'complete' and are re-queued at start)."""
+        self._queue.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, HandOver)
+            try:
+                self._processor(item)
+            except Exception:
+                LOGGER.exception(
+                    "processing study %s version %d failed", item.study_instance_uid, item.version
+                )
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
+
+
+def detect_complete_studies(
+    sessions: sessionmaker[Any], submit: Callable[[HandOver], None], stable_after: float, clock: Clock = utc_now
+) -> list[HandOver]:
+    """Mark studies quiet for ``stable_after`` seconds complete, then hand them to ``submit``."""
+    with sessions() as session, session.begin():
+        handed = repository.complete_stable_studies(session, clock(), stable_after)
+    for hand_over in handed:
+        LOGGER.info("study %s version %d complete", hand_over.study_instance_uid, hand_over.version)
+        submit(hand_over)
+    return handed
+
+
+def requeue_pending(sessions: sessionmaker[Any], submit: Callable[[HandOver], None]) -> int:
+    """Queue again every study handed over but never processed; return how many."""
+    with sessions() as session:
+        pending = repository.pending_hand_overs(session)
+    for hand_over in pending:
+        submit(hand_over)
+    if pending:
+        LOGGER.info("re-queued %d complete studies left from a previous run", len(pending))
+    return len(pending)
+
+
+def build_scheduler(job: Callable[[], Any], interval: float) -> BackgroundScheduler:
+    """An APScheduler running ``job`` every ``interval`` seconds, never overlapping itself."""
+    scheduler = BackgroundScheduler(timezone=UTC)
+    scheduler.add_job(
+        job,
+        "interval",
+        seconds=interval,
+        id="detect-complete-studies",
+        max_instances=1,
+        coalesce=True,
+        next_run_time=utc_now(),
+    )
+    return scheduler

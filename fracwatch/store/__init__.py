@@ -1,0 +1,1 @@
+"""The result database: ORM tables, engine and migrations, queries."""
