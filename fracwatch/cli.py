@@ -28,10 +28,8 @@ LOGGER = logging.getLogger("fracwatch")
 
 
 class _UTCFormatter(logging.Formatter):
-    converter = time.gmtime
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + f".{int(record.msecs):03d}Z"
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
 def configure_logging(level: str) -> None:
@@ -52,9 +50,9 @@ def _fail(exc: FracwatchError) -> None:
 
 def settings_options(func: F) -> F:
     """Options every command that touches the database or spool accepts."""
-    func = click.option(
-        "--db", "db_url", metavar="URL", help="SQLAlchemy URL (default: SQLite file in the data dir)."
-    )(func)
+    func = click.option("--db", "db_url", metavar="URL", help="SQLAlchemy URL (default: SQLite file in the data dir).")(
+        func
+    )
     func = click.option(
         "--data-dir",
         type=click.Path(path_type=Path, file_okay=False),
@@ -90,7 +88,11 @@ def cli() -> None:
 @click.option("--port", type=int, help="DICOM port (default 11112).")
 @click.option("--stable-after", type=float, metavar="SECONDS", help="Quiet period before a study is complete.")
 @click.option(
-    "--destination", "destinations", multiple=True, metavar="AE@HOST:PORT", help="Where results go (repeatable)."
+    "--destination",
+    "destinations",
+    multiple=True,
+    metavar="AE@HOST:PORT",
+    help="Where results go (repeatable).",
 )
 @click.option("--model", type=click.Path(path_type=Path), help="Model bundle directory.")
 @click.option("--allow-ae", "allowed_calling_aets", multiple=True, metavar="AE", help="Accept only these callers.")
@@ -138,7 +140,7 @@ def _parse_day(value: str | None, option: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD) or ISO timestamp", param_hint=option)
+        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD) or ISO timestamp", param_hint=option) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 

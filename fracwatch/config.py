@@ -93,9 +93,7 @@ class Settings(BaseSettings):
     completion_interval: float = Field(default=2.0, gt=0)
 
     # results (used by scoring and delivery)
-    destinations: list[Annotated[Destination, BeforeValidator(_parse_destination)]] = Field(
-        default_factory=list
-    )
+    destinations: list[Annotated[Destination, BeforeValidator(_parse_destination)]] = Field(default_factory=list)
     model: Path | None = None
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

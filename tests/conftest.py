@@ -111,7 +111,10 @@ def start_daemon(make_settings: Callable[..., Settings], clock: FakeClock) -> It
 def send_files(port: int, paths: list[Path], calling_ae: str = "MODALITY", called_ae: str = "FRACWATCH") -> list[int]:
     """C-STORE each file (its raw bytes, as stored) over one association; return the statuses."""
     ae = AE(ae_title=calling_ae)
-    contexts = {(str(dcmread(p, stop_before_pixels=True).SOPClassUID), str(dcmread(p).file_meta.TransferSyntaxUID)) for p in paths}
+    contexts = {
+        (str(dcmread(p, stop_before_pixels=True).SOPClassUID), str(dcmread(p).file_meta.TransferSyntaxUID))
+        for p in paths
+    }
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)

@@ -14,7 +14,9 @@ from pathlib import Path
 class ServeProcess:
     """A ``fracwatch serve`` child; ``wait_for`` blocks until a log line contains a text."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None
+    ) -> None:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(
@@ -44,6 +46,7 @@ class ServeProcess:
 
     def wait_for(self, text: str, timeout: float = 60.0) -> None:
         """Block until ``text`` appears in the output; fail if the process exits or time runs out."""
+
         def seen() -> bool:
             return any(text in line for line in self.lines) or self.proc.poll() is not None
 

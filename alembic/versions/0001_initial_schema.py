@@ -8,8 +8,8 @@ Create Date: 2026-11-22 09:13:51.790411
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
 
+from alembic import op
 
 revision = "0001"
 down_revision = None

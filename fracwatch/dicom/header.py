@@ -25,9 +25,7 @@ def _at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
     return int(tag) in _PIXEL_TAGS
 
 
-def header_from_stream(
-    stream: BinaryIO, transfer_syntax_uid: str, sop_class_uid: str | None = None
-) -> InstanceHeader:
+def header_from_stream(stream: BinaryIO, transfer_syntax_uid: str, sop_class_uid: str | None = None) -> InstanceHeader:
     """Parse the dataset ``stream`` (no file meta) encoded with ``transfer_syntax_uid``.
 
     ``sop_class_uid`` (from the DIMSE request) is used when the dataset lacks one. Raises
@@ -82,9 +80,7 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return value
 
 
-def header_from_dataset(
-    ds: Dataset, transfer_syntax_uid: str, sop_class_uid: str | None = None
-) -> InstanceHeader:
+def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, sop_class_uid: str | None = None) -> InstanceHeader:
     """Build an :class:`InstanceHeader` from an already parsed dataset."""
     sop_class = _text(ds, "SOPClassUID") or sop_class_uid
     if not sop_class:

@@ -12,11 +12,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -60,10 +63,10 @@ class ListenerOptions:
 def _file_meta_bytes(event: Event, header: InstanceHeader, calling_ae: str) -> bytes:
     """Preamble, prefix and file meta for the dataset as received, naming the sending AE."""
     meta = FileMetaDataset(event.file_meta)
-    meta.MediaStorageSOPClassUID = header.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = header.sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(header.sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(header.sop_instance_uid)
     meta.SourceApplicationEntityTitle = calling_ae
-    buffer = io.BytesIO()
+    buffer = DicomBytesIO()
     buffer.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buffer, meta, enforce_standard=True)
     return buffer.getvalue()
@@ -71,23 +74,22 @@ def _file_meta_bytes(event: Event, header: InstanceHeader, calling_ae: str) -> b
 
 def handle_store(event: Event, spool: Spool, sink: InstanceSink) -> int:
     """Write the C-STORE dataset as received (no decode) durably, record it, answer a DICOM status."""
-    request = event.request
+    request = cast(C_STORE, event.request)
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     transfer_syntax = str(event.context.transfer_syntax)
-    stream = request.DataSet  # type: ignore[union-attr]
+    stream = cast(io.BytesIO, request.DataSet)
+    affected_uid = str(request.AffectedSOPInstanceUID).strip()
     try:
         stream.seek(0)
         header = header_from_stream(stream, transfer_syntax, str(request.AffectedSOPClassUID))
     except InvalidInstanceError as exc:
-        LOGGER.warning(
-            "rejecting C-STORE of %s from %s: %s", request.AffectedSOPInstanceUID, calling_ae, exc
-        )
+        LOGGER.warning("rejecting C-STORE of %s from %s: %s", affected_uid, calling_ae, exc)
         return status.CANNOT_UNDERSTAND
-    if header.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip():
+    if header.sop_instance_uid != affected_uid:
         LOGGER.warning(
             "C-STORE from %s: Affected SOP Instance UID %s differs from the dataset's %s; using the dataset's",
             calling_ae,
-            request.AffectedSOPInstanceUID,
+            affected_uid,
             header.sop_instance_uid,
         )
     try:
@@ -148,7 +150,7 @@ def build_ae(options: ListenerOptions) -> AE:
     """An application entity accepting every storage SOP class with every transfer syntax, plus C-ECHO."""
     ae = AE(ae_title=options.ae_title)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(cast(str, context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     ae.maximum_pdu_size = options.max_pdu
     ae.maximum_associations = options.max_associations
@@ -185,9 +187,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, _log_request, [self.options.allowed_calling_aets]),
             (evt.EVT_ABORTED, _log_aborted),
         ]
-        self._server = self._ae.start_server(
-            (self.options.host, self.options.port), block=False, evt_handlers=handlers
-        )
+        self._server = self._ae.start_server((self.options.host, self.options.port), block=False, evt_handlers=handlers)
         LOGGER.info("listening as %s on %s:%d", self.options.ae_title, *self.address)
 
     def stop(self, grace: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:

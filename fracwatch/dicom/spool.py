@@ -60,7 +60,7 @@ class Spool:
             / (safe_component(sop_instance_uid) + SUFFIX)
         )
 
-    def write(self, destination: Path, chunks: Iterable[bytes]) -> int:
+    def write(self, destination: Path, chunks: Iterable[bytes | memoryview]) -> int:
         """Write ``chunks`` durably to ``destination``; return the number of bytes written.
 
         Raises :class:`SpoolError` on any I/O failure, leaving neither a temporary nor a partial file.

@@ -67,9 +67,7 @@ def open_database(settings: Settings) -> Engine:
 class Daemon:
     """fracwatch serve: receive, track and hand over studies until told to stop."""
 
-    def __init__(
-        self, settings: Settings, processor: StudyProcessor | None = None, clock: Clock = utc_now
-    ) -> None:
+    def __init__(self, settings: Settings, processor: StudyProcessor | None = None, clock: Clock = utc_now) -> None:
         self.settings = settings
         self._clock = clock
         self._processor = processor

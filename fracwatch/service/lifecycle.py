@@ -104,9 +104,7 @@ class Worker:
             try:
                 self._processor(item)
             except Exception:
-                LOGGER.exception(
-                    "processing study %s version %d failed", item.study_instance_uid, item.version
-                )
+                LOGGER.exception("processing study %s version %d failed", item.study_instance_uid, item.version)
             finally:
                 with self._idle:
                     self._busy -= 1
@@ -114,7 +112,10 @@ class Worker:
 
 
 def detect_complete_studies(
-    sessions: sessionmaker[Any], submit: Callable[[HandOver], None], stable_after: float, clock: Clock = utc_now
+    sessions: sessionmaker[Any],
+    submit: Callable[[HandOver], None],
+    stable_after: float,
+    clock: Clock = utc_now,
 ) -> list[HandOver]:
     """Mark studies quiet for ``stable_after`` seconds complete, then hand them to ``submit``."""
     with sessions() as session, session.begin():

@@ -46,9 +46,7 @@ def _get_or_create_study(session: Session, received: ReceivedInstance) -> Study:
 
 def _get_or_create_series(session: Session, study: Study, received: ReceivedInstance) -> Series:
     header = received.header
-    series = session.scalars(
-        select(Series).where(Series.series_instance_uid == header.series_instance_uid)
-    ).first()
+    series = session.scalars(select(Series).where(Series.series_instance_uid == header.series_instance_uid)).first()
     if series is None:
         series = Series(
             study=study,
@@ -169,7 +167,7 @@ def mark_ready(session: Session, hand_over: HandOver, now: datetime) -> bool:
         .values(state=StudyState.READY.value, ready_at=now)
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -206,9 +204,7 @@ def list_studies(session: Session, filters: StudyFilter) -> Sequence[StudySummar
     instance_count = (
         select(func.count(Instance.id)).where(Instance.study_id == Study.id).correlate(Study).scalar_subquery()
     )
-    series_count = (
-        select(func.count(Series.id)).where(Series.study_id == Study.id).correlate(Study).scalar_subquery()
-    )
+    series_count = select(func.count(Series.id)).where(Series.study_id == Study.id).correlate(Study).scalar_subquery()
     query = select(Study, instance_count, series_count).order_by(Study.last_received_at.desc(), Study.id.desc())
     if filters.received_since is not None:
         query = query.where(Study.last_received_at >= filters.received_since)

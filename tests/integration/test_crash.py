@@ -9,9 +9,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE
 from pydicom import dcmread
 from pydicom.uid import generate_uid
+from pynetdicom import AE
 
 from tests import dicomgen
 from tests.conftest import free_port, send_files

@@ -49,12 +49,18 @@ def build_study(tmp_path: Path) -> tuple[dicomgen.StudyIds, list[Path]]:
         dicomgen.save(dicomgen.image(ids, series_number=3, seed=3), tmp_path / "jls.dcm", JPEGLSLossless),
         dicomgen.save(dicomgen.image(ids, series_number=4, seed=4), tmp_path / "j2k.dcm", JPEG2000Lossless),
         dicomgen.save(dicomgen.image(ids, series_number=5, seed=5), tmp_path / "rle.dcm", RLELossless),
-        dicomgen.save(dicomgen.image(ids, series_number=6, seed=6), tmp_path / "deflate.dcm", DeflatedExplicitVRLittleEndian),
+        dicomgen.save(
+            dicomgen.image(ids, series_number=6, seed=6),
+            tmp_path / "deflate.dcm",
+            DeflatedExplicitVRLittleEndian,
+        ),
     ]
     return ids, files
 
 
-def test_study_lands_on_disk_byte_identical_and_in_database(start_daemon: Callable[..., Daemon], tmp_path: Path, db_url: str) -> None:
+def test_study_lands_on_disk_byte_identical_and_in_database(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, db_url: str
+) -> None:
     daemon = start_daemon(db_url=db_url)
     ids, files = build_study(tmp_path / "src")
 
@@ -89,7 +95,9 @@ def test_study_lands_on_disk_byte_identical_and_in_database(start_daemon: Callab
     assert list((daemon.settings.spool_dir / ".tmp").iterdir()) == []
 
 
-def test_patient_identifiers_are_not_stored(start_daemon: Callable[..., Daemon], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_patient_identifiers_are_not_stored(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     daemon = start_daemon()
     ids, files = build_study(tmp_path / "src")
     with caplog.at_level("DEBUG"):
@@ -102,7 +110,9 @@ def test_patient_identifiers_are_not_stored(start_daemon: Callable[..., Daemon],
     assert ids.patient_id not in caplog.text and "Doe" not in caplog.text
 
 
-def test_echo_and_calling_ae_allow_list(start_daemon: Callable[..., Daemon], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_echo_and_calling_ae_allow_list(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     daemon = start_daemon(allowed_calling_aets=["MODALITY", "PACS"])
     port = daemon.scp.address[1]
     assert echo_status(port, "MODALITY") == 0
@@ -126,7 +136,9 @@ def test_resent_instance_stays_one(start_daemon: Callable[..., Daemon], tmp_path
         assert session.scalar(select(func.count(Instance.id))) == 2
 
 
-def test_unparsable_dataset_gets_failure_status(start_daemon: Callable[..., Daemon], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_unparsable_dataset_gets_failure_status(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     daemon = start_daemon()
     ids = dicomgen.StudyIds()
     ds = dicomgen.image(ids)
@@ -185,7 +197,7 @@ def test_restart_requeues_studies_handed_over_but_not_processed(
     first = Daemon(settings, processor=blocked.append, clock=clock)  # type: ignore[arg-type]
     first.start()
     try:
-        ids, files = build_study(tmp_path / "src")
+        _, files = build_study(tmp_path / "src")
         assert send_files(first.scp.address[1], files[:1]) == [0]  # type: ignore[union-attr]
         clock.advance(60)
         first.detect_once()
@@ -204,7 +216,9 @@ def test_restart_requeues_studies_handed_over_but_not_processed(
         second.stop()
 
 
-def test_ingest_accepts_every_storage_class_and_reports_explicit_vr(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+def test_ingest_accepts_every_storage_class_and_reports_explicit_vr(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
     daemon = start_daemon()
     ids = dicomgen.StudyIds()
     ds = dicomgen.image(ids, sop_class=dicomgen.DX_PRESENTATION)
