@@ -112,7 +112,7 @@ def save(ds: Dataset, path: Path, transfer_syntax: UID = ExplicitVRLittleEndian)
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     if transfer_syntax.is_compressed:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.compress(transfer_syntax)
+        ds.compress(transfer_syntax, generate_instance_uid=False)
     else:
         ds.file_meta.TransferSyntaxUID = transfer_syntax
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,139 @@
+"""The CLI in-process (click's runner) and as a real process, against real databases and associations."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fracwatch.cli import cli
+from fracwatch.service.daemon import Daemon
+from tests import dicomgen
+from tests.conftest import FakeClock, free_port, send_files
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fracwatch", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_db_upgrade_creates_schema(tmp_path: Path, db_url: str) -> None:
+    result = CliRunner().invoke(cli, ["db", "upgrade", "--db", db_url])
+    assert result.exit_code == 0, result.output
+    assert "database at revision 0001" in result.output
+    again = CliRunner().invoke(cli, ["db", "upgrade", "--db", db_url])
+    assert again.exit_code == 0
+
+
+def test_studies_json_contract(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock, db_url: str
+) -> None:
+    daemon = start_daemon(db_url=db_url)
+    ids = dicomgen.StudyIds(accession="ACC-77")
+    files = [dicomgen.save(dicomgen.image(ids, seed=i), tmp_path / f"{i}.dcm") for i in range(3)]
+    other = dicomgen.StudyIds(accession="ACC-88")
+    files.append(dicomgen.save(dicomgen.image(other), tmp_path / "other.dcm"))
+    assert send_files(daemon.scp.address[1], files) == [0, 0, 0, 0]  # type: ignore[union-attr]
+
+    result = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["study_instance_uid"]: row for row in json.loads(result.output)}
+    assert rows[ids.study_uid]["instances"] == 3
+    assert isinstance(rows[ids.study_uid]["instances"], int)
+    assert rows[ids.study_uid]["state"] == "receiving"
+    assert rows[other.study_uid]["instances"] == 1
+
+    by_accession = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--accession", "ACC-88"])
+    assert [r["study_instance_uid"] for r in json.loads(by_accession.output)] == [other.study_uid]
+
+    clock.advance(60)
+    daemon.detect_once()
+    assert daemon.worker is not None and daemon.worker.wait_idle(10)
+    ready = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--state", "ready"])
+    assert len(json.loads(ready.output)) == 2
+    assert (
+        json.loads(CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--state", "receiving"]).output) == []
+    )
+    future = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--since", "2999-01-01"])
+    assert json.loads(future.output) == []
+    today = CliRunner().invoke(cli, ["studies", "--db", db_url, "--today"])
+    assert ids.study_uid in today.output and "ready" in today.output
+    assert "Doe" not in today.output
+
+
+def test_studies_on_unmigrated_database_says_what_to_do(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["studies", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "fracwatch db upgrade" in result.output
+
+
+def test_studies_bad_date(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["studies", "--data-dir", str(tmp_path), "--since", "yesterday"])
+    assert result.exit_code == 2 and "--since" in result.output
+
+
+def test_echo(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon()
+    port = daemon.scp.address[1]  # type: ignore[union-attr]
+    ok = CliRunner().invoke(cli, ["echo", "127.0.0.1", str(port), "--ae", "FRACWATCH"])
+    assert ok.exit_code == 0 and "success" in ok.output
+    down = CliRunner().invoke(cli, ["echo", "127.0.0.1", str(free_port()), "--timeout", "2"])
+    assert down.exit_code == 1 and "no association" in down.output
+
+
+def test_echo_rejected_by_allow_list(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon(allowed_calling_aets=["PACS"])
+    port = daemon.scp.address[1]  # type: ignore[union-attr]
+    result = CliRunner().invoke(cli, ["echo", "127.0.0.1", str(port), "--calling-ae", "NOBODY"])
+    assert result.exit_code == 1 and "rejected" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--port", "70000"], "port"),
+        (["--ae-title", "THIS_AE_TITLE_IS_TOO_LONG"], "ae_title"),
+        (["--destination", "PACS-at-nowhere"], "destinations"),
+        (["--stable-after", "0"], "stable_after"),
+    ],
+)
+def test_serve_invalid_setting_one_line_no_traceback(tmp_path: Path, args: list[str], key: str) -> None:
+    result = run("serve", "--data-dir", str(tmp_path), *args)
+    assert result.returncode == 2
+    assert f"invalid setting '{key}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_invalid_environment_value(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fracwatch", "serve", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "FRACWATCH_MAX_ASSOCIATIONS": "many"},
+        check=False,
+    )
+    assert result.returncode == 2 and "max_associations" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run("serve", "--data-dir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 1
+    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_bad_database_url(tmp_path: Path) -> None:
+    result = run("serve", "--data-dir", str(tmp_path), "--db", "nosuchdb://x")
+    assert result.returncode == 1 and "database" in result.stderr and "Traceback" not in result.stderr
