@@ -92,15 +92,16 @@ def handle_store(event: Event, spool: Spool, sink: InstanceSink) -> int:
             affected_uid,
             header.sop_instance_uid,
         )
+    path = spool.path_for(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
     try:
-        if sink.is_held(header):
+        # Only a file already at this path can be a resend: new instances skip the database lookup.
+        if path.exists() and sink.is_held(header):
             LOGGER.info("instance %s from %s already held; acknowledged", header.sop_instance_uid, calling_ae)
             return status.SUCCESS
     except Exception:
         LOGGER.exception("cannot look up instance %s", header.sop_instance_uid)
         return status.OUT_OF_RESOURCES
 
-    path = spool.path_for(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
     try:
         size = spool.write(path, (_file_meta_bytes(event, header, calling_ae), stream.getbuffer()))
     except SpoolError as exc:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from fracwatch.domain import InstanceState, ReceivedInstance, RecordOutcome, StudyState
@@ -22,85 +22,144 @@ def _merge_modalities(current: str | None, modality: str | None) -> str | None:
     if not modality:
         return current
     values = set(current.split("\\")) if current else set()
+    if modality in values:
+        return current
     values.add(modality)
     return "\\".join(sorted(values))[:64]
 
 
-def _get_or_create_study(session: Session, received: ReceivedInstance) -> Study:
-    header = received.header
-    study = session.scalars(
-        select(Study).where(Study.study_instance_uid == header.study_instance_uid).with_for_update()
-    ).first()
-    if study is None:
-        study = Study(
-            study_instance_uid=header.study_instance_uid,
-            accession_number=header.accession_number,
-            first_received_at=received.received_at,
-            last_received_at=received.received_at,
-            state=StudyState.RECEIVING.value,
-            version=1,
-        )
-        session.add(study)
-    return study
+_STUDIES: Table = Study.__table__  # type: ignore[assignment]
+_SERIES: Table = Series.__table__  # type: ignore[assignment]
+_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+
+# Statements of the per-image hot path, built once: values arrive as bound parameters, so each execution
+# skips statement construction and hits SQLAlchemy's compiled cache.
+_SELECT_INSTANCE_VERSION = select(_INSTANCES.c.study_version).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid")
+)
+_SELECT_STUDY = (
+    select(
+        _STUDIES.c.id,
+        _STUDIES.c.state,
+        _STUDIES.c.version,
+        _STUDIES.c.last_received_at,
+        _STUDIES.c.modality,
+        _STUDIES.c.body_part,
+        _STUDIES.c.accession_number,
+    )
+    .where(_STUDIES.c.study_instance_uid == bindparam("study_instance_uid"))
+    .with_for_update()
+)
+_INSERT_STUDY = insert(_STUDIES).returning(_STUDIES.c.id)
+_UPDATE_STUDY = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("study_id"))
+    .values(
+        last_received_at=bindparam("new_last_received_at"),
+        sending_ae=bindparam("new_sending_ae"),
+        modality=bindparam("new_modality"),
+        body_part=bindparam("new_body_part"),
+        accession_number=bindparam("new_accession_number"),
+    )
+)
+_REOPEN_STUDY = _UPDATE_STUDY.values(
+    state=StudyState.RECEIVING.value, version=bindparam("new_version"), completed_at=None, ready_at=None
+)
+_SELECT_SERIES = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("series_instance_uid"))
+_INSERT_SERIES = insert(_SERIES).returning(_SERIES.c.id)
+_INSERT_INSTANCE = insert(_INSTANCES)
 
 
-def _get_or_create_series(session: Session, study: Study, received: ReceivedInstance) -> Series:
+def _study_id(session: Session, received: ReceivedInstance) -> tuple[int, bool, int]:
+    """Create or update the study row for ``received``; return (id, re-opened, version)."""
     header = received.header
-    series = session.scalars(select(Series).where(Series.series_instance_uid == header.series_instance_uid)).first()
-    if series is None:
-        series = Series(
-            study=study,
-            series_instance_uid=header.series_instance_uid,
-            modality=header.modality,
-            body_part=header.body_part,
-            series_number=header.series_number,
-            first_received_at=received.received_at,
-        )
-        session.add(series)
-    return series
+    row = session.execute(_SELECT_STUDY, {"study_instance_uid": header.study_instance_uid}).first()
+    if row is None:
+        study_id = session.execute(
+            _INSERT_STUDY,
+            {
+                "study_instance_uid": header.study_instance_uid,
+                "accession_number": header.accession_number,
+                "modality": header.modality,
+                "body_part": header.body_part,
+                "sending_ae": received.calling_ae,
+                "first_received_at": received.received_at,
+                "last_received_at": received.received_at,
+                "state": StudyState.RECEIVING.value,
+                "version": 1,
+            },
+        ).scalar_one()
+        return int(study_id), False, 1
+    reopened = row.state != StudyState.RECEIVING.value
+    version = row.version + 1 if reopened else row.version
+    session.execute(
+        _REOPEN_STUDY if reopened else _UPDATE_STUDY,
+        {
+            "study_id": row.id,
+            "new_last_received_at": max(row.last_received_at, received.received_at),
+            "new_sending_ae": received.calling_ae,
+            "new_modality": _merge_modalities(row.modality, header.modality),
+            "new_body_part": row.body_part or header.body_part,
+            "new_accession_number": row.accession_number or header.accession_number,
+            "new_version": version,
+        },
+    )
+    return int(row.id), reopened, version
+
+
+def _series_id(session: Session, study_id: int, received: ReceivedInstance) -> int:
+    header = received.header
+    series_id = session.execute(_SELECT_SERIES, {"series_instance_uid": header.series_instance_uid}).scalar()
+    if series_id is not None:
+        return int(series_id)
+    return int(
+        session.execute(
+            _INSERT_SERIES,
+            {
+                "study_id": study_id,
+                "series_instance_uid": header.series_instance_uid,
+                "modality": header.modality,
+                "body_part": header.body_part,
+                "series_number": header.series_number,
+                "first_received_at": received.received_at,
+            },
+        ).scalar_one()
+    )
 
 
 def record_instance(session: Session, received: ReceivedInstance) -> RecordOutcome:
     """Record a spooled instance, creating its study and series and re-opening a handed-over study.
 
-    A SOP Instance UID already held changes nothing (a resend) and returns ``created=False``.
+    A SOP Instance UID already held changes nothing (a resend) and returns ``created=False``. Written with
+    Core statements: this runs once per received image, on the association thread, before the C-STORE answer.
     """
     header = received.header
-    existing = find_instance(session, header.sop_instance_uid)
-    if existing is not None:
-        return RecordOutcome(created=False, study_version=existing.study_version, reopened=False)
-    study = _get_or_create_study(session, received)
-    reopened = False
-    if study.state != StudyState.RECEIVING.value:
-        study.version += 1
-        study.state = StudyState.RECEIVING.value
-        study.completed_at = None
-        study.ready_at = None
-        reopened = True
-    study.last_received_at = max(study.last_received_at, received.received_at)
-    study.sending_ae = received.calling_ae
-    study.modality = _merge_modalities(study.modality, header.modality)
-    study.body_part = study.body_part or header.body_part
-    study.accession_number = study.accession_number or header.accession_number
-    series = _get_or_create_series(session, study, received)
-    session.add(
-        Instance(
-            study=study,
-            series=series,
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            laterality=header.laterality,
-            path=str(received.path),
-            size_bytes=received.size_bytes,
-            received_at=received.received_at,
-            calling_ae=received.calling_ae,
-            study_version=study.version,
-            state=InstanceState.STORED.value,
-        )
+    existing_version = session.execute(
+        _SELECT_INSTANCE_VERSION, {"sop_instance_uid": header.sop_instance_uid}
+    ).scalar()
+    if existing_version is not None:
+        return RecordOutcome(created=False, study_version=int(existing_version), reopened=False)
+    study_id, reopened, version = _study_id(session, received)
+    series_id = _series_id(session, study_id, received)
+    session.execute(
+        _INSERT_INSTANCE,
+        {
+            "study_id": study_id,
+            "series_id": series_id,
+            "sop_instance_uid": header.sop_instance_uid,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "laterality": header.laterality,
+            "path": str(received.path),
+            "size_bytes": received.size_bytes,
+            "received_at": received.received_at,
+            "calling_ae": received.calling_ae,
+            "study_version": version,
+            "state": InstanceState.STORED.value,
+            "error": None,
+        },
     )
-    session.flush()
-    return RecordOutcome(created=True, study_version=study.version, reopened=reopened)
+    return RecordOutcome(created=True, study_version=version, reopened=reopened)
 
 
 def held_paths(session: Session) -> set[str]:
