@@ -24,7 +24,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from fracwatch.dicom import status
+from fracwatch.dicom import fastrecv, status
 from fracwatch.dicom.header import header_from_stream
 from fracwatch.dicom.spool import Spool
 from fracwatch.domain import InstanceHeader, ReceivedInstance, RecordOutcome
@@ -149,6 +149,7 @@ def _log_aborted(event: Event) -> None:
 
 def build_ae(options: ListenerOptions) -> AE:
     """An application entity accepting every storage SOP class with every transfer syntax, plus C-ECHO."""
+    fastrecv.install()
     ae = AE(ae_title=options.ae_title)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(cast(str, context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
