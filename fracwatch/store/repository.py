@@ -134,9 +134,7 @@ def record_instance(session: Session, received: ReceivedInstance) -> RecordOutco
     Core statements: this runs once per received image, on the association thread, before the C-STORE answer.
     """
     header = received.header
-    existing_version = session.execute(
-        _SELECT_INSTANCE_VERSION, {"sop_instance_uid": header.sop_instance_uid}
-    ).scalar()
+    existing_version = session.execute(_SELECT_INSTANCE_VERSION, {"sop_instance_uid": header.sop_instance_uid}).scalar()
     if existing_version is not None:
         return RecordOutcome(created=False, study_version=int(existing_version), reopened=False)
     study_id, reopened, version = _study_id(session, received)
