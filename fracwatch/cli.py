@@ -222,6 +222,204 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float) 
     click.echo(f"C-ECHO {called_ae}@{host}:{port}: success")
 
 
+@cli.command()
+@click.option("--phantom", is_flag=True, help="Train on 2-D procedural phantoms (the bootstrap data set).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Bundle directory.")
+@click.option("--arch", default="tiny-resnet", show_default=True, help="Network preset.")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--input-size", type=click.IntRange(32, 2048), default=256, show_default=True)
+@click.option("--train-count", type=click.IntRange(10, 10_000_000), default=3000, show_default=True)
+@click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--version", "model_version", default="0.1.0", show_default=True, help="Model version for the card.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def train(
+    phantom: bool,
+    out: Path,
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    input_size: int,
+    train_count: int,
+    val_count: int,
+    seed: int,
+    model_version: str,
+    device: str,
+) -> None:
+    """Train a model and write a bundle (weights + model card)."""
+    from fracwatch.model.networks import PRESETS
+    from fracwatch.model.training import TrainConfig, train_phantom_bundle
+
+    configure_logging("INFO")
+    if not phantom:
+        raise click.UsageError("choose a data set: --phantom (the only one this version supports)")
+    if arch not in PRESETS:
+        raise click.BadParameter(f"{arch!r}; choose from {', '.join(PRESETS)}", param_hint="--arch")
+    config = TrainConfig(
+        arch=arch, input_size=input_size, epochs=epochs, batch_size=batch_size, seed=seed, device=device
+    )
+    try:
+        card = train_phantom_bundle(out, config, train_count, val_count, model_version)
+    except (FracwatchError, ValueError) as exc:
+        _fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))
+    click.echo(
+        f"bundle {out}: validation AUROC {card.metrics['validation_auroc']:.4f}, "
+        f"doubt ≥ {card.operating_points.doubt:.3f}, positive ≥ {card.operating_points.positive:.3f}"
+    )
+
+
+@cli.command()
+@settings_options
+@click.option("--since", help="Scored on or after this date/time (UTC).")
+@click.option("--until", help="Scored before this date/time (UTC).")
+@click.option("--category", type=click.Choice(["positive", "doubt", "negative", "error"]))
+@click.option("--accession", help="Only studies with this accession number.")
+@click.option("--study", "study_uid", help="Only this Study Instance UID.")
+@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def results(
+    config_file: Path | None,
+    since: str | None,
+    until: str | None,
+    category: str | None,
+    accession: str | None,
+    study_uid: str | None,
+    limit: int,
+    as_json: bool,
+    **overrides: Any,
+) -> None:
+    """List scored studies: category, probability, model version, turnaround."""
+    from fracwatch.service.queries import scored_results
+    from fracwatch.store.repository import ResultFilter
+
+    settings = _load(config_file, **overrides)
+    configure_logging("WARNING")
+    scored_until = _parse_day(until, "--until")
+    if until and scored_until and len(until) == 10:
+        scored_until += timedelta(days=1)
+    filters = ResultFilter(_parse_day(since, "--since"), scored_until, category, accession, study_uid, limit)
+    try:
+        rows = scored_results(settings, filters)
+    except FracwatchError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], default=_json_default, indent=2))
+        return
+    if not rows:
+        click.echo("no results")
+        return
+    click.echo(
+        f"{'STUDY INSTANCE UID':<64}  {'CATEGORY':<8}  {'P':>5}  {'MODEL':<20}  {'TURNAROUND':>10}  SCORED (UTC)"
+    )
+    for row in rows:
+        probability = f"{row.probability:.3f}" if row.probability is not None else "-"
+        turnaround = f"{row.turnaround_seconds:.1f} s" if row.turnaround_seconds is not None else "-"
+        click.echo(
+            f"{row.study_instance_uid:<64}  {row.category:<8}  {probability:>5}  "
+            f"{row.model_version:<20}  {turnaround:>10}  {row.scored_at:%Y-%m-%d %H:%M:%S}"
+        )
+
+
+@cli.command()
+@settings_options
+@click.option("--all", "show_all", is_flag=True, help="Include acknowledged deliveries.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def outbox(config_file: Path | None, show_all: bool, as_json: bool, **overrides: Any) -> None:
+    """List pending and dead-letter deliveries of results."""
+    from fracwatch.service.queries import outbox as list_outbox
+
+    settings = _load(config_file, **overrides)
+    configure_logging("WARNING")
+    states = ["pending", "dead", "sent"] if show_all else ["pending", "dead"]
+    try:
+        rows = list_outbox(settings, states)
+    except FracwatchError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], default=_json_default, indent=2))
+        return
+    if not rows:
+        click.echo("outbox empty")
+        return
+    for row in rows:
+        when = f"next {row.next_attempt_at:%Y-%m-%d %H:%M:%S}" if row.next_attempt_at else ""
+        click.echo(
+            f"{row.state:<8} {row.destination:<32} study {row.study_instance_uid} {row.kind} {row.sop_instance_uid} "
+            f"attempts {row.attempts} {when} {row.last_error or ''}".rstrip()
+        )
+
+
+@cli.command()
+@settings_options
+@click.argument("study_uid")
+def resend(config_file: Path | None, study_uid: str, **overrides: Any) -> None:
+    """Send STUDY_UID's latest SR again to every destination that has not acknowledged it."""
+    from fracwatch.service.queries import resend as requeue
+
+    settings = _load(config_file, **overrides)
+    configure_logging("WARNING")
+    try:
+        outcome = requeue(settings, study_uid)
+    except LookupError as exc:
+        _fail(FracwatchError(str(exc).strip("'\"")))
+    except FracwatchError as exc:
+        _fail(exc)
+    click.echo(
+        f"queued {outcome.requeued + outcome.added} deliveries "
+        f"({outcome.already_acknowledged} destinations already acknowledged it and are skipped)"
+    )
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--model", type=click.Path(path_type=Path, file_okay=False), help="Model bundle (default: shipped).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per file.")
+def predict(files: tuple[Path, ...], model: Path | None, device: str, as_json: bool) -> None:
+    """Score PNG, JPEG or DICOM files with the daemon's pipeline."""
+    from fracwatch.config import default_model_path
+    from fracwatch.model.bundle import load_bundle
+    from fracwatch.model.predictor import Predictor
+    from fracwatch.service.scoring import load_file, score_loaded
+
+    configure_logging("WARNING")
+    try:
+        bundle = load_bundle(model or default_model_path())
+        predictor = Predictor(bundle.network, device)
+    except (FracwatchError, ValueError) as exc:
+        _fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))
+    loaded = [load_file(path, bundle) if path.is_file() else _missing(path) for path in files]
+    probabilities = score_loaded(loaded, predictor)
+    rows = []
+    for path, image, probability in zip(files, loaded, probabilities, strict=True):
+        rows.append(
+            {
+                "file": str(path),
+                "probability": probability,
+                "category": bundle.category(probability) if probability is not None else "error",
+                "frames": len(image.inputs),
+                "error": image.error,
+                "model": bundle.card.name,
+                "model_version": bundle.card.version,
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            p = f"{row['probability']:.3f}" if row["probability"] is not None else "-"
+            click.echo(f"{row['category']:<8} p={p:<6} {row['file']}" + (f"  ({row['error']})" if row["error"] else ""))
+    if any(row["error"] for row in rows):
+        sys.exit(EXIT_ERROR)
+
+
+def _missing(path: Path) -> Any:
+    from fracwatch.service.scoring import LoadedImage
+
+    return LoadedImage(error=f"{path} does not exist")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="fracwatch")

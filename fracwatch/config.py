@@ -5,6 +5,7 @@ No instance is created at import; call :func:`load_settings`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import tomllib
@@ -95,6 +96,17 @@ class Settings(BaseSettings):
     # results (used by scoring and delivery)
     destinations: list[Annotated[Destination, BeforeValidator(_parse_destination)]] = Field(default_factory=list)
     model: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(default=None, ge=1, le=256)
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    max_batch_studies: int = Field(default=8, ge=1, le=1000)
+
+    # the outbox
+    delivery_interval: float = Field(default=1.0, gt=0)
+    retry_base: float = Field(default=10.0, gt=0)
+    retry_max_delay: float = Field(default=3600.0, gt=0)
+    max_attempts: int = Field(default=12, ge=1, le=1000)
+    send_timeout: float = Field(default=30.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -109,11 +121,32 @@ class Settings(BaseSettings):
         return self.data_dir / "spool"
 
     @property
+    def results_dir(self) -> Path:
+        """Where the objects fracwatch produces (SRs) are written before they are sent."""
+        return self.data_dir / "results"
+
+    @property
+    def model_path(self) -> Path:
+        """The model bundle: ``model`` if set, else the bundle shipped with fracwatch."""
+        return self.model if self.model is not None else default_model_path()
+
+    @property
     def database_url(self) -> str:
         """The SQLAlchemy URL: ``db_url`` if set, else a SQLite file in the data directory."""
         if self.db_url:
             return self.db_url
         return f"sqlite:///{(self.data_dir / DB_FILENAME).resolve()}"
+
+
+DEFAULT_MODEL = "fracwatch-phantom"
+
+
+def default_model_path() -> Path:
+    """The bundle shipped in ``models/`` (packaged as ``fracwatch._models`` in the wheel)."""
+    spec = importlib.util.find_spec("fracwatch._models")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL
+    return Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODEL
 
 
 def _describe(error: ValidationError) -> str:

@@ -18,7 +18,9 @@ class StudyState(enum.StrEnum):
 
     RECEIVING = "receiving"
     COMPLETE = "complete"
-    READY = "ready"
+    READY = "ready"  # taken by the worker
+    SCORED = "scored"  # a result (and an SR when any image scored) exists for this version
+    SKIPPED = "skipped"  # nothing scorable in the study (e.g. only documents)
 
 
 class InstanceState(enum.StrEnum):
@@ -43,6 +45,7 @@ class InstanceHeader:
     accession_number: str | None = None
     series_number: int | None = None
     laterality: str | None = None
+    manufacturer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +66,31 @@ class RecordOutcome:
     created: bool  # False: the SOP Instance UID was already held (a resend)
     study_version: int
     reopened: bool  # True: the study had been handed over and is receiving again
+
+
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SECONDARY_CAPTURE_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
+        "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+        "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+    }
+)
+RADIOGRAPH_CLASSES = frozenset({CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING})
+OUR_MANUFACTURER = "fracwatch"
+
+
+def is_scorable(header: InstanceHeader) -> bool:
+    """Whether an instance is a radiograph fracwatch scores.
+
+    CR, DX (for presentation and for processing), and Secondary Capture whose Modality is CR or DX; never an
+    object fracwatch produced (its SC overlays carry our manufacturer). SR, PR, KOS and every other class are
+    stored but not scored, and do not re-open a study that was already handed over.
+    """
+    if (header.manufacturer or "").strip().lower() == OUR_MANUFACTURER:
+        return False
+    if header.sop_class_uid in RADIOGRAPH_CLASSES:
+        return True
+    return header.sop_class_uid in SECONDARY_CAPTURE_CLASSES and (header.modality or "").upper() in ("CR", "DX")

@@ -71,6 +71,9 @@ def image(
     ds = _base(ids, sop_class, modality, series_uid or str(generate_uid()), series_number)
     ds.BodyPartExamined = body_part
     ds.ImageLaterality = "L"
+    ds.PatientOrientation = ["A", "F"]
+    ds.ImagerPixelSpacing = [0.15, 0.15]
+    ds.Manufacturer = "Test Modality Inc"
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.Rows = rows
     ds.Columns = columns

@@ -102,6 +102,7 @@ def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, sop_class_uid: st
         accession_number=_text(ds, "AccessionNumber"),
         series_number=series_number,
         laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
+        manufacturer=_text(ds, "Manufacturer"),
     )
 
 

@@ -1,15 +1,59 @@
-"""Outbound DICOM: C-ECHO (and, in the scoring issue, C-STORE of results)."""
+"""Outbound DICOM: C-ECHO, and C-STORE of fracwatch's results to a destination."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from fracwatch.dicom import status as codes
 from fracwatch.errors import PeerError
 
 LOGGER = logging.getLogger(__name__)
+
+REJECTED_PERMANENT = 0x01
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where to send: the destination's AE title and address, and ours."""
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str
+    timeout: float = 30.0
+    max_pdu: int = 131072
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What happened to one file: acknowledged, or failed transiently or permanently."""
+
+    path: Path
+    status: int | None
+    error: str | None
+    permanent: bool = False
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.status is not None and codes.is_acknowledged(self.status)
+
+
+def _ae(peer: Peer) -> AE:
+    ae = AE(ae_title=peer.calling_ae)
+    ae.acse_timeout = peer.timeout
+    ae.dimse_timeout = peer.timeout
+    ae.network_timeout = peer.timeout
+    ae.connection_timeout = peer.timeout
+    ae.maximum_pdu_size = peer.max_pdu
+    return ae
 
 
 def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float = 10.0) -> int:
@@ -17,12 +61,8 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float =
 
     Raises :class:`PeerError` when no association can be made.
     """
-    ae = AE(ae_title=calling_ae)
+    ae = _ae(Peer(called_ae, host, port, calling_ae, timeout))
     ae.add_requested_context(Verification)
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.connection_timeout = timeout
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
         if assoc.is_rejected:
@@ -37,3 +77,48 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float =
     status = int(response.Status)
     LOGGER.info("C-ECHO %s@%s:%d: status 0x%04X", called_ae, host, port, status)
     return status
+
+
+def store_files(peer: Peer, paths: Sequence[Path]) -> list[StoreOutcome]:
+    """C-STORE each file (sent as stored, not re-encoded) over one association; one outcome per file."""
+    if not paths:
+        return []
+    classes = []
+    for path in paths:
+        try:
+            classes.append(str(dcmread(path, stop_before_pixels=True).SOPClassUID))
+        except Exception as exc:
+            return [StoreOutcome(p, None, f"cannot read {p.name}: {exc}", permanent=True) for p in paths]
+    ae = _ae(peer)
+    for sop_class in sorted(set(classes)):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        permanent = bool(assoc.is_rejected and getattr(assoc.acceptor.primitive, "result", None) == REJECTED_PERMANENT)
+        reason = "rejected the association permanently" if permanent else "could not be associated with"
+        return [StoreOutcome(p, None, f"{where} {reason}", permanent=permanent) for p in paths]
+    outcomes = []
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        for path, sop_class in zip(paths, classes, strict=True):
+            if sop_class not in accepted:
+                outcomes.append(StoreOutcome(path, None, f"{where} does not accept SOP class {sop_class}", True))
+                continue
+            if not assoc.is_established:
+                outcomes.append(StoreOutcome(path, None, f"association with {where} ended", False))
+                continue
+            response = assoc.send_c_store(path)
+            if "Status" not in response:
+                outcomes.append(StoreOutcome(path, None, f"no C-STORE response from {where}", False))
+                continue
+            code = int(response.Status)
+            if codes.is_acknowledged(code):
+                outcomes.append(StoreOutcome(path, code, None))
+            else:
+                transient = codes.is_transient_failure(code)
+                outcomes.append(StoreOutcome(path, code, f"{where} answered 0x{code:04X}", permanent=not transient))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes

@@ -8,6 +8,7 @@ import threading
 from types import FrameType
 from typing import Any
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -17,10 +18,12 @@ from fracwatch.config import Settings
 from fracwatch.dicom.scp import ListenerOptions, StorageSCP
 from fracwatch.dicom.spool import Spool
 from fracwatch.errors import DatabaseError
+from fracwatch.model.bundle import Bundle, load_bundle
+from fracwatch.model.predictor import Predictor
+from fracwatch.service.delivery import Deliverer, RetryPolicy
 from fracwatch.service.ingest import DatabaseSink
 from fracwatch.service.lifecycle import (
     Clock,
-    MarkReady,
     StudyProcessor,
     Worker,
     build_scheduler,
@@ -29,9 +32,12 @@ from fracwatch.service.lifecycle import (
     utc_now,
 )
 from fracwatch.service.reconcile import reconcile
+from fracwatch.service.scoring import StudyScorer
 from fracwatch.store import db
 
 LOGGER = logging.getLogger(__name__)
+
+DELIVERY_JOB = "deliver-results"
 
 
 def listener_options(settings: Settings) -> ListenerOptions:
@@ -67,10 +73,18 @@ def open_database(settings: Settings) -> Engine:
 class Daemon:
     """fracwatch serve: receive, track and hand over studies until told to stop."""
 
-    def __init__(self, settings: Settings, processor: StudyProcessor | None = None, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        processor: StudyProcessor | None = None,
+        clock: Clock = utc_now,
+        bundle: Bundle | None = None,
+    ) -> None:
         self.settings = settings
         self._clock = clock
         self._processor = processor
+        self.bundle: Bundle | None = bundle
+        self.deliverer: Deliverer | None = None
         self._stopping = threading.Event()
         self.engine: Engine | None = None
         self.sessions: sessionmaker[Any] | None = None
@@ -79,20 +93,73 @@ class Daemon:
         self._scheduler: BackgroundScheduler | None = None
 
     def start(self) -> None:
-        """Open the database, reconcile the spool, start the worker, the scheduler and the listener."""
+        """Load the model, open the database, reconcile the spool, start worker, jobs and listener."""
         settings = self.settings
+        if self._processor is None and self.bundle is None:
+            loaded = load_bundle(settings.model_path)
+            LOGGER.info("model %s %s (Device UID %s)", loaded.card.name, loaded.card.version, loaded.card.device_uid)
+            self.bundle = loaded
         self.engine = open_database(settings)
         self.sessions = db.session_factory(self.engine)
         spool = Spool(settings.spool_dir)
         spool.prepare()
+        reports = Spool(settings.results_dir)
+        reports.prepare()
         reconcile(spool, self.sessions)
-        self.worker = Worker(self._processor or MarkReady(self.sessions, self._clock))
+        self.deliverer = Deliverer(
+            self.sessions,
+            settings.ae_title,
+            RetryPolicy(settings.retry_base, settings.retry_max_delay, settings.max_attempts),
+            settings.send_timeout,
+            self._clock,
+        )
+        self.worker = Worker(self._processor or self._scorer(reports), settings.max_batch_studies)
         self.worker.start()
         requeue_pending(self.sessions, self.worker.submit)
         self._scheduler = build_scheduler(self.detect_once, settings.completion_interval)
+        self._scheduler.add_job(
+            self.deliver_once,
+            "interval",
+            seconds=settings.delivery_interval,
+            id=DELIVERY_JOB,
+            max_instances=1,
+            coalesce=True,
+            next_run_time=utc_now(),
+        )
         self._scheduler.start()
         self.scp = StorageSCP(listener_options(settings), spool, DatabaseSink(self.sessions))
         self.scp.start()
+
+    def _scorer(self, reports: Spool) -> StudyScorer:
+        assert self.sessions is not None and self.bundle is not None
+        settings = self.settings
+        predictor = Predictor(self.bundle.network, settings.device, settings.torch_threads, settings.batch_size)
+        return StudyScorer(
+            self.sessions,
+            self.bundle,
+            predictor,
+            reports,
+            [str(d) for d in settings.destinations],
+            on_scored=self.kick_delivery,
+            clock=self._clock,
+        )
+
+    def deliver_once(self) -> None:
+        """One run of the outbox sender (the scheduler calls it; tests may too)."""
+        assert self.deliverer is not None
+        try:
+            self.deliverer.run_once()
+        except SQLAlchemyError:
+            LOGGER.exception("delivery run failed; will retry")
+
+    def kick_delivery(self) -> None:
+        """Run the outbox sender now instead of at its next interval."""
+        scheduler = self._scheduler
+        if scheduler is not None and scheduler.running:
+            try:
+                scheduler.modify_job(DELIVERY_JOB, next_run_time=utc_now())
+            except JobLookupError:
+                pass
 
     def detect_once(self) -> None:
         """One run of the completion job (the scheduler calls it; tests may too)."""

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from fracwatch.domain import InstanceHeader, ReceivedInstance, RecordOutcome
+from fracwatch.domain import InstanceHeader, ReceivedInstance, RecordOutcome, is_scorable
 from fracwatch.store import repository
 
 LOGGER = logging.getLogger(__name__)
@@ -30,13 +30,11 @@ class DatabaseSink:
     def record(self, received: ReceivedInstance) -> RecordOutcome:
         """Record ``received`` in one transaction; a concurrent duplicate counts as a resend."""
         try:
-            with self._sessions() as session, session.begin():
-                outcome = repository.record_instance(session, received)
+            outcome = self._record(received)
         except IntegrityError:
             # Two associations delivered the same new instance (or study/series) at once; retry once,
             # now that the other transaction's rows are visible.
-            with self._sessions() as session, session.begin():
-                outcome = repository.record_instance(session, received)
+            outcome = self._record(received)
         if outcome.reopened:
             LOGGER.info(
                 "study %s re-opened as version %d by instance %s",
@@ -45,3 +43,10 @@ class DatabaseSink:
                 received.header.sop_instance_uid,
             )
         return outcome
+
+    def _record(self, received: ReceivedInstance) -> RecordOutcome:
+        with self._sessions() as session, session.begin():
+            scorable = is_scorable(received.header) and not repository.is_produced(
+                session, received.header.sop_instance_uid
+            )
+            return repository.record_instance(session, received, scorable)

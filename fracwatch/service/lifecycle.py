@@ -31,9 +31,9 @@ def utc_now() -> datetime:
 
 
 class StudyProcessor(Protocol):
-    """What the worker does with a complete study version."""
+    """What the worker does with complete study versions (a batch, so images can be batched across studies)."""
 
-    def __call__(self, hand_over: HandOver) -> None: ...
+    def __call__(self, hand_overs: list[HandOver]) -> None: ...
 
 
 class MarkReady:
@@ -43,27 +43,37 @@ class MarkReady:
         self._sessions = sessions
         self._clock = clock
 
-    def __call__(self, hand_over: HandOver) -> None:
-        with self._sessions() as session, session.begin():
-            marked = repository.mark_ready(session, hand_over, self._clock())
+    def __call__(self, hand_overs: list[HandOver]) -> None:
+        claim(self._sessions, hand_overs, self._clock())
+
+
+def claim(sessions: sessionmaker[Any], hand_overs: list[HandOver], now: datetime) -> list[HandOver]:
+    """Mark each study version ready (taken by the worker); drop those that re-opened meanwhile."""
+    claimed = []
+    for hand_over in hand_overs:
+        with sessions() as session, session.begin():
+            marked = repository.mark_ready(session, hand_over, now)
         if marked:
             LOGGER.info("study %s version %d ready", hand_over.study_instance_uid, hand_over.version)
+            claimed.append(hand_over)
         else:
             LOGGER.info(
                 "study %s version %d re-opened before processing; skipped",
                 hand_over.study_instance_uid,
                 hand_over.version,
             )
+    return claimed
 
 
 _STOP = object()
 
 
 class Worker:
-    """One thread taking hand-overs from an in-process queue, in order."""
+    """One thread taking hand-overs from an in-process queue, in order, up to ``max_batch`` at a time."""
 
-    def __init__(self, processor: StudyProcessor) -> None:
+    def __init__(self, processor: StudyProcessor, max_batch: int = 8) -> None:
         self._processor = processor
+        self._max_batch = max(1, max_batch)
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="fracwatch-worker", daemon=True)
         self._idle = threading.Condition()
@@ -100,15 +110,28 @@ class Worker:
             item = self._queue.get()
             if item is _STOP:
                 return
-            assert isinstance(item, HandOver)
+            batch = [item]
+            stop_after = False
+            while len(batch) < self._max_batch:
+                try:
+                    extra = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if extra is _STOP:
+                    stop_after = True
+                    break
+                batch.append(extra)
+            hand_overs = [h for h in batch if isinstance(h, HandOver)]
             try:
-                self._processor(item)
+                self._processor(hand_overs)
             except Exception:
-                LOGGER.exception("processing study %s version %d failed", item.study_instance_uid, item.version)
+                LOGGER.exception("processing studies %s failed", ", ".join(h.study_instance_uid for h in hand_overs))
             finally:
                 with self._idle:
-                    self._busy -= 1
+                    self._busy -= len(batch)
                     self._idle.notify_all()
+            if stop_after:
+                return
 
 
 def detect_complete_studies(

@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from fracwatch.config import Settings
 from fracwatch.errors import DatabaseError
 from fracwatch.store import db, repository
-from fracwatch.store.repository import StudyFilter, StudySummary
+from fracwatch.store.repository import (
+    DeliverySummary,
+    ResendOutcome,
+    ResultFilter,
+    ResultSummary,
+    StudyFilter,
+    StudySummary,
+)
+
+T = TypeVar("T")
 
 
 def recent_studies(settings: Settings, filters: StudyFilter) -> Sequence[StudySummary]:
     """The study list for ``fracwatch studies``."""
-    engine = db.make_engine(settings.database_url)
-    try:
-        if db.current_revision(engine) is None:
-            raise DatabaseError(
-                f"{engine.url.render_as_string()} holds no fracwatch schema; run 'fracwatch db upgrade'"
-            )
-        with db.session_factory(engine)() as session:
-            return repository.list_studies(session, filters)
-    except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read {engine.url.render_as_string()}: {exc}") from exc
-    finally:
-        engine.dispose()
+    return _with_session(settings, lambda session: repository.list_studies(session, filters))
 
 
 def upgrade_database(settings: Settings) -> str | None:
@@ -35,3 +36,40 @@ def upgrade_database(settings: Settings) -> str | None:
         return db.upgrade(engine)
     finally:
         engine.dispose()
+
+
+def _with_session(settings: Settings, action: Callable[[Session], T], write: bool = False) -> T:
+    engine = db.make_engine(settings.database_url)
+    try:
+        if db.current_revision(engine) is None:
+            raise DatabaseError(
+                f"{engine.url.render_as_string()} holds no fracwatch schema; run 'fracwatch db upgrade'"
+            )
+        with db.session_factory(engine)() as session:
+            if write:
+                with session.begin():
+                    return action(session)
+            return action(session)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot use {engine.url.render_as_string()}: {exc}") from exc
+    finally:
+        engine.dispose()
+
+
+def scored_results(settings: Settings, filters: ResultFilter) -> Sequence[ResultSummary]:
+    """The result list for ``fracwatch results``."""
+    return _with_session(settings, lambda session: repository.list_results(session, filters))
+
+
+def outbox(settings: Settings, states: Sequence[str]) -> Sequence[DeliverySummary]:
+    """Deliveries for ``fracwatch outbox``."""
+    return _with_session(settings, lambda session: repository.list_deliveries(session, states))
+
+
+def resend(settings: Settings, study_instance_uid: str) -> ResendOutcome:
+    """Queue the study's latest SR again for every configured destination that has not acknowledged it."""
+    destinations = [str(d) for d in settings.destinations]
+    now = datetime.now(UTC)
+    return _with_session(
+        settings, lambda session: repository.requeue_study(session, study_instance_uid, destinations, now), write=True
+    )

@@ -15,7 +15,7 @@ from sqlalchemy.orm import sessionmaker
 
 from fracwatch.dicom.header import header_from_file, source_ae_of_file
 from fracwatch.dicom.spool import Spool
-from fracwatch.domain import ReceivedInstance
+from fracwatch.domain import ReceivedInstance, is_scorable
 from fracwatch.errors import InvalidInstanceError
 from fracwatch.store import repository
 
@@ -57,7 +57,8 @@ def reconcile(spool: Spool, sessions: sessionmaker[Any]) -> ReconcileReport:
             received_at=datetime.fromtimestamp(stat.st_mtime, UTC),
         )
         with sessions() as session, session.begin():
-            outcome = repository.record_instance(session, received)
+            scorable = is_scorable(header) and not repository.is_produced(session, header.sop_instance_uid)
+            outcome = repository.record_instance(session, received, scorable)
         if outcome.created:
             registered += 1
             LOGGER.info("registered orphan spool file for instance %s", header.sop_instance_uid)

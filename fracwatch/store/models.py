@@ -10,7 +10,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    true,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -104,8 +117,98 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     study_version: Mapped[int] = mapped_column(Integer)  # the study version this instance arrived in
+    scorable: Mapped[bool] = mapped_column(Boolean, server_default=true())  # a radiograph fracwatch scores
     state: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
 
     study: Mapped[Study] = relationship(back_populates="instances")
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class StudyResult(Base):
+    """The result of scoring one version of a study with one model."""
+
+    __tablename__ = "study_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    device_uid: Mapped[str] = mapped_column(UID)
+    doubt_threshold: Mapped[float] = mapped_column(Float)
+    positive_threshold: Mapped[float] = mapped_column(Float)
+    probability: Mapped[float | None] = mapped_column(Float)  # max over scored images
+    category: Mapped[str] = mapped_column(String(16))  # positive, doubt, negative, error
+    images_scored: Mapped[int] = mapped_column(Integer)
+    images_failed: Mapped[int] = mapped_column(Integer)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    scored_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # first acknowledgement by a destination
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    supersedes_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+
+    images: Mapped[list[ImageResult]] = relationship(back_populates="study_result", cascade="all, delete-orphan")
+
+    __table_args__ = (
+        UniqueConstraint("study_id", "study_version", "device_uid", name="uq_study_results_version_model"),
+        Index("ix_study_results_scored_at", "scored_at"),
+    )
+
+
+class ImageResult(Base):
+    """The score (or the error) of one instance within a study result."""
+
+    __tablename__ = "image_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_result_id: Mapped[int] = mapped_column(ForeignKey("study_results.id", ondelete="CASCADE"), index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), index=True)
+    frames: Mapped[int] = mapped_column(Integer, default=1)
+    probability: Mapped[float | None] = mapped_column(Float)  # max over frames
+    category: Mapped[str | None] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    study_result: Mapped[StudyResult] = relationship(back_populates="images")
+    instance: Mapped[Instance] = relationship()
+
+
+class ProducedObject(Base):
+    """A DICOM object fracwatch wrote (an SR, later overlays and KOS): never scored, never re-opens a study."""
+
+    __tablename__ = "produced_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_result_id: Mapped[int] = mapped_column(ForeignKey("study_results.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # sr
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="produced_object")
+
+
+class Delivery(Base):
+    """The outbox: one produced object for one destination. Once ``sent`` it is never sent there again."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    produced_object_id: Mapped[int] = mapped_column(ForeignKey("produced_objects.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(128))  # AE@HOST:PORT
+    state: Mapped[str] = mapped_column(String(16))  # pending, sent, dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    produced_object: Mapped[ProducedObject] = relationship(back_populates="deliveries")
+
+    __table_args__ = (
+        UniqueConstraint("produced_object_id", "destination", name="uq_deliveries_object_destination"),
+        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+    )

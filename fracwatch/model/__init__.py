@@ -1,0 +1,1 @@
+"""Networks, the model bundle, inference, training on phantoms, evaluation metrics."""

@@ -1,0 +1,163 @@
+"""The model bundle: ``models/<name>/`` holding the weights and ``model.json``, the model card.
+
+The loader verifies the weights' sha256 against the card and refuses a mismatched or incomplete bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from fracwatch.errors import FracwatchError
+from fracwatch.model.networks import build_network
+from fracwatch.pipeline.transforms import PreprocessConfig
+
+CARD_NAME = "model.json"
+WEIGHTS_NAME = "weights.pt"
+
+
+class BundleError(FracwatchError):
+    """The model bundle is missing, incomplete or does not match its checksum."""
+
+
+class Architecture(BaseModel):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Preprocessing(BaseModel):
+    input_size: int = Field(ge=32, le=2048)
+    percentile_low: float = Field(ge=0, lt=50)
+    percentile_high: float = Field(gt=50, le=100)
+    downsample_to: float = Field(default=2.0, ge=1.0)
+
+    def config(self) -> PreprocessConfig:
+        return PreprocessConfig(self.input_size, self.percentile_low, self.percentile_high, self.downsample_to)
+
+
+class OperatingPoints(BaseModel):
+    """Probability thresholds: ≥ positive → positive; ≥ doubt → doubt; else negative."""
+
+    doubt: float = Field(ge=0, le=1)
+    positive: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> OperatingPoints:
+        if self.doubt > self.positive:
+            raise ValueError("the doubt threshold must not exceed the positive threshold")
+        return self
+
+
+class Weights(BaseModel):
+    file: str = WEIGHTS_NAME
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ModelCard(BaseModel):
+    """Everything ``model.json`` says about the model."""
+
+    name: str
+    version: str
+    device_uid: str = Field(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)
+    manufacturer: str = "fracwatch project"
+    architecture: Architecture
+    preprocessing: Preprocessing
+    class_names: list[str] = Field(min_length=2, max_length=2)
+    operating_points: OperatingPoints
+    weights: Weights
+    created: datetime
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    intended_use: str
+    clinical_use: bool = False
+    warnings: list[str] = Field(default_factory=list)
+
+
+def new_device_uid() -> str:
+    """A fresh UID (2.25 + UUID) identifying one trained model; every retrain gets a new one."""
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Bundle:
+    """A loaded, verified bundle: the card and the network in eval mode on the CPU."""
+
+    def __init__(self, path: Path, card: ModelCard, network: torch.nn.Module) -> None:
+        self.path = path
+        self.card = card
+        self.network = network
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        return self.card.preprocessing.config()
+
+    def category(self, probability: float) -> str:
+        """positive / doubt / negative by the card's operating points."""
+        points = self.card.operating_points
+        if probability >= points.positive:
+            return "positive"
+        if probability >= points.doubt:
+            return "doubt"
+        return "negative"
+
+
+def read_card(path: Path) -> ModelCard:
+    """Read and validate ``model.json`` in the bundle directory ``path``."""
+    card_path = path / CARD_NAME
+    if not path.is_dir():
+        raise BundleError(f"model bundle {path} is not a directory")
+    if not card_path.is_file():
+        raise BundleError(f"model bundle {path} has no {CARD_NAME}")
+    try:
+        return ModelCard.model_validate(json.loads(card_path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{card_path} is not valid JSON: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise BundleError(f"{card_path} is incomplete or invalid: {problems}") from exc
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Load and verify the bundle at ``path``; raises :class:`BundleError` with the reason."""
+    card = read_card(path)
+    weights = path / card.weights.file
+    if not weights.is_file():
+        raise BundleError(f"model bundle {path} lacks its weights file {card.weights.file}")
+    actual = sha256_of(weights)
+    if actual != card.weights.sha256:
+        raise BundleError(
+            f"weights {weights.name} do not match the model card (sha256 {actual[:12]}…, card says "
+            f"{card.weights.sha256[:12]}…): refusing a mismatched bundle"
+        )
+    network = build_network(card.architecture.name, card.architecture.params)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        network.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise BundleError(f"weights in {path} do not fit {card.architecture.name}: {exc}") from exc
+    network.eval()
+    return Bundle(path, card, network)
+
+
+def save_bundle(path: Path, card: ModelCard, network: torch.nn.Module) -> ModelCard:
+    """Write weights and card to ``path``; the card's checksum is computed here. Returns the final card."""
+    path.mkdir(parents=True, exist_ok=True)
+    weights = path / card.weights.file
+    torch.save(network.state_dict(), weights)
+    final = card.model_copy(update={"weights": Weights(file=card.weights.file, sha256=sha256_of(weights))})
+    (path / CARD_NAME).write_text(json.dumps(final.model_dump(mode="json"), indent=2) + "\n")
+    return final

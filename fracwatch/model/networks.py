@@ -1,0 +1,104 @@
+"""Network construction from the architecture named in a model card. Default backbones come from MONAI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from monai.networks import nets
+
+from fracwatch.errors import FracwatchError
+
+
+class ArchitectureError(FracwatchError):
+    """The model card names an architecture fracwatch cannot build."""
+
+
+def _monai_resnet(params: dict[str, Any]) -> torch.nn.Module:
+    return nets.ResNet(spatial_dims=2, n_input_channels=1, num_classes=1, **params)
+
+
+def _monai_densenet121(params: dict[str, Any]) -> torch.nn.Module:
+    return nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=1, **params)
+
+
+def _monai_efficientnet(params: dict[str, Any]) -> torch.nn.Module:
+    model_name = params.pop("model_name", "efficientnet-b0")
+    return nets.EfficientNetBN(model_name, pretrained=False, spatial_dims=2, in_channels=1, num_classes=1, **params)
+
+
+def _torchvision(name: str) -> Callable[[dict[str, Any]], torch.nn.Module]:
+    def build(params: dict[str, Any]) -> torch.nn.Module:
+        try:
+            import torchvision
+        except Exception as exc:
+            raise ArchitectureError(f"torchvision is not usable here ({exc}); install the 'torchvision' extra") from exc
+        model = getattr(torchvision.models, name)(weights=None, num_classes=1, **params)
+        _first_conv_to_one_channel(model)
+        return model
+
+    return build
+
+
+def _first_conv_to_one_channel(model: torch.nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3:
+            replacement = torch.nn.Conv2d(
+                1,
+                module.out_channels,
+                module.kernel_size,  # type: ignore[arg-type]
+                module.stride,  # type: ignore[arg-type]
+                module.padding,  # type: ignore[arg-type]
+                bias=module.bias is not None,
+            )
+            parent = model
+            *path, leaf = name.split(".")
+            for part in path:
+                parent = getattr(parent, part)
+            setattr(parent, leaf, replacement)
+            return
+
+
+BUILDERS: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
+    "monai.ResNet": _monai_resnet,
+    "monai.DenseNet121": _monai_densenet121,
+    "monai.EfficientNetBN": _monai_efficientnet,
+    "torchvision.resnet18": _torchvision("resnet18"),
+    "torchvision.densenet121": _torchvision("densenet121"),
+    "torchvision.efficientnet_b0": _torchvision("efficientnet_b0"),
+}
+
+# Named presets for `fracwatch train --arch`: (builder, parameters).
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-resnet": (
+        "monai.ResNet",
+        {"block": "basic", "layers": [1, 1, 1, 1], "block_inplanes": [16, 32, 64, 128], "conv1_t_stride": 2},
+    ),
+    "resnet18": (
+        "monai.ResNet",
+        {"block": "basic", "layers": [2, 2, 2, 2], "block_inplanes": [64, 128, 256, 512], "conv1_t_stride": 2},
+    ),
+    "resnet34": (
+        "monai.ResNet",
+        {"block": "basic", "layers": [3, 4, 6, 3], "block_inplanes": [64, 128, 256, 512], "conv1_t_stride": 2},
+    ),
+    "densenet121": ("monai.DenseNet121", {}),
+    "efficientnet-b0": ("monai.EfficientNetBN", {"model_name": "efficientnet-b0"}),
+}
+
+
+def build_network(architecture: str, params: dict[str, Any]) -> torch.nn.Module:
+    """Build the network (1 input channel, 1 logit) named ``architecture`` with ``params``."""
+    try:
+        builder = BUILDERS[architecture]
+    except KeyError:
+        raise ArchitectureError(
+            f"unknown architecture {architecture!r}; known: {', '.join(sorted(BUILDERS))}"
+        ) from None
+    try:
+        return builder(dict(params))
+    except ArchitectureError:
+        raise
+    except Exception as exc:
+        raise ArchitectureError(f"cannot build {architecture} with {params}: {exc}") from exc

@@ -1,0 +1,60 @@
+"""Batched inference: CUDA with autocast when available, else CPU with channels_last; inference_mode always."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import numpy as np
+import torch
+
+LOGGER = logging.getLogger(__name__)
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when ``torch.cuda.is_available()``, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return device
+
+
+class Predictor:
+    """Turns preprocessed (1, S, S) tensors into fracture probabilities."""
+
+    def __init__(
+        self, network: torch.nn.Module, device: str = "auto", threads: int | None = None, batch_size: int = 16
+    ) -> None:
+        self.device = select_device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        self.batch_size = max(1, batch_size)
+        self._memory_format = torch.channels_last
+        network = network.to(self.device)
+        self.network = network.to(memory_format=self._memory_format).eval()  # type: ignore[call-overload]
+        LOGGER.info("inference on %s (batch %d)", self.device, self.batch_size)
+
+    def _autocast(self) -> AbstractContextManager[object]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return nullcontext()
+
+    def predict_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """Probabilities for a (N, 1, S, S) batch."""
+        with torch.inference_mode(), self._autocast():
+            inputs = batch.to(self.device, non_blocking=True).contiguous(memory_format=self._memory_format)
+            logits = self.network(inputs).float().reshape(-1)
+            return torch.sigmoid(logits).cpu().numpy().astype(np.float64)
+
+    def predict(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
+        """Probabilities for any number of (1, S, S) tensors, in batches."""
+        if not inputs:
+            return np.zeros(0, dtype=np.float64)
+        out = [
+            self.predict_batch(torch.stack(list(inputs[start : start + self.batch_size])))
+            for start in range(0, len(inputs), self.batch_size)
+        ]
+        return np.concatenate(out)

@@ -1,0 +1,1 @@
+"""Image transforms shared by inference and training (MONAI)."""

@@ -1,0 +1,114 @@
+"""The outbox sender: C-STORE pending objects to their destinations, retry with exponential back-off.
+
+Driven by an APScheduler job (and kicked right after scoring). An object a destination acknowledged is
+never sent to it again; a permanent rejection, or too many failed attempts, moves a delivery to dead letter.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import sessionmaker
+
+from fracwatch.config import Destination
+from fracwatch.dicom.scu import Peer, StoreOutcome, store_files
+from fracwatch.service.lifecycle import Clock, utc_now
+from fracwatch.store import repository
+from fracwatch.store.repository import DeliveryJob
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential back-off: base × 2^(attempts-1), capped; dead letter after ``max_attempts``."""
+
+    base_seconds: float = 10.0
+    max_delay_seconds: float = 3600.0
+    max_attempts: int = 12
+
+    def next_attempt(self, attempts: int, now: datetime) -> datetime | None:
+        if attempts >= self.max_attempts:
+            return None
+        delay = min(self.base_seconds * 2 ** max(0, attempts - 1), self.max_delay_seconds)
+        return now + timedelta(seconds=delay)
+
+
+class Deliverer:
+    """Sends due outbox rows, one association per destination per run."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Any],
+        calling_ae: str,
+        policy: RetryPolicy,
+        timeout: float = 30.0,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._sessions = sessions
+        self._calling_ae = calling_ae
+        self._policy = policy
+        self._timeout = timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def run_once(self) -> int:
+        """Attempt every due delivery once; return how many were acknowledged.
+
+        Runs are serialised (the scheduled job, a kick after scoring, a test): a due row is read and sent by
+        one run only, so an acknowledged object is never sent twice to the same destination.
+        """
+        with self._lock:
+            return self._run()
+
+    def _run(self) -> int:
+        with self._sessions() as session:
+            jobs = repository.due_deliveries(session, self._clock())
+        by_destination: dict[str, list[DeliveryJob]] = defaultdict(list)
+        for job in jobs:
+            by_destination[job.destination].append(job)
+        acknowledged = 0
+        for destination, group in by_destination.items():
+            acknowledged += self._send(destination, group)
+        return acknowledged
+
+    def _send(self, destination: str, jobs: list[DeliveryJob]) -> int:
+        try:
+            target = Destination.parse(destination)
+        except ValueError as exc:
+            outcomes = [StoreOutcome(Path(job.path), None, str(exc), permanent=True) for job in jobs]
+        else:
+            peer = Peer(target.ae_title, target.host, target.port, self._calling_ae, self._timeout)
+            missing = [job for job in jobs if not Path(job.path).is_file()]
+            present = [job for job in jobs if job not in missing]
+            results = {o.path: o for o in store_files(peer, [Path(job.path) for job in present])}
+            outcomes = [
+                results.get(Path(job.path))
+                or StoreOutcome(Path(job.path), None, f"{Path(job.path).name} is missing", permanent=True)
+                for job in jobs
+            ]
+        acknowledged = 0
+        now = self._clock()
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            with self._sessions() as session, session.begin():
+                if outcome.acknowledged:
+                    assert outcome.status is not None
+                    repository.mark_sent(session, job.id, outcome.status, now)
+                    acknowledged += 1
+                    LOGGER.info("%s acknowledged by %s", job.sop_instance_uid, destination)
+                    continue
+                next_at = None if outcome.permanent else self._policy.next_attempt(job.attempts + 1, now)
+                repository.mark_failed(session, job.id, outcome.status, outcome.error or "failed", next_at)
+            if next_at is None:
+                LOGGER.error("%s to %s: dead letter (%s)", job.sop_instance_uid, destination, outcome.error)
+            else:
+                LOGGER.warning(
+                    "%s to %s failed (%s); retry at %s", job.sop_instance_uid, destination, outcome.error, next_at
+                )
+        return acknowledged

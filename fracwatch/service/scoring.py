@@ -1,0 +1,227 @@
+"""Scoring: decode the study's radiographs, run the model on batches across studies, persist, write the SR.
+
+Used by the daemon's worker (one batch of complete studies at a time) and by ``fracwatch predict``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.orm import sessionmaker
+
+from fracwatch import __version__
+from fracwatch.dicom.pixels import PixelDataError, decode_dataset
+from fracwatch.dicom.spool import Spool
+from fracwatch.errors import FracwatchError
+from fracwatch.model.bundle import Bundle
+from fracwatch.model.predictor import Predictor
+from fracwatch.pipeline.pictures import PICTURE_SUFFIXES, PictureError, load_picture
+from fracwatch.pipeline.transforms import preprocess
+from fracwatch.report.sr import AlgorithmIdentity, ScoredImage, build_sr
+from fracwatch.service.lifecycle import Clock, claim, utc_now
+from fracwatch.store import repository
+from fracwatch.store.repository import HandOver, ImageScore, InstanceRef, NewResult, ReportFile
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedImage:
+    """One image ready for the network: its frames preprocessed, its header kept for the SR."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    header: Dataset | None = None
+    error: str | None = None
+
+
+def load_dicom(ds: Dataset, bundle: Bundle) -> LoadedImage:
+    """Decode and preprocess every frame of a DICOM image; errors are captured, never raised."""
+    config = bundle.preprocess_config
+    try:
+        decoded = decode_dataset(ds, target_longest=int(config.input_size * config.downsample_to))
+        inputs = [preprocess(frame, config) for frame in decoded.frames]
+    except (PixelDataError, ValueError) as exc:
+        return LoadedImage(error=str(exc))
+    except Exception as exc:  # a decoder failing in an unexpected way must not stop the study
+        return LoadedImage(error=f"cannot decode pixel data: {exc!r}")
+    header = Dataset(ds)
+    if "PixelData" in header:
+        del header.PixelData
+    return LoadedImage(inputs=inputs, header=header)
+
+
+def load_file(path: Path, bundle: Bundle) -> LoadedImage:
+    """A DICOM file or a picture (PNG, JPEG, TIFF, BMP), preprocessed for ``bundle``."""
+    if path.suffix.lower() in PICTURE_SUFFIXES:
+        try:
+            return LoadedImage(inputs=[preprocess(load_picture(path), bundle.preprocess_config)])
+        except (PictureError, ValueError) as exc:
+            return LoadedImage(error=str(exc))
+    try:
+        ds = dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        return LoadedImage(error=f"{path.name} is neither a picture nor a readable DICOM file: {exc}")
+    return load_dicom(ds, bundle)
+
+
+def score_loaded(images: Sequence[LoadedImage], predictor: Predictor) -> list[float | None]:
+    """Probability per image (max over its frames), None where loading failed; one batched pass."""
+    inputs = [tensor for image in images for tensor in image.inputs]
+    probabilities = predictor.predict(inputs)
+    out: list[float | None] = []
+    cursor = 0
+    for image in images:
+        if image.error is not None or not image.inputs:
+            out.append(None)
+            continue
+        count = len(image.inputs)
+        out.append(float(np.max(probabilities[cursor : cursor + count])))
+        cursor += count
+    return out
+
+
+@dataclass
+class _StudyWork:
+    hand_over: HandOver
+    instances: list[InstanceRef]
+    images: list[LoadedImage]
+
+
+class StudyScorer:
+    """The worker's processor: score complete studies, persist results, write the SR, queue deliveries."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Any],
+        bundle: Bundle,
+        predictor: Predictor,
+        reports: Spool,
+        destinations: Sequence[str],
+        on_scored: Callable[[], None] = lambda: None,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._sessions = sessions
+        self._bundle = bundle
+        self._predictor = predictor
+        self._reports = reports
+        self._destinations = list(destinations)
+        self._on_scored = on_scored
+        self._clock = clock
+        card = bundle.card
+        self.identity = AlgorithmIdentity(
+            model_name=card.name, model_version=card.version, device_uid=card.device_uid, software_version=__version__
+        )
+
+    def __call__(self, hand_overs: list[HandOver]) -> None:
+        work = []
+        for hand_over in claim(self._sessions, hand_overs, self._clock()):
+            with self._sessions() as session:
+                instances = repository.scorable_instances(session, hand_over.study_instance_uid)
+            if not instances:
+                with self._sessions() as session, session.begin():
+                    repository.mark_skipped(session, hand_over)
+                LOGGER.info("study %s has nothing scorable; skipped", hand_over.study_instance_uid)
+                continue
+            work.append(_StudyWork(hand_over, instances, [self._load(ref) for ref in instances]))
+        if not work:
+            return
+        probabilities = score_loaded([image for item in work for image in item.images], self._predictor)
+        cursor = 0
+        for item in work:
+            count = len(item.images)
+            self._finish(item, probabilities[cursor : cursor + count])
+            cursor += count
+        self._on_scored()
+
+    def _load(self, ref: InstanceRef) -> LoadedImage:
+        try:
+            ds = dcmread(ref.path)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            return LoadedImage(error=f"cannot read the stored file: {exc}")
+        return load_dicom(ds, self._bundle)
+
+    def _finish(self, item: _StudyWork, probabilities: Sequence[float | None]) -> None:
+        bundle = self._bundle
+        now = self._clock()
+        scores = []
+        scored: list[ScoredImage] = []
+        for ref, image, probability in zip(item.instances, item.images, probabilities, strict=True):
+            if probability is None:
+                LOGGER.warning("instance %s not scored: %s", ref.sop_instance_uid, image.error)
+                scores.append(ImageScore(ref.id, None, None, image.error or "not scored"))
+                continue
+            category = bundle.category(probability)
+            scores.append(ImageScore(ref.id, probability, category, None, frames=len(image.inputs)))
+            assert image.header is not None
+            scored.append(ScoredImage(image.header, probability, category))
+        study_probability = max((s.probability for s in scored), default=None)
+        category = bundle.category(study_probability) if study_probability is not None else "error"
+        uid = item.hand_over.study_instance_uid
+        report = self._write_report(uid, scored, study_probability, category, now) if scored else None
+        points = bundle.card.operating_points
+        result = NewResult(
+            study_instance_uid=uid,
+            study_version=item.hand_over.version,
+            model_name=bundle.card.name,
+            model_version=bundle.card.version,
+            device_uid=bundle.card.device_uid,
+            doubt_threshold=points.doubt,
+            positive_threshold=points.positive,
+            probability=study_probability,
+            category=category,
+            images=scores,
+            scored_at=now,
+            report=report,
+            destinations=self._destinations if report else [],
+        )
+        with self._sessions() as session, session.begin():
+            repository.save_result(session, result)
+        LOGGER.info(
+            "study %s version %d scored: %s (p=%s, %d images, %d errors)%s",
+            uid,
+            item.hand_over.version,
+            category,
+            f"{study_probability:.3f}" if study_probability is not None else "-",
+            len(scored),
+            len(scores) - len(scored),
+            f"; SR {report.sop_instance_uid}" if report else "",
+        )
+
+    def _write_report(
+        self, study_uid: str, scored: list[ScoredImage], probability: float | None, category: str, now: Any
+    ) -> ReportFile | None:
+        assert probability is not None
+        with self._sessions() as session:
+            previous_object = repository.latest_report(session, study_uid)
+            previous_path = previous_object.path if previous_object else None
+        previous = None
+        if previous_path is not None:
+            try:
+                previous = dcmread(previous_path)
+            except (InvalidDicomError, OSError) as exc:
+                LOGGER.error("earlier SR of study %s unreadable (%s); the new SR will not reference it", study_uid, exc)
+        try:
+            sr = build_sr(scored, probability, category, self.identity, now, previous=previous)
+            buffer = io.BytesIO()
+            sr.save_as(buffer, enforce_file_format=True)
+            path = self._reports.path_for(study_uid, str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID))
+            self._reports.write(path, [buffer.getvalue()])
+        except (FracwatchError, ValueError, TypeError, AttributeError) as exc:
+            LOGGER.exception("cannot build the SR for study %s: %s", study_uid, exc)
+            return None
+        return ReportFile(
+            sop_instance_uid=str(sr.SOPInstanceUID),
+            sop_class_uid=str(sr.SOPClassUID),
+            series_instance_uid=str(sr.SeriesInstanceUID),
+            path=str(path),
+            supersedes=str(previous.SOPInstanceUID) if previous is not None else None,
+        )
