@@ -373,19 +373,23 @@ def resend(config_file: Path | None, study_uid: str, **overrides: Any) -> None:
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--model", type=click.Path(path_type=Path, file_okay=False), help="Model bundle (default: shipped).")
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Model bundle (default: configured, else shipped).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per file.")
 def predict(files: tuple[Path, ...], model: Path | None, device: str, as_json: bool) -> None:
     """Score PNG, JPEG or DICOM files with the daemon's pipeline."""
-    from fracwatch.config import default_model_path
     from fracwatch.model.bundle import load_bundle
     from fracwatch.model.predictor import Predictor
     from fracwatch.service.scoring import load_file, score_loaded
 
     configure_logging("WARNING")
+    model_path = model or _load(None).model_path  # --model, else the configured or shipped bundle
     try:
-        bundle = load_bundle(model or default_model_path())
+        bundle = load_bundle(model_path)
         predictor = Predictor(bundle.network, device)
     except (FracwatchError, ValueError) as exc:
         _fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from fracwatch.cli import cli
 from fracwatch.service.daemon import Daemon
+from fracwatch.store import db
 from tests import dicomgen
 from tests.conftest import FakeClock, free_port, send_files
 
@@ -27,7 +28,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_db_upgrade_creates_schema(tmp_path: Path, db_url: str) -> None:
     result = CliRunner().invoke(cli, ["db", "upgrade", "--db", db_url])
     assert result.exit_code == 0, result.output
-    assert "database at revision 0001" in result.output
+    assert f"database at revision {db.head_revision()}" in result.output
     again = CliRunner().invoke(cli, ["db", "upgrade", "--db", db_url])
     assert again.exit_code == 0
 
@@ -56,7 +57,7 @@ def test_studies_json_contract(
     clock.advance(60)
     daemon.detect_once()
     assert daemon.worker is not None and daemon.worker.wait_idle(10)
-    ready = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--state", "ready"])
+    ready = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--state", "scored"])
     assert len(json.loads(ready.output)) == 2
     assert (
         json.loads(CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--state", "receiving"]).output) == []
@@ -64,7 +65,7 @@ def test_studies_json_contract(
     future = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--since", "2999-01-01"])
     assert json.loads(future.output) == []
     today = CliRunner().invoke(cli, ["studies", "--db", db_url, "--today"])
-    assert ids.study_uid in today.output and "ready" in today.output
+    assert ids.study_uid in today.output and "scored" in today.output
     assert "Doe" not in today.output
 
 

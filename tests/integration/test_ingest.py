@@ -169,24 +169,25 @@ def test_completion_after_quiet_period_and_late_instance_reopens(
 
     clock.advance(25)
     daemon.detect_once()
-    assert daemon.worker is not None and daemon.worker.wait_idle(10)
-    assert state() == ("ready", 1)
+    assert daemon.worker is not None and daemon.worker.wait_idle(30)
+    assert state() == ("scored", 1)
 
-    # a resent copy (PACS re-forwarding the study) does not re-open it
+    # a resent copy (PACS re-forwarding the study) does not re-open it, nor does a document
     assert send_files(port, files[:3]) == [0, 0, 0]
-    assert state() == ("ready", 1)
+    assert send_files(port, files[3:4]) == [0]  # the Basic Text SR
+    assert state() == ("scored", 1)
 
-    # a genuinely new instance does
-    assert send_files(port, files[3:4]) == [0]
+    # a genuinely new image does
+    assert send_files(port, files[4:5]) == [0]
     assert state() == ("receiving", 2)
     with daemon.sessions() as session:  # type: ignore[misc]
         late = session.scalars(select(Instance).where(Instance.study_version == 2)).all()
-        assert [i.sop_class_uid for i in late] == [dicomgen.BASIC_TEXT_SR]
+        assert [i.sop_instance_uid for i in late] == [dcmread(files[4]).SOPInstanceUID]
 
     clock.advance(31)
     daemon.detect_once()
-    assert daemon.worker.wait_idle(10)
-    assert state() == ("ready", 2)
+    assert daemon.worker.wait_idle(30)
+    assert state() == ("scored", 2)
 
 
 def test_restart_requeues_studies_handed_over_but_not_processed(
@@ -211,7 +212,7 @@ def test_restart_requeues_studies_handed_over_but_not_processed(
     try:
         assert second.worker is not None and second.worker.wait_idle(10)
         with second.sessions() as session:  # type: ignore[misc]
-            assert session.scalars(select(Study.state)).one() == "ready"
+            assert session.scalars(select(Study.state)).one() == "scored"
     finally:
         second.stop()
 

@@ -131,7 +131,7 @@ def test_pacs_reforwarding_the_study_with_our_sr_causes_no_second_sr(
 ) -> None:
     with running_pacs() as pacs:
         daemon = start_daemon(destinations=[pacs.destination])
-        ids, files = two_image_study(tmp_path / "src")
+        _, files = two_image_study(tmp_path / "src")
         port = daemon.scp.address[1]  # type: ignore[union-attr]
         send_files(port, files)
         complete(daemon, clock)
@@ -153,7 +153,7 @@ def test_late_image_rescoring_supersedes_the_earlier_sr(
 ) -> None:
     with running_pacs() as pacs:
         daemon = start_daemon(destinations=[pacs.destination])
-        ids, files = two_image_study(tmp_path / "src")
+        _, files = two_image_study(tmp_path / "src")
         port = daemon.scp.address[1]  # type: ignore[union-attr]
         send_files(port, files[:1])
         complete(daemon, clock)

@@ -1,0 +1,60 @@
+"""The model bundle loader verifies the card and the weights' checksum."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fracwatch.config import load_settings
+from fracwatch.model.bundle import BundleError, load_bundle, read_card
+
+
+@pytest.fixture
+def bundle_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "bundle"
+    shutil.copytree(load_settings().model_path, target)
+    return target
+
+
+def test_shipped_bundle_loads_and_says_not_for_clinical_use() -> None:
+    bundle = load_bundle(load_settings().model_path)
+    card = bundle.card
+    assert card.clinical_use is False
+    assert "NOT FOR CLINICAL USE" in card.intended_use
+    assert card.device_uid.startswith("2.25.")
+    assert 0 <= card.operating_points.doubt <= card.operating_points.positive <= 1
+    assert card.training["command"].startswith("fracwatch train --phantom")
+    out = bundle.network(torch.zeros(1, 1, card.preprocessing.input_size, card.preprocessing.input_size))
+    assert out.shape == (1, 1)
+
+
+def test_tampered_weights_are_refused(bundle_copy: Path) -> None:
+    weights = bundle_copy / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="do not match the model card"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_weights_are_refused(bundle_copy: Path) -> None:
+    (bundle_copy / "weights.pt").unlink()
+    with pytest.raises(BundleError, match="lacks its weights"):
+        load_bundle(bundle_copy)
+
+
+def test_incomplete_card_is_refused(bundle_copy: Path) -> None:
+    card = json.loads((bundle_copy / "model.json").read_text())
+    del card["operating_points"]
+    (bundle_copy / "model.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="operating_points"):
+        read_card(bundle_copy)
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="no model.json"):
+        load_bundle(tmp_path)
