@@ -8,9 +8,9 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from fracwatch.config import load_settings
 from fracwatch.dicom.pixels import PixelDataError, decode_dataset
 from fracwatch.model.bundle import load_bundle
-from fracwatch.config import load_settings
 from fracwatch.model.predictor import Predictor
 from fracwatch.service.scoring import load_dicom, score_loaded
 from tests import dicomgen
