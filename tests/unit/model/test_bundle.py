@@ -56,5 +56,5 @@ def test_incomplete_card_is_refused(bundle_copy: Path) -> None:
 
 
 def test_not_a_bundle(tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="no model.json"):
+    with pytest.raises(BundleError, match=r"no model\.json"):
         load_bundle(tmp_path)
