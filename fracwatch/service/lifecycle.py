@@ -1,7 +1,7 @@
 """The study lifecycle: a scheduler job detects complete studies and a worker thread takes them.
 
 Completion is decided in the database (a conditional UPDATE), the hand-over travels through an in-process
-queue, and the worker runs a :class:`StudyProcessor` (here: mark ready; the scoring issue plugs in its own).
+queue, and the worker runs a :class:`StudyProcessor` (the daemon's is the scorer in ``service.scoring``).
 A study that was handed over but not processed when the process stopped is queued again at start.
 """
 
@@ -34,17 +34,6 @@ class StudyProcessor(Protocol):
     """What the worker does with complete study versions (a batch, so images can be batched across studies)."""
 
     def __call__(self, hand_overs: list[HandOver]) -> None: ...
-
-
-class MarkReady:
-    """The processor of the receiving spine: record that the study version is ready for scoring."""
-
-    def __init__(self, sessions: sessionmaker[Any], clock: Clock = utc_now) -> None:
-        self._sessions = sessions
-        self._clock = clock
-
-    def __call__(self, hand_overs: list[HandOver]) -> None:
-        claim(self._sessions, hand_overs, self._clock())
 
 
 def claim(sessions: sessionmaker[Any], hand_overs: list[HandOver], now: datetime) -> list[HandOver]:
