@@ -6,13 +6,14 @@ No instance is created at import; call :func:`load_settings`.
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -81,7 +82,7 @@ class Settings(BaseSettings):
     ae_title: AETitle = DEFAULT_AE_TITLE
     host: str = "0.0.0.0"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
-    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    allowed_calling_aets: list[str] = Field(default_factory=list)
     max_pdu: int = Field(default=131072, ge=0)
     max_associations: int = Field(default=16, ge=1, le=1000)
     acse_timeout: float = Field(default=30.0, gt=0)
@@ -108,7 +109,38 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=12, ge=1, le=1000)
     send_timeout: float = Field(default=30.0, gt=0)
 
+    # DICOM TLS (optional): the listener uses TLS when tls_cert and tls_key are set; with tls_ca it also
+    # requires client certificates signed by that CA. Destinations use TLS when destination_tls is true.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    destination_tls: bool = False
+    destination_ca: Path | None = None
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _allowed_entries(cls, values: list[str]) -> list[str]:
+        out = []
+        for value in values:
+            title, at, source = value.partition("@")
+            title = validate_ae_title(title)
+            if at:
+                try:
+                    source = str(ipaddress.ip_address(source.strip()))
+                except ValueError:
+                    raise ValueError(f"{value!r}: {source!r} is not an IP address") from None
+                out.append(f"{title}@{source}")
+            else:
+                out.append(title)
+        return out
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,12 +48,17 @@ class InstanceSink(Protocol):
 
 @dataclass(frozen=True)
 class ListenerOptions:
-    """How the listener presents itself on the network."""
+    """How the listener presents itself on the network.
+
+    ``allowed_calling_aets`` entries are ``AE`` (from any address) or ``AE@ADDRESS`` (only from that IP address);
+    empty means every caller is accepted.
+    """
 
     ae_title: str
     host: str
     port: int
     allowed_calling_aets: tuple[str, ...] = ()
+    ssl_context: ssl.SSLContext | None = None
     max_pdu: int = 131072
     max_associations: int = 16
     acse_timeout: float = 30.0
@@ -133,14 +139,28 @@ def handle_echo(event: Event) -> int:
     return status.SUCCESS
 
 
-def _log_request(event: Event, allowed: tuple[str, ...]) -> None:
+def is_allowed(allowed: tuple[str, ...], calling_ae: str, address: str) -> bool:
+    """Whether ``calling_ae`` connecting from ``address`` passes the allow-list (empty = everyone)."""
+    if not allowed:
+        return True
+    for entry in allowed:
+        title, _, source = entry.partition("@")
+        if title.strip() == calling_ae and (not source or source.strip() == address):
+            return True
+    return False
+
+
+def handle_requested(event: Event, allowed: tuple[str, ...]) -> None:
+    """Log every association request; reject callers the allow-list does not name (calling AE not recognised)."""
     primitive = event.assoc.requestor.primitive
     calling = str(primitive.calling_ae_title if primitive is not None else "").strip()
-    address = event.assoc.requestor.address
-    if allowed and calling not in allowed:
-        LOGGER.warning("rejecting association from calling AE %s at %s: not in the allow-list", calling, address)
-    else:
+    address = str(event.assoc.requestor.address)
+    if is_allowed(allowed, calling, address):
         LOGGER.info("association requested by %s at %s", calling, address)
+        return
+    LOGGER.warning("rejecting association from calling AE %s at %s: not in the allow-list", calling, address)
+    event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service user, calling AE not recognised
+    event.assoc.kill()
 
 
 def _log_aborted(event: Event) -> None:
@@ -159,7 +179,6 @@ def build_ae(options: ListenerOptions) -> AE:
     ae.acse_timeout = options.acse_timeout
     ae.dimse_timeout = options.dimse_timeout
     ae.network_timeout = options.network_timeout
-    ae.require_calling_aet = list(options.allowed_calling_aets)
     return ae
 
 
@@ -186,11 +205,17 @@ class StorageSCP:
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.spool, self.sink]),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_REQUESTED, _log_request, [self.options.allowed_calling_aets]),
+            (evt.EVT_REQUESTED, handle_requested, [self.options.allowed_calling_aets]),
             (evt.EVT_ABORTED, _log_aborted),
         ]
-        self._server = self._ae.start_server((self.options.host, self.options.port), block=False, evt_handlers=handlers)
-        LOGGER.info("listening as %s on %s:%d", self.options.ae_title, *self.address)
+        self._server = self._ae.start_server(
+            (self.options.host, self.options.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self.options.ssl_context,
+        )
+        tls = " (TLS)" if self.options.ssl_context is not None else ""
+        LOGGER.info("listening as %s on %s:%d%s", self.options.ae_title, *self.address, tls)
 
     def stop(self, grace: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         """Stop accepting associations, let in-flight ones finish for ``grace`` seconds, then abort them.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class Peer:
     calling_ae: str
     timeout: float = 30.0
     max_pdu: int = 131072
+    ssl_context: ssl.SSLContext | None = None
 
 
 @dataclass(frozen=True)
@@ -56,14 +58,22 @@ def _ae(peer: Peer) -> AE:
     return ae
 
 
-def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float = 10.0) -> int:
+def echo(
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> int:
     """C-ECHO ``called_ae`` at ``host:port``; return the status (0x0000 on success).
 
     Raises :class:`PeerError` when no association can be made.
     """
     ae = _ae(Peer(called_ae, host, port, calling_ae, timeout))
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    tls_args = (ssl_context, host) if ssl_context is not None else None
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
         if assoc.is_rejected:
             raise PeerError(f"{called_ae}@{host}:{port} rejected the association from {calling_ae}")
@@ -93,7 +103,8 @@ def store_files(peer: Peer, paths: Sequence[Path]) -> list[StoreOutcome]:
     for sop_class in sorted(set(classes)):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    tls_args = (peer.ssl_context, peer.host) if peer.ssl_context is not None else None
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         permanent = bool(assoc.is_rejected and getattr(assoc.acceptor.primitive, "result", None) == REJECTED_PERMANENT)
         reason = "rejected the association permanently" if permanent else "could not be associated with"

@@ -96,8 +96,8 @@ def render_phantom(seed: int, fractured: bool, size: tuple[int, int] | None = No
                 continue
             # the fracture: an oblique cut across the shaft, a gap, a shifted and angulated distal fragment
             tilt = np.tan(rng.uniform(-0.5, 0.5))
-            gap = rng.uniform(2.0, 5.0)
-            shift = rng.uniform(0.05, 0.45) * radius
+            gap = rng.uniform(3.0, 6.0)
+            shift = rng.uniform(0.15, 0.5) * radius
             angle = rng.uniform(-0.12, 0.12)
             cut = u - centre - tilt * vb
             du, dv = u - centre, vb

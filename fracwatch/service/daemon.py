@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from fracwatch.config import Settings
+from fracwatch.dicom import tls
 from fracwatch.dicom.scp import ListenerOptions, StorageSCP
 from fracwatch.dicom.spool import Spool
 from fracwatch.errors import DatabaseError
@@ -42,11 +43,15 @@ DELIVERY_JOB = "deliver-results"
 
 def listener_options(settings: Settings) -> ListenerOptions:
     """The listener part of the settings."""
+    context = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        context = tls.server_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
     return ListenerOptions(
         ae_title=settings.ae_title,
         host=settings.host,
         port=settings.port,
         allowed_calling_aets=tuple(settings.allowed_calling_aets),
+        ssl_context=context,
         max_pdu=settings.max_pdu,
         max_associations=settings.max_associations,
         acse_timeout=settings.acse_timeout,
@@ -106,12 +111,18 @@ class Daemon:
         reports = Spool(settings.results_dir)
         reports.prepare()
         reconcile(spool, self.sessions)
+        sender_tls = (
+            tls.client_context(settings.destination_ca, settings.tls_cert, settings.tls_key)
+            if settings.destination_tls
+            else None
+        )
         self.deliverer = Deliverer(
             self.sessions,
             settings.ae_title,
             RetryPolicy(settings.retry_base, settings.retry_max_delay, settings.max_attempts),
             settings.send_timeout,
             self._clock,
+            ssl_context=sender_tls,
         )
         self.worker = Worker(self._processor or self._scorer(reports), settings.max_batch_studies)
         self.worker.start()

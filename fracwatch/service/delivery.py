@@ -7,6 +7,7 @@ never sent to it again; a permanent rejection, or too many failed attempts, move
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -50,12 +51,14 @@ class Deliverer:
         policy: RetryPolicy,
         timeout: float = 30.0,
         clock: Clock = utc_now,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._sessions = sessions
         self._calling_ae = calling_ae
         self._policy = policy
         self._timeout = timeout
         self._clock = clock
+        self._ssl_context = ssl_context
         self._lock = threading.Lock()
 
     def run_once(self) -> int:
@@ -84,7 +87,14 @@ class Deliverer:
         except ValueError as exc:
             outcomes = [StoreOutcome(Path(job.path), None, str(exc), permanent=True) for job in jobs]
         else:
-            peer = Peer(target.ae_title, target.host, target.port, self._calling_ae, self._timeout)
+            peer = Peer(
+                target.ae_title,
+                target.host,
+                target.port,
+                self._calling_ae,
+                self._timeout,
+                ssl_context=self._ssl_context,
+            )
             missing = [job for job in jobs if not Path(job.path).is_file()]
             present = [job for job in jobs if job not in missing]
             results = {o.path: o for o in store_files(peer, [Path(job.path) for job in present])}
