@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=16, ge=1, le=1024)
     max_batch_studies: int = Field(default=8, ge=1, le=1000)
 
+    # a heat-map Secondary Capture per scored image and a KOS of flagged images, besides the SR
+    overlays: bool = False
+
     # the outbox
     delivery_interval: float = Field(default=1.0, gt=0)
     retry_base: float = Field(default=10.0, gt=0)

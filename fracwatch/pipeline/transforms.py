@@ -76,3 +76,14 @@ def preprocess(image: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
     result = inference_transforms(config)(np.asarray(image, dtype=np.float32)[np.newaxis])
     tensor = torch.as_tensor(np.asarray(result), dtype=torch.float32)
     return tensor.contiguous()
+
+
+def content_box(shape: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of an image of ``shape`` inside the padded ``size`` × ``size`` input.
+
+    Used to map a heat map computed on the network input back onto the image.
+    """
+    rows, cols = shape
+    scale = size / max(rows, cols)
+    height, width = max(1, round(rows * scale)), max(1, round(cols * scale))
+    return (size - height) // 2, (size - width) // 2, height, width

@@ -153,6 +153,7 @@ class Daemon:
             [str(d) for d in settings.destinations],
             on_scored=self.kick_delivery,
             clock=self._clock,
+            overlays=settings.overlays,
         )
 
     def deliver_once(self) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import generate_uid
 from sqlalchemy.orm import sessionmaker
 
 from fracwatch import __version__
@@ -23,9 +24,11 @@ from fracwatch.dicom.pixels import PixelDataError, decode_dataset
 from fracwatch.dicom.spool import Spool
 from fracwatch.errors import FracwatchError
 from fracwatch.model.bundle import Bundle
+from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.predictor import Predictor
 from fracwatch.pipeline.pictures import PICTURE_SUFFIXES, PictureError, load_picture
-from fracwatch.pipeline.transforms import preprocess
+from fracwatch.pipeline.transforms import content_box, preprocess
+from fracwatch.report.overlay import OverlayImage, build_kos, build_overlay
 from fracwatch.report.sr import AlgorithmIdentity, ScoredImage, build_sr
 from fracwatch.service.lifecycle import Clock, claim, utc_now
 from fracwatch.store import repository
@@ -36,11 +39,13 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass
 class LoadedImage:
-    """One image ready for the network: its frames preprocessed, its header kept for the SR."""
+    """One image ready for the network: its frames preprocessed, its header kept for the SR, its first
+    decoded frame kept for overlays."""
 
     inputs: list[torch.Tensor] = field(default_factory=list)
     header: Dataset | None = None
     error: str | None = None
+    display: np.ndarray | None = None
 
 
 def load_dicom(ds: Dataset, bundle: Bundle) -> LoadedImage:
@@ -56,7 +61,7 @@ def load_dicom(ds: Dataset, bundle: Bundle) -> LoadedImage:
     header = Dataset(ds)
     if "PixelData" in header:
         del header.PixelData
-    return LoadedImage(inputs=inputs, header=header)
+    return LoadedImage(inputs=inputs, header=header, display=decoded.frames[0])
 
 
 def load_file(path: Path, bundle: Bundle) -> LoadedImage:
@@ -108,6 +113,7 @@ class StudyScorer:
         destinations: Sequence[str],
         on_scored: Callable[[], None] = lambda: None,
         clock: Clock = utc_now,
+        overlays: bool = False,
     ) -> None:
         self._sessions = sessions
         self._bundle = bundle
@@ -116,6 +122,7 @@ class StudyScorer:
         self._destinations = list(destinations)
         self._on_scored = on_scored
         self._clock = clock
+        self._overlays = overlays
         card = bundle.card
         self.identity = AlgorithmIdentity(
             model_name=card.name, model_version=card.version, device_uid=card.device_uid, software_version=__version__
@@ -167,6 +174,7 @@ class StudyScorer:
         category = bundle.category(study_probability) if study_probability is not None else "error"
         uid = item.hand_over.study_instance_uid
         report = self._write_report(uid, scored, study_probability, category, now) if scored else None
+        attachments = self._write_overlays(uid, item) if self._overlays and report is not None else []
         points = bundle.card.operating_points
         result = NewResult(
             study_instance_uid=uid,
@@ -182,6 +190,7 @@ class StudyScorer:
             scored_at=now,
             report=report,
             destinations=self._destinations if report else [],
+            attachments=attachments,
         )
         with self._sessions() as session, session.begin():
             repository.save_result(session, result)
@@ -194,6 +203,62 @@ class StudyScorer:
             len(scored),
             len(scores) - len(scored),
             f"; SR {report.sop_instance_uid}" if report else "",
+        )
+
+    def _write_overlays(self, study_uid: str, item: _StudyWork) -> list[ReportFile]:
+        """A heat-map Secondary Capture per scored image, and a KOS of the flagged ones."""
+        bundle = self._bundle
+        scored = [(ref, image) for ref, image in zip(item.instances, item.images, strict=True) if image.error is None]
+        probabilities = self._predictor.predict([image.inputs[0] for _, image in scored])
+        try:
+            inputs = torch.stack([image.inputs[0] for _, image in scored]).to(self._predictor.device)
+            heatmaps = grad_cam(self._predictor.network, inputs)
+        except Exception:
+            LOGGER.exception("Grad-CAM failed for study %s; no overlays", study_uid)
+            return []
+        files: list[ReportFile] = []
+        series_uid = str(generate_uid())
+        flagged: list[Dataset] = []
+        size = bundle.preprocess_config.input_size
+        for number, ((_, image), heatmap, probability) in enumerate(
+            zip(scored, heatmaps, probabilities, strict=True), start=1
+        ):
+            assert image.header is not None and image.display is not None
+            top, left, height, width = content_box(image.display.shape, size)
+            category = bundle.category(float(probability))
+            overlay = OverlayImage(
+                header=image.header,
+                display=image.display,
+                heatmap=heatmap[top : top + height, left : left + width],
+                probability=float(probability),
+                category=category,
+            )
+            try:
+                files.append(
+                    self._write_object(study_uid, build_overlay(overlay, self.identity, series_uid, number), "sc")
+                )
+            except (FracwatchError, ValueError, TypeError, AttributeError):
+                LOGGER.exception("cannot build the overlay of %s", image.header.SOPInstanceUID)
+            if category in ("positive", "doubt"):
+                flagged.append(image.header)
+        if flagged:
+            try:
+                files.append(self._write_object(study_uid, build_kos(flagged, self.identity), "kos"))
+            except (FracwatchError, ValueError, TypeError, AttributeError):
+                LOGGER.exception("cannot build the key object selection of study %s", study_uid)
+        return files
+
+    def _write_object(self, study_uid: str, dataset: Dataset, kind: str) -> ReportFile:
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        path = self._reports.path_for(study_uid, str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID))
+        self._reports.write(path, [buffer.getvalue()])
+        return ReportFile(
+            sop_instance_uid=str(dataset.SOPInstanceUID),
+            sop_class_uid=str(dataset.SOPClassUID),
+            series_instance_uid=str(dataset.SeriesInstanceUID),
+            path=str(path),
+            kind=kind,
         )
 
     def _write_report(
@@ -211,17 +276,11 @@ class StudyScorer:
                 LOGGER.error("earlier SR of study %s unreadable (%s); the new SR will not reference it", study_uid, exc)
         try:
             sr = build_sr(scored, probability, category, self.identity, now, previous=previous)
-            buffer = io.BytesIO()
-            sr.save_as(buffer, enforce_file_format=True)
-            path = self._reports.path_for(study_uid, str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID))
-            self._reports.write(path, [buffer.getvalue()])
+            written = self._write_object(study_uid, sr, "sr")
         except (FracwatchError, ValueError, TypeError, AttributeError) as exc:
             LOGGER.exception("cannot build the SR for study %s: %s", study_uid, exc)
             return None
+        supersedes = str(previous.SOPInstanceUID) if previous is not None else None
         return ReportFile(
-            sop_instance_uid=str(sr.SOPInstanceUID),
-            sop_class_uid=str(sr.SOPClassUID),
-            series_instance_uid=str(sr.SeriesInstanceUID),
-            path=str(path),
-            supersedes=str(previous.SOPInstanceUID) if previous is not None else None,
+            written.sop_instance_uid, written.sop_class_uid, written.series_instance_uid, written.path, supersedes
         )

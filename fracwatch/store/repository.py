@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import Table, bindparam, func, insert, select, update
@@ -367,13 +367,14 @@ class ImageScore:
 
 @dataclass(frozen=True)
 class ReportFile:
-    """An SR written to disk."""
+    """An object fracwatch wrote to disk: the SR, an overlay (sc) or a key object selection (kos)."""
 
     sop_instance_uid: str
     sop_class_uid: str
     series_instance_uid: str
     path: str
-    supersedes: str | None
+    supersedes: str | None = None
+    kind: str = "sr"
 
 
 @dataclass(frozen=True)
@@ -393,6 +394,7 @@ class NewResult:
     scored_at: datetime
     report: ReportFile | None
     destinations: list[str]
+    attachments: list[ReportFile] = field(default_factory=list)  # overlays and KOS, sent after the SR
 
 
 def save_result(session: Session, result: NewResult) -> int:
@@ -430,14 +432,15 @@ def save_result(session: Session, result: NewResult) -> int:
     ]
     session.add(row)
     session.flush()
-    if result.report is not None:
+    objects = ([result.report] if result.report is not None else []) + list(result.attachments)
+    for item in objects:
         produced = ProducedObject(
             study_result_id=row.id,
-            kind="sr",
-            sop_class_uid=result.report.sop_class_uid,
-            sop_instance_uid=result.report.sop_instance_uid,
-            series_instance_uid=result.report.series_instance_uid,
-            path=result.report.path,
+            kind=item.kind,
+            sop_class_uid=item.sop_class_uid,
+            sop_instance_uid=item.sop_instance_uid,
+            series_instance_uid=item.series_instance_uid,
+            path=item.path,
             created_at=result.scored_at,
         )
         produced.deliveries = [
@@ -451,6 +454,7 @@ def save_result(session: Session, result: NewResult) -> int:
             for destination in result.destinations
         ]
         session.add(produced)
+        session.flush()  # ids in creation order: the SR is delivered before its overlays
     if study.version == result.study_version and study.state == StudyState.READY.value:
         study.state = StudyState.SCORED.value
     return row.id

@@ -1,0 +1,37 @@
+"""Grad-CAM heatmaps (MONAI's implementation) for the model's fracture logit."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.visualize import GradCAM
+
+
+def last_conv_layer(network: torch.nn.Module) -> str:
+    """The layer Grad-CAM explains: the last feature block before pooling (``layer4`` of a ResNet,
+    ``features`` of a DenseNet), else the last convolution."""
+    modules = dict(network.named_modules())
+    for candidate in ("layer4", "features", "_conv_head"):
+        if candidate in modules:
+            return candidate
+    name = ""
+    for module_name, module in network.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            name = module_name
+    if not name:
+        raise ValueError("the network has no 2-D convolution for Grad-CAM")
+    return name
+
+
+def grad_cam(network: torch.nn.Module, inputs: torch.Tensor, target_layer: str | None = None) -> np.ndarray:
+    """Heatmaps in [0, 1], shape (N, S, S), for preprocessed inputs (N, 1, S, S), on the CPU in float32.
+
+    Runs with gradients (Grad-CAM needs them), on a copy-free eval-mode network; parameters are not changed.
+    """
+    network = network.eval()
+    layer = target_layer or last_conv_layer(network)
+    cam = GradCAM(nn_module=network, target_layers=layer)
+    with torch.enable_grad():
+        maps = cam(x=inputs.float().requires_grad_(True), class_idx=0)
+    network.zero_grad(set_to_none=True)
+    return np.asarray(maps.detach().cpu().numpy()[:, 0], dtype=np.float32)
