@@ -18,6 +18,11 @@ import torch
 import torch.nn.functional as F
 
 
+GAP_PX = (3.0, 6.0)  # fracture gap, pixels of the rendered image
+SHIFT = (0.15, 0.5)  # lateral displacement of the distal fragment, fraction of the bone radius
+JOINT_PROBABILITY = 0.4  # images that show a joint (a natural gap across the bone) — in both classes
+
+
 @dataclass(frozen=True)
 class Phantom:
     """One rendered phantom."""
@@ -78,7 +83,7 @@ def render_phantom(seed: int, fractured: bool, size: tuple[int, int] | None = No
     bones = 1 if rng.random() < 0.5 else 2
     radius = limb_radius * rng.uniform(0.18, 0.28)
     offsets = [0.0] if bones == 1 else [-radius * rng.uniform(1.2, 1.6), radius * rng.uniform(1.2, 1.6)]
-    joint = rng.random() < 0.4
+    joint = rng.random() < JOINT_PROBABILITY
     joint_at = rng.uniform(-0.15, 0.15) * extent
     half_gap = rng.uniform(0.08, 0.2) * radius + 0.6 * radius  # visible joint space + the two end caps
     segments = [(-extent, joint_at - half_gap), (joint_at + half_gap, extent)] if joint else [(-extent, extent)]
@@ -96,8 +101,8 @@ def render_phantom(seed: int, fractured: bool, size: tuple[int, int] | None = No
                 continue
             # the fracture: an oblique cut across the shaft, a gap, a shifted and angulated distal fragment
             tilt = np.tan(rng.uniform(-0.5, 0.5))
-            gap = rng.uniform(3.0, 6.0)
-            shift = rng.uniform(0.15, 0.5) * radius
+            gap = rng.uniform(*GAP_PX)
+            shift = rng.uniform(*SHIFT) * radius
             angle = rng.uniform(-0.12, 0.12)
             cut = u - centre - tilt * vb
             du, dv = u - centre, vb
