@@ -232,8 +232,9 @@ def train_phantom_bundle(
     training = {
         "data": f"{train_count} training / {validation_count} validation 2-D procedural phantoms, half fractured",
         "command": (
-            f"fracwatch train --phantom --out {out} --arch {config.arch} --epochs {config.epochs} "
-            f"--train-count {train_count} --val-count {validation_count} --seed {config.seed} --version {version}"
+            f"fracwatch train --phantom --out {out} --arch {config.arch} --input-size {config.input_size} "
+            f"--epochs {config.epochs} --batch-size {config.batch_size} --train-count {train_count} "
+            f"--val-count {validation_count} --seed {config.seed} --version {version}"
         ),
         "seed": config.seed,
     }
