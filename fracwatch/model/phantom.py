@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-GAP_PX = (4.0, 8.0)  # fracture gap, pixels of the rendered image
-SHIFT = (0.2, 0.6)  # lateral displacement of the distal fragment, fraction of the bone radius
-JOINT_PROBABILITY = 0.3  # images that show a joint (a natural gap across the bone) — in both classes
+GAP_PX = (8.0, 14.0)  # fracture gap, pixels of the rendered image
+SHIFT = (0.4, 0.8)  # lateral displacement of the distal fragment, fraction of the bone radius
+JOINT_PROBABILITY = 0.15  # images that show a joint (a natural gap across the bone) — in both classes
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 2e-3
     seed: int = 0
-    patience: int = 3
+    patience: int = 6
     device: str = "auto"
     doubt_sensitivity: float = 0.95
     positive_specificity: float = 0.95
