@@ -163,7 +163,12 @@ def train_network(
 
 
 def operating_points(labels: np.ndarray, probabilities: np.ndarray, config: TrainConfig) -> OperatingPoints:
-    """Doubt: sensitivity ≥ ``doubt_sensitivity``; positive: specificity ≥ ``positive_specificity``."""
+    """Doubt: sensitivity ≥ ``doubt_sensitivity``; positive: specificity ≥ ``positive_specificity``.
+
+    The two candidates are the highest threshold meeting the sensitivity target and the lowest meeting the
+    specificity target; the lower becomes ``doubt`` and the higher ``positive``. Both targets hold either way:
+    lowering a threshold only raises sensitivity, raising it only raises specificity.
+    """
     doubt = threshold_for_sensitivity(labels, probabilities, config.doubt_sensitivity)
     positive = threshold_for_specificity(labels, probabilities, config.positive_specificity)
     return OperatingPoints(doubt=min(doubt, positive), positive=max(doubt, positive))
