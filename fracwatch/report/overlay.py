@@ -16,7 +16,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from fracwatch.report.sr import MANUFACTURER, AlgorithmIdentity
+from fracwatch.report.sr import MANUFACTURER, AlgorithmIdentity, with_type2_defaults
 
 SC_SERIES_NUMBER = 9902
 KOS_SERIES_NUMBER = 9903
@@ -80,9 +80,10 @@ def build_overlay(
 ) -> hd.sc.SCImage:
     """A Secondary Capture of ``image`` with its heat map and verdict burned in."""
     pixels = render(image, identity)
-    header = image.header
+    header = with_type2_defaults(image.header)
     laterality = str(header.get("ImageLaterality", header.get("Laterality", ""))).strip() or None
     orientation = header.get("PatientOrientation")
+    known_orientation = orientation is not None and len(orientation) == 2
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
         pixel_array=pixels,
@@ -95,9 +96,14 @@ def build_overlay(
         instance_number=number,
         manufacturer=MANUFACTURER,
         laterality=laterality if laterality in ("L", "R") else None,
-        patient_orientation=tuple(orientation) if orientation is not None and len(orientation) == 2 else ("", ""),
+        # highdicom insists on an orientation; an unknown one is written back as empty (Type 2) below
+        patient_orientation=tuple(orientation) if known_orientation else ("A", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
+    if not known_orientation:
+        sc.PatientOrientation = ""
+    if "Laterality" not in sc and "ImageLaterality" not in sc:
+        sc.Laterality = ""  # Type 2C: present, empty when the source does not say
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = "fracwatch heat map (AI, not for diagnostic use)"
     sc.ImageComments = f"fracwatch {identity.model_name} {identity.model_version}: {VERDICTS[image.category]}"
@@ -113,6 +119,7 @@ def build_kos(flagged: Sequence[Dataset], identity: AlgorithmIdentity) -> hd.ko.
     """A Key Object Selection ("Of Interest") listing the images fracwatch flagged."""
     if not flagged:
         raise ValueError("a KOS needs at least one flagged image")
+    flagged = [with_type2_defaults(ds) for ds in flagged]
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

@@ -32,6 +32,35 @@ SR_SERIES_NUMBER = 9901
 MANUFACTURER = "fracwatch"
 
 
+# Type 2 attributes of the Patient and General Study modules: they must be present (possibly empty) in the
+# objects we write, and highdicom copies them from the source. Modalities do omit some of them.
+PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def shallow_copy(ds: Dataset, without: frozenset[int] = frozenset()) -> Dataset:
+    """A new dataset holding the same elements (``Dataset(ds)`` and ``ds.copy()`` share one element dict)."""
+    return Dataset({element.tag: element for element in ds if int(element.tag) not in without})
+
+
+def with_type2_defaults(ds: Dataset) -> Dataset:
+    """A shallow copy of a source header with missing Patient/Study Type 2 attributes present and empty."""
+    copy = shallow_copy(ds)
+    for keyword in PATIENT_STUDY_TYPE2:
+        if keyword not in copy:
+            setattr(copy, keyword, "")
+    return copy
+
+
 @dataclass(frozen=True)
 class AlgorithmIdentity:
     """Who made the finding: the model and the software running it."""
@@ -99,7 +128,7 @@ def _library_entry(ds: Dataset) -> Dataset | None:
     often carries only Pixel Spacing (equivalent when uncalibrated), which is used instead. An image that has
     neither stays referenced as a measurement source and in the evidence, but is left out of the library.
     """
-    entry = Dataset(ds)  # shallow copy: the source header is not modified
+    entry = shallow_copy(ds)  # the source header is not modified
     if "ImagerPixelSpacing" not in entry and "PixelSpacing" in entry:
         entry.ImagerPixelSpacing = entry.PixelSpacing
     orientation = entry.get("PatientOrientation")
@@ -124,6 +153,7 @@ def build_sr(
     """Build the SR for the scored ``images`` of one study (patient and study modules copied from them)."""
     if not images:
         raise ValueError("an SR needs at least one scored image")
+    images = [ScoredImage(with_type2_defaults(i.dataset), i.probability, i.category) for i in images]
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

@@ -29,12 +29,14 @@ from fracwatch.model.predictor import Predictor
 from fracwatch.pipeline.pictures import PICTURE_SUFFIXES, PictureError, load_picture
 from fracwatch.pipeline.transforms import content_box, preprocess
 from fracwatch.report.overlay import OverlayImage, build_kos, build_overlay
-from fracwatch.report.sr import AlgorithmIdentity, ScoredImage, build_sr
+from fracwatch.report.sr import AlgorithmIdentity, ScoredImage, build_sr, shallow_copy
 from fracwatch.service.lifecycle import Clock, claim, utc_now
 from fracwatch.store import repository
 from fracwatch.store.repository import HandOver, ImageScore, InstanceRef, NewResult, ReportFile
 
 LOGGER = logging.getLogger(__name__)
+
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 
 @dataclass
@@ -58,9 +60,7 @@ def load_dicom(ds: Dataset, bundle: Bundle) -> LoadedImage:
         return LoadedImage(error=str(exc))
     except Exception as exc:  # a decoder failing in an unexpected way must not stop the study
         return LoadedImage(error=f"cannot decode pixel data: {exc!r}")
-    header = Dataset(ds)
-    if "PixelData" in header:
-        del header.PixelData
+    header = shallow_copy(ds, without=_PIXEL_TAGS)
     return LoadedImage(inputs=inputs, header=header, display=decoded.frames[0])
 
 
