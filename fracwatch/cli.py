@@ -41,6 +41,9 @@ def configure_logging(level: str) -> None:
     root.setLevel(level)
     for noisy in ("pynetdicom", "apscheduler", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # A delivery kicked while the scheduled run is in progress is coalesced on purpose; APScheduler would log
+    # each as a skipped execution.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
 def _fail(exc: FracwatchError) -> None:
