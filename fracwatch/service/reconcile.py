@@ -57,8 +57,7 @@ def reconcile(spool: Spool, sessions: sessionmaker[Any]) -> ReconcileReport:
             received_at=datetime.fromtimestamp(stat.st_mtime, UTC),
         )
         with sessions() as session, session.begin():
-            scorable = is_scorable(header) and not repository.is_produced(session, header.sop_instance_uid)
-            outcome = repository.record_instance(session, received, scorable)
+            outcome = repository.record_instance(session, received, is_scorable(header))
         if outcome.created:
             registered += 1
             LOGGER.info("registered orphan spool file for instance %s", header.sop_instance_uid)

@@ -174,7 +174,7 @@ class ImageResult(Base):
 
 
 class ProducedObject(Base):
-    """A DICOM object fracwatch wrote (an SR, later overlays and KOS): never scored, never re-opens a study."""
+    """A DICOM object fracwatch wrote (SR, heat-map SC, KOS): not scorable, so it never re-opens a study."""
 
     __tablename__ = "produced_objects"
 

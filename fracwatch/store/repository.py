@@ -21,14 +21,6 @@ from fracwatch.store.models import (
 )
 
 
-def is_produced(session: Session, sop_instance_uid: str) -> bool:
-    """True if fracwatch itself produced the object with this SOP Instance UID (loop prevention)."""
-    return (
-        session.execute(select(ProducedObject.id).where(ProducedObject.sop_instance_uid == sop_instance_uid)).first()
-        is not None
-    )
-
-
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     """The instance row with this SOP Instance UID, if held."""
     return session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).first()
