@@ -92,7 +92,7 @@ class Settings(BaseSettings):
 
     # the study lifecycle
     stable_after: float = Field(default=30.0, gt=0)
-    completion_interval: float = Field(default=2.0, gt=0)
+    completion_interval: float = Field(default=5.0, gt=0)
 
     # results (used by scoring and delivery)
     destinations: list[Annotated[Destination, BeforeValidator(_parse_destination)]] = Field(default_factory=list)
@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     overlays: bool = False
 
     # the outbox
-    delivery_interval: float = Field(default=1.0, gt=0)
+    delivery_interval: float = Field(default=10.0, gt=0)
     retry_base: float = Field(default=10.0, gt=0)
     retry_max_delay: float = Field(default=3600.0, gt=0)
     max_attempts: int = Field(default=12, ge=1, le=1000)
