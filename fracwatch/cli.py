@@ -147,6 +147,18 @@ def _parse_day(value: str | None, option: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _until(value: str | None) -> datetime | None:
+    """``--until``: a bare date includes that whole day."""
+    parsed = _parse_day(value, "--until")
+    if value and parsed and len(value) == 10:
+        parsed += timedelta(days=1)
+    return parsed
+
+
+def _echo_json(rows: Any) -> None:
+    click.echo(json.dumps([dataclasses.asdict(r) for r in rows], default=_json_default, indent=2))
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -182,16 +194,13 @@ def studies(
     received_since = _parse_day(since, "--since")
     if today:
         received_since = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    received_until = _parse_day(until, "--until")
-    if until and received_until and len(until) == 10:  # a bare date includes that whole day
-        received_until += timedelta(days=1)
-    filters = StudyFilter(received_since, received_until, state, accession, limit)
+    filters = StudyFilter(received_since, _until(until), state, accession, limit)
     try:
         rows = recent_studies(settings, filters)
     except FracwatchError as exc:
         _fail(exc)
     if as_json:
-        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], default=_json_default, indent=2))
+        _echo_json(rows)
         return
     if not rows:
         click.echo("no studies")
@@ -298,16 +307,13 @@ def results(
 
     settings = _load(config_file, **overrides)
     configure_logging("WARNING")
-    scored_until = _parse_day(until, "--until")
-    if until and scored_until and len(until) == 10:
-        scored_until += timedelta(days=1)
-    filters = ResultFilter(_parse_day(since, "--since"), scored_until, category, accession, study_uid, limit)
+    filters = ResultFilter(_parse_day(since, "--since"), _until(until), category, accession, study_uid, limit)
     try:
         rows = scored_results(settings, filters)
     except FracwatchError as exc:
         _fail(exc)
     if as_json:
-        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], default=_json_default, indent=2))
+        _echo_json(rows)
         return
     if not rows:
         click.echo("no results")
@@ -340,7 +346,7 @@ def outbox(config_file: Path | None, show_all: bool, as_json: bool, **overrides:
     except FracwatchError as exc:
         _fail(exc)
     if as_json:
-        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], default=_json_default, indent=2))
+        _echo_json(rows)
         return
     if not rows:
         click.echo("outbox empty")

@@ -16,7 +16,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from fracwatch.report.sr import MANUFACTURER, AlgorithmIdentity, with_type2_defaults
+from fracwatch.report.sr import MANUFACTURER, AlgorithmIdentity, device_observer, with_type2_defaults
 
 SC_SERIES_NUMBER = 9902
 KOS_SERIES_NUMBER = 9903
@@ -120,15 +120,7 @@ def build_kos(flagged: Sequence[Dataset], identity: AlgorithmIdentity) -> hd.ko.
     if not flagged:
         raise ValueError("a KOS needs at least one flagged image")
     flagged = [with_type2_defaults(ds) for ds in flagged]
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=identity.device_uid,
-            name=identity.model_name,
-            manufacturer_name=identity.manufacturer,
-            model_name=identity.model_name,
-        ),
-    )
+    observer = device_observer(identity)
     content = hd.ko.KeyObjectSelection(
         document_title=codes.DCM.OfInterest,
         referenced_objects=list(flagged),

@@ -81,6 +81,19 @@ class ScoredImage:
     category: str
 
 
+def device_observer(identity: AlgorithmIdentity) -> hd.sr.ObserverContext:
+    """The observer context of a device: the model, identified by its Device UID."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=identity.device_uid,
+            name=identity.model_name,
+            manufacturer_name=identity.manufacturer,
+            model_name=identity.model_name,
+        ),
+    )
+
+
 def _evaluation(category: str) -> hd.sr.QualitativeEvaluation:
     return hd.sr.QualitativeEvaluation(name=FRACTURE_OF_BONE, value=CATEGORY_VALUES[category])
 
@@ -154,15 +167,7 @@ def build_sr(
     if not images:
         raise ValueError("an SR needs at least one scored image")
     images = [ScoredImage(with_type2_defaults(i.dataset), i.probability, i.category) for i in images]
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=identity.device_uid,
-            name=identity.model_name,
-            manufacturer_name=identity.manufacturer,
-            model_name=identity.model_name,
-        ),
-    )
+    observer = device_observer(identity)
     groups = [_image_group(image, index, identity) for index, image in enumerate(images, start=1)]
     groups.append(_study_group(images, study_probability, study_category, identity))
     report = hd.sr.MeasurementReport(
