@@ -389,11 +389,17 @@ def resend(config_file: Path | None, study_uid: str, **overrides: Any) -> None:
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per file.")
-def predict(files: tuple[Path, ...], model: Path | None, device: str, as_json: bool) -> None:
+@click.option(
+    "--cam",
+    "cam_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write a Grad-CAM overlay PNG per scored file into this directory.",
+)
+def predict(files: tuple[Path, ...], model: Path | None, device: str, as_json: bool, cam_dir: Path | None) -> None:
     """Score PNG, JPEG or DICOM files with the daemon's pipeline."""
     from fracwatch.model.bundle import load_bundle
     from fracwatch.model.predictor import Predictor
-    from fracwatch.service.scoring import load_file, score_loaded
+    from fracwatch.service.scoring import load_file, score_loaded, write_cam_pictures
 
     configure_logging("WARNING")
     model_path = model or _load(None).model_path  # --model, else the configured or shipped bundle
@@ -404,8 +410,11 @@ def predict(files: tuple[Path, ...], model: Path | None, device: str, as_json: b
         _fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))
     loaded = [load_file(path, bundle) if path.is_file() else _missing(path) for path in files]
     probabilities = score_loaded(loaded, predictor)
+    cams: list[Path | None] = [None] * len(files)
+    if cam_dir is not None:
+        cams = write_cam_pictures([str(f) for f in files], loaded, probabilities, predictor, bundle, cam_dir)
     rows = []
-    for path, image, probability in zip(files, loaded, probabilities, strict=True):
+    for path, image, probability, cam in zip(files, loaded, probabilities, cams, strict=True):
         rows.append(
             {
                 "file": str(path),
@@ -415,6 +424,7 @@ def predict(files: tuple[Path, ...], model: Path | None, device: str, as_json: b
                 "error": image.error,
                 "model": bundle.card.name,
                 "model_version": bundle.card.version,
+                "cam": str(cam) if cam is not None else None,
             }
         )
     if as_json:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
@@ -28,7 +29,7 @@ from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.predictor import Predictor
 from fracwatch.pipeline.pictures import PICTURE_SUFFIXES, PictureError, load_picture
 from fracwatch.pipeline.transforms import content_box, preprocess
-from fracwatch.report.overlay import OverlayImage, build_kos, build_overlay
+from fracwatch.report.overlay import OverlayImage, build_kos, build_overlay, render
 from fracwatch.report.sr import AlgorithmIdentity, ScoredImage, build_sr, shallow_copy
 from fracwatch.service.lifecycle import Clock, claim, utc_now
 from fracwatch.store import repository
@@ -68,7 +69,8 @@ def load_file(path: Path, bundle: Bundle) -> LoadedImage:
     """A DICOM file or a picture (PNG, JPEG, TIFF, BMP), preprocessed for ``bundle``."""
     if path.suffix.lower() in PICTURE_SUFFIXES:
         try:
-            return LoadedImage(inputs=[preprocess(load_picture(path), bundle.preprocess_config)])
+            picture = load_picture(path)
+            return LoadedImage(inputs=[preprocess(picture, bundle.preprocess_config)], display=picture)
         except (PictureError, ValueError) as exc:
             return LoadedImage(error=str(exc))
     try:
@@ -92,6 +94,38 @@ def score_loaded(images: Sequence[LoadedImage], predictor: Predictor) -> list[fl
         out.append(float(np.max(probabilities[cursor : cursor + count])))
         cursor += count
     return out
+
+
+def write_cam_pictures(
+    names: Sequence[str],
+    images: Sequence[LoadedImage],
+    probabilities: Sequence[float | None],
+    predictor: Predictor,
+    bundle: Bundle,
+    out_dir: Path,
+) -> list[Path | None]:
+    """A PNG per scored image: the picture with its Grad-CAM heat map and verdict (what overlays show)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    identity = AlgorithmIdentity(bundle.card.name, bundle.card.version, bundle.card.device_uid, __version__)
+    size = bundle.preprocess_config.input_size
+    written: list[Path | None] = []
+    for name, image, probability in zip(names, images, probabilities, strict=True):
+        if probability is None or image.display is None or not image.inputs:
+            written.append(None)
+            continue
+        heatmap = grad_cam(predictor.network, image.inputs[0].unsqueeze(0).to(predictor.device))[0]
+        top, left, height, width = content_box(image.display.shape, size)
+        overlay = OverlayImage(
+            header=Dataset(),
+            display=image.display,
+            heatmap=heatmap[top : top + height, left : left + width],
+            probability=probability,
+            category=bundle.category(probability),
+        )
+        target = out_dir / f"{Path(name).stem}.cam.png"
+        Image.fromarray(render(overlay, identity)).save(target)
+        written.append(target)
+    return written
 
 
 @dataclass

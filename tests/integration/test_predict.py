@@ -1,0 +1,51 @@
+"""`fracwatch predict` on pictures and DICOM, with Grad-CAM overlays; the shipped model separates phantoms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+from fracwatch.cli import cli
+from fracwatch.model.phantom import render_phantom, to_stored
+from tests import dicomgen
+
+
+def picture(path: Path, fractured: bool, seed: int) -> Path:
+    phantom = render_phantom(seed, fractured)
+    Image.fromarray((np.clip(phantom.image, 0, 1) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_predict_json_and_cam_on_pictures_and_dicom(tmp_path: Path) -> None:
+    files = [picture(tmp_path / f"p{seed}.png", seed % 2 == 1, 900 + seed) for seed in range(6)]
+    phantom = render_phantom(77, True)
+    ds = dicomgen.image(dicomgen.StudyIds(), rows=phantom.image.shape[0], columns=phantom.image.shape[1])
+    ds.PixelData = to_stored(phantom.image).tobytes()
+    files.append(dicomgen.save(ds, tmp_path / "fractured.dcm"))
+    cams = tmp_path / "cams"
+    result = CliRunner().invoke(cli, ["predict", "--json", "--cam", str(cams), *map(str, files)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [row["file"] for row in rows] == [str(f) for f in files]
+    for row in rows:
+        assert row["error"] is None and 0 <= row["probability"] <= 1
+        assert row["category"] in ("positive", "doubt", "negative")
+        with Image.open(row["cam"]) as cam:
+            assert cam.mode == "RGB" and cam.size[0] > 100
+    fractured = [row["probability"] for row in rows[1:6:2]] + [rows[-1]["probability"]]
+    normal = [row["probability"] for row in rows[0:6:2]]
+    assert min(fractured) > max(normal), "the shipped model should separate these phantoms"
+
+
+def test_predict_reports_unreadable_files(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not an image")
+    result = CliRunner().invoke(cli, ["predict", "--json", str(junk), str(tmp_path / "missing.png")])
+    assert result.exit_code == 1
+    rows = json.loads(result.output)
+    assert [row["category"] for row in rows] == ["error", "error"]
+    assert all(row["probability"] is None and row["error"] for row in rows)
