@@ -17,12 +17,12 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from fracwatch.domain import InstanceHeader
 from fracwatch.errors import InvalidInstanceError
 
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and Pixel Data
 _DEFER = 4096  # bytes: larger values are not read into memory (overlays, private blobs)
 
 
 def _at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return int(tag) in _PIXEL_TAGS
+    return int(tag) in PIXEL_TAGS
 
 
 def header_from_stream(stream: BinaryIO, transfer_syntax_uid: str, sop_class_uid: str | None = None) -> InstanceHeader:
@@ -42,8 +42,6 @@ def header_from_stream(stream: BinaryIO, transfer_syntax_uid: str, sop_class_uid
             stop_when=_at_pixels,
             defer_size=_DEFER,
         )
-    except InvalidInstanceError:
-        raise
     except Exception as exc:  # pydicom raises many types on malformed input
         raise InvalidInstanceError(f"dataset cannot be parsed: {exc}") from exc
     return header_from_dataset(ds, transfer_syntax_uid, sop_class_uid)

@@ -5,10 +5,12 @@ Used by the daemon's worker (one batch of complete studies at a time) and by ``f
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy.orm import sessionmaker
 
 from fracwatch import __version__
+from fracwatch.dicom.header import PIXEL_TAGS
 from fracwatch.dicom.pixels import PixelDataError, decode_dataset
 from fracwatch.dicom.spool import Spool
 from fracwatch.errors import FracwatchError
@@ -36,8 +39,6 @@ from fracwatch.store import repository
 from fracwatch.store.repository import HandOver, ImageScore, InstanceRef, NewResult, ReportFile
 
 LOGGER = logging.getLogger(__name__)
-
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 
 @dataclass
@@ -61,7 +62,7 @@ def load_dicom(ds: Dataset, bundle: Bundle) -> LoadedImage:
         return LoadedImage(error=str(exc))
     except Exception as exc:  # a decoder failing in an unexpected way must not stop the study
         return LoadedImage(error=f"cannot decode pixel data: {exc!r}")
-    header = shallow_copy(ds, without=_PIXEL_TAGS)
+    header = shallow_copy(ds, without=PIXEL_TAGS)
     return LoadedImage(inputs=inputs, header=header, display=decoded.frames[0])
 
 
@@ -96,6 +97,36 @@ def score_loaded(images: Sequence[LoadedImage], predictor: Predictor) -> list[fl
     return out
 
 
+def algorithm_identity(bundle: Bundle) -> AlgorithmIdentity:
+    """Who makes the findings: the bundle's model, run by this version of fracwatch."""
+    card = bundle.card
+    return AlgorithmIdentity(card.name, card.version, card.device_uid, __version__)
+
+
+def overlay_images(
+    images: Sequence[LoadedImage], probabilities: Sequence[float], predictor: Predictor, bundle: Bundle
+) -> list[OverlayImage]:
+    """Grad-CAM of each scored image's first frame (one batched pass), cropped to the image inside the padded
+    network input, paired with the image's probability and category."""
+    inputs = torch.stack([image.inputs[0] for image in images]).to(predictor.device)
+    heatmaps = grad_cam(predictor.network, inputs)
+    size = bundle.preprocess_config.input_size
+    overlays = []
+    for image, heatmap, probability in zip(images, heatmaps, probabilities, strict=True):
+        assert image.display is not None
+        top, left, height, width = content_box(image.display.shape, size)
+        overlays.append(
+            OverlayImage(
+                header=image.header if image.header is not None else Dataset(),
+                display=image.display,
+                heatmap=heatmap[top : top + height, left : left + width],
+                probability=probability,
+                category=bundle.category(probability),
+            )
+        )
+    return overlays
+
+
 def write_cam_pictures(
     names: Sequence[str],
     images: Sequence[LoadedImage],
@@ -106,25 +137,16 @@ def write_cam_pictures(
 ) -> list[Path | None]:
     """A PNG per scored image: the picture with its Grad-CAM heat map and verdict (what overlays show)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    identity = AlgorithmIdentity(bundle.card.name, bundle.card.version, bundle.card.device_uid, __version__)
-    size = bundle.preprocess_config.input_size
-    written: list[Path | None] = []
-    for name, image, probability in zip(names, images, probabilities, strict=True):
-        if probability is None or image.display is None or not image.inputs:
-            written.append(None)
-            continue
-        heatmap = grad_cam(predictor.network, image.inputs[0].unsqueeze(0).to(predictor.device))[0]
-        top, left, height, width = content_box(image.display.shape, size)
-        overlay = OverlayImage(
-            header=Dataset(),
-            display=image.display,
-            heatmap=heatmap[top : top + height, left : left + width],
-            probability=probability,
-            category=bundle.category(probability),
-        )
-        target = out_dir / f"{Path(name).stem}.cam.png"
+    scored = [(i, p) for i, p in enumerate(probabilities) if p is not None and images[i].display is not None]
+    written: list[Path | None] = [None] * len(names)
+    if not scored:
+        return written
+    overlays = overlay_images([images[i] for i, _ in scored], [p for _, p in scored], predictor, bundle)
+    identity = algorithm_identity(bundle)
+    for (index, _), overlay in zip(scored, overlays, strict=True):
+        target = out_dir / f"{Path(names[index]).stem}.cam.png"
         Image.fromarray(render(overlay, identity)).save(target)
-        written.append(target)
+        written[index] = target
     return written
 
 
@@ -157,10 +179,7 @@ class StudyScorer:
         self._on_scored = on_scored
         self._clock = clock
         self._overlays = overlays
-        card = bundle.card
-        self.identity = AlgorithmIdentity(
-            model_name=card.name, model_version=card.version, device_uid=card.device_uid, software_version=__version__
-        )
+        self.identity = algorithm_identity(bundle)
 
     def __call__(self, hand_overs: list[HandOver]) -> None:
         work = []
@@ -207,8 +226,10 @@ class StudyScorer:
         study_probability = max((s.probability for s in scored), default=None)
         category = bundle.category(study_probability) if study_probability is not None else "error"
         uid = item.hand_over.study_instance_uid
-        report = self._write_report(uid, scored, study_probability, category, now) if scored else None
-        attachments = self._write_overlays(uid, item) if self._overlays and report is not None else []
+        report = (
+            self._write_report(uid, scored, study_probability, category, now) if study_probability is not None else None
+        )
+        attachments = self._write_overlays(uid, item, probabilities) if self._overlays and report is not None else []
         points = bundle.card.operating_points
         result = NewResult(
             study_instance_uid=uid,
@@ -239,42 +260,27 @@ class StudyScorer:
             f"; SR {report.sop_instance_uid}" if report else "",
         )
 
-    def _write_overlays(self, study_uid: str, item: _StudyWork) -> list[ReportFile]:
+    def _write_overlays(
+        self, study_uid: str, item: _StudyWork, probabilities: Sequence[float | None]
+    ) -> list[ReportFile]:
         """A heat-map Secondary Capture per scored image, and a KOS of the flagged ones."""
-        bundle = self._bundle
-        scored = [(ref, image) for ref, image in zip(item.instances, item.images, strict=True) if image.error is None]
-        probabilities = self._predictor.predict([image.inputs[0] for _, image in scored])
+        scored = [(image, p) for image, p in zip(item.images, probabilities, strict=True) if p is not None]
         try:
-            inputs = torch.stack([image.inputs[0] for _, image in scored]).to(self._predictor.device)
-            heatmaps = grad_cam(self._predictor.network, inputs)
+            overlays = overlay_images(
+                [image for image, _ in scored], [p for _, p in scored], self._predictor, self._bundle
+            )
         except Exception:
             LOGGER.exception("Grad-CAM failed for study %s; no overlays", study_uid)
             return []
         files: list[ReportFile] = []
         series_uid = str(generate_uid())
-        flagged: list[Dataset] = []
-        size = bundle.preprocess_config.input_size
-        for number, ((_, image), heatmap, probability) in enumerate(
-            zip(scored, heatmaps, probabilities, strict=True), start=1
-        ):
-            assert image.header is not None and image.display is not None
-            top, left, height, width = content_box(image.display.shape, size)
-            category = bundle.category(float(probability))
-            overlay = OverlayImage(
-                header=image.header,
-                display=image.display,
-                heatmap=heatmap[top : top + height, left : left + width],
-                probability=float(probability),
-                category=category,
-            )
+        for number, overlay in enumerate(overlays, start=1):
             try:
-                files.append(
-                    self._write_object(study_uid, build_overlay(overlay, self.identity, series_uid, number), "sc")
-                )
+                sc = build_overlay(overlay, self.identity, series_uid, number)
+                files.append(self._write_object(study_uid, sc, "sc"))
             except (FracwatchError, ValueError, TypeError, AttributeError):
-                LOGGER.exception("cannot build the overlay of %s", image.header.SOPInstanceUID)
-            if category in ("positive", "doubt"):
-                flagged.append(image.header)
+                LOGGER.exception("cannot build the overlay of %s", overlay.header.SOPInstanceUID)
+        flagged = [o.header for o in overlays if o.category in ("positive", "doubt")]
         if flagged:
             try:
                 files.append(self._write_object(study_uid, build_kos(flagged, self.identity), "kos"))
@@ -296,9 +302,8 @@ class StudyScorer:
         )
 
     def _write_report(
-        self, study_uid: str, scored: list[ScoredImage], probability: float | None, category: str, now: Any
+        self, study_uid: str, scored: list[ScoredImage], probability: float, category: str, now: datetime
     ) -> ReportFile | None:
-        assert probability is not None
         with self._sessions() as session:
             previous_object = repository.latest_report(session, study_uid)
             previous_path = previous_object.path if previous_object else None
@@ -315,6 +320,4 @@ class StudyScorer:
             LOGGER.exception("cannot build the SR for study %s: %s", study_uid, exc)
             return None
         supersedes = str(previous.SOPInstanceUID) if previous is not None else None
-        return ReportFile(
-            written.sop_instance_uid, written.sop_class_uid, written.series_instance_uid, written.path, supersedes
-        )
+        return dataclasses.replace(written, supersedes=supersedes)
