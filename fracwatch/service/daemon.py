@@ -64,13 +64,10 @@ def open_database(settings: Settings) -> Engine:
     """Create the engine and migrate the schema to head."""
     engine = db.make_engine(settings.database_url)
     try:
-        revision = db.upgrade(engine)
+        revision = db.upgrade(engine)  # raises DatabaseError for any database failure
     except DatabaseError:
         engine.dispose()
         raise
-    except SQLAlchemyError as exc:
-        engine.dispose()
-        raise DatabaseError(f"cannot open the database: {exc}") from exc
     LOGGER.info("database %s at revision %s", engine.url.render_as_string(), revision)
     return engine
 

@@ -78,11 +78,6 @@ class Worker:
             self._busy += 1
         self._queue.put(hand_over)
 
-    @property
-    def depth(self) -> int:
-        """Hand-overs queued or in progress."""
-        return self._busy
-
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is queued or in progress; False on timeout."""
         with self._idle:

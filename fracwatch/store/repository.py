@@ -228,19 +228,27 @@ def pending_hand_overs(session: Session) -> list[HandOver]:
     return [HandOver(uid, version) for uid, version in rows]
 
 
-def mark_ready(session: Session, hand_over: HandOver, now: datetime) -> bool:
-    """Mark the study version ready; False if it re-opened meanwhile (a newer version will come)."""
+def _advance(session: Session, hand_over: HandOver, current: StudyState, target: StudyState, **values: object) -> bool:
+    """Move the study from ``current`` to ``target`` if it is still at the handed-over version.
+
+    The conditional UPDATE is what keeps every transition safe against a concurrent re-open.
+    """
     result = session.execute(
         update(Study)
         .where(
             Study.study_instance_uid == hand_over.study_instance_uid,
             Study.version == hand_over.version,
-            Study.state == StudyState.COMPLETE.value,
+            Study.state == current.value,
         )
-        .values(state=StudyState.READY.value, ready_at=now)
+        .values(state=target.value, **values)
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def mark_ready(session: Session, hand_over: HandOver, now: datetime) -> bool:
+    """Mark the study version ready; False if it re-opened meanwhile (a newer version will come)."""
+    return _advance(session, hand_over, StudyState.COMPLETE, StudyState.READY, ready_at=now)
 
 
 @dataclass(frozen=True)
@@ -435,38 +443,24 @@ def save_result(session: Session, result: NewResult) -> int:
             path=item.path,
             created_at=result.scored_at,
         )
-        produced.deliveries = [
-            Delivery(
-                destination=destination,
-                state="pending",
-                attempts=0,
-                next_attempt_at=result.scored_at,
-                created_at=result.scored_at,
-            )
-            for destination in result.destinations
-        ]
+        produced.deliveries = [_pending_delivery(destination, result.scored_at) for destination in result.destinations]
         session.add(produced)
         session.flush()  # ids in creation order: the SR is delivered before its overlays
-    if study.version == result.study_version and study.state == StudyState.READY.value:
-        study.state = StudyState.SCORED.value
+    _advance(session, HandOver(result.study_instance_uid, result.study_version), StudyState.READY, StudyState.SCORED)
     return row.id
 
 
 def mark_skipped(session: Session, hand_over: HandOver) -> None:
     """Nothing scorable in the study version."""
-    session.execute(
-        update(Study)
-        .where(
-            Study.study_instance_uid == hand_over.study_instance_uid,
-            Study.version == hand_over.version,
-            Study.state == StudyState.READY.value,
-        )
-        .values(state=StudyState.SKIPPED.value)
-        .execution_options(synchronize_session=False)
-    )
+    _advance(session, hand_over, StudyState.READY, StudyState.SKIPPED)
 
 
 # --- the outbox -----------------------------------------------------------------------------------------
+
+
+def _pending_delivery(destination: str, now: datetime) -> Delivery:
+    """A new outbox row, due now."""
+    return Delivery(destination=destination, state="pending", attempts=0, next_attempt_at=now, created_at=now)
 
 
 @dataclass(frozen=True)
@@ -608,9 +602,7 @@ def requeue_study(
         requeued += 1
     for destination in destinations:
         if destination not in seen:
-            produced.deliveries.append(
-                Delivery(destination=destination, state="pending", attempts=0, next_attempt_at=now, created_at=now)
-            )
+            produced.deliveries.append(_pending_delivery(destination, now))
             added += 1
     return ResendOutcome(requeued, acknowledged, added)
 
