@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -89,16 +88,20 @@ def echo(
     return status
 
 
-def store_files(peer: Peer, paths: Sequence[Path]) -> list[StoreOutcome]:
+@dataclass(frozen=True)
+class Outgoing:
+    """A Part 10 file to send and its SOP Class UID (known to the caller: no need to read the file for it)."""
+
+    path: Path
+    sop_class_uid: str
+
+
+def store_files(peer: Peer, items: Sequence[Outgoing]) -> list[StoreOutcome]:
     """C-STORE each file (sent as stored, not re-encoded) over one association; one outcome per file."""
-    if not paths:
+    if not items:
         return []
-    classes = []
-    for path in paths:
-        try:
-            classes.append(str(dcmread(path, stop_before_pixels=True).SOPClassUID))
-        except Exception as exc:
-            return [StoreOutcome(p, None, f"cannot read {p.name}: {exc}", permanent=True) for p in paths]
+    paths = [item.path for item in items]
+    classes = [item.sop_class_uid for item in items]
     ae = _ae(peer)
     for sop_class in sorted(set(classes)):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])

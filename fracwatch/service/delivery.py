@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy.orm import sessionmaker
 
 from fracwatch.config import Destination
-from fracwatch.dicom.scu import Peer, StoreOutcome, store_files
+from fracwatch.dicom.scu import Outgoing, Peer, StoreOutcome, store_files
 from fracwatch.service.lifecycle import Clock, utc_now
 from fracwatch.store import repository
 from fracwatch.store.repository import DeliveryJob
@@ -95,9 +95,8 @@ class Deliverer:
                 self._timeout,
                 ssl_context=self._ssl_context,
             )
-            missing = [job for job in jobs if not Path(job.path).is_file()]
-            present = [job for job in jobs if job not in missing]
-            results = {o.path: o for o in store_files(peer, [Path(job.path) for job in present])}
+            present = [Outgoing(Path(job.path), job.sop_class_uid) for job in jobs if Path(job.path).is_file()]
+            results = {o.path: o for o in store_files(peer, present)}
             outcomes = [
                 results.get(Path(job.path))
                 or StoreOutcome(Path(job.path), None, f"{Path(job.path).name} is missing", permanent=True)

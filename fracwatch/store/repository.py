@@ -471,6 +471,7 @@ class DeliveryJob:
     destination: str
     path: str
     sop_instance_uid: str
+    sop_class_uid: str
     attempts: int
 
 
@@ -478,7 +479,12 @@ def due_deliveries(session: Session, now: datetime, limit: int = 100) -> list[De
     """Pending deliveries whose next attempt is due, oldest first."""
     rows = session.execute(
         select(
-            Delivery.id, Delivery.destination, ProducedObject.path, ProducedObject.sop_instance_uid, Delivery.attempts
+            Delivery.id,
+            Delivery.destination,
+            ProducedObject.path,
+            ProducedObject.sop_instance_uid,
+            ProducedObject.sop_class_uid,
+            Delivery.attempts,
         )
         .join(ProducedObject, ProducedObject.id == Delivery.produced_object_id)
         .where(Delivery.state == "pending", Delivery.next_attempt_at <= now)
