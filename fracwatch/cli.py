@@ -7,10 +7,10 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -46,7 +46,7 @@ def configure_logging(level: str) -> None:
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
-def _fail(exc: FracwatchError) -> None:
+def _fail(exc: FracwatchError) -> NoReturn:
     click.echo(f"fracwatch: error: {exc}", err=True)
     sys.exit(EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_ERROR)
 
@@ -75,7 +75,6 @@ def _load(config_file: Path | None, **overrides: Any) -> Settings:
         return load_settings(config_file, **overrides)
     except ConfigError as exc:
         _fail(exc)
-        raise  # unreachable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,6 +158,26 @@ def _echo_json(rows: Any) -> None:
     click.echo(json.dumps([dataclasses.asdict(r) for r in rows], default=_json_default, indent=2))
 
 
+def _print_rows(
+    fetch: Callable[[], Sequence[Any]], as_json: bool, empty: str, header: str | None, line: Callable[[Any], str]
+) -> None:
+    """Run a listing query; print its rows as a JSON array or as text lines (errors become exit codes)."""
+    try:
+        rows = fetch()
+    except FracwatchError as exc:
+        _fail(exc)
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo(empty)
+        return
+    if header:
+        click.echo(header)
+    for row in rows:
+        click.echo(line(row))
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -195,22 +214,16 @@ def studies(
     if today:
         received_since = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     filters = StudyFilter(received_since, _until(until), state, accession, limit)
-    try:
-        rows = recent_studies(settings, filters)
-    except FracwatchError as exc:
-        _fail(exc)
-    if as_json:
-        _echo_json(rows)
-        return
-    if not rows:
-        click.echo("no studies")
-        return
-    click.echo(f"{'STUDY INSTANCE UID':<64}  {'STATE':<9}  {'V':>2}  {'INST':>4}  {'MOD':<7}  LAST RECEIVED (UTC)")
-    for row in rows:
-        click.echo(
+    _print_rows(
+        lambda: recent_studies(settings, filters),
+        as_json,
+        "no studies",
+        f"{'STUDY INSTANCE UID':<64}  {'STATE':<9}  {'V':>2}  {'INST':>4}  {'MOD':<7}  LAST RECEIVED (UTC)",
+        lambda row: (
             f"{row.study_instance_uid:<64}  {row.state:<9}  {row.version:>2}  {row.instances:>4}  "
             f"{(row.modality or '-'):<7}  {row.last_received_at:%Y-%m-%d %H:%M:%S}"
-        )
+        ),
+    )
 
 
 @cli.command()
@@ -308,26 +321,22 @@ def results(
     settings = _load(config_file, **overrides)
     configure_logging("WARNING")
     filters = ResultFilter(_parse_day(since, "--since"), _until(until), category, accession, study_uid, limit)
-    try:
-        rows = scored_results(settings, filters)
-    except FracwatchError as exc:
-        _fail(exc)
-    if as_json:
-        _echo_json(rows)
-        return
-    if not rows:
-        click.echo("no results")
-        return
-    click.echo(
-        f"{'STUDY INSTANCE UID':<64}  {'CATEGORY':<8}  {'P':>5}  {'MODEL':<20}  {'TURNAROUND':>10}  SCORED (UTC)"
+    _print_rows(
+        lambda: scored_results(settings, filters),
+        as_json,
+        "no results",
+        f"{'STUDY INSTANCE UID':<64}  {'CATEGORY':<8}  {'P':>5}  {'MODEL':<20}  {'TURNAROUND':>10}  SCORED (UTC)",
+        _result_line,
     )
-    for row in rows:
-        probability = f"{row.probability:.3f}" if row.probability is not None else "-"
-        turnaround = f"{row.turnaround_seconds:.1f} s" if row.turnaround_seconds is not None else "-"
-        click.echo(
-            f"{row.study_instance_uid:<64}  {row.category:<8}  {probability:>5}  "
-            f"{row.model_version:<20}  {turnaround:>10}  {row.scored_at:%Y-%m-%d %H:%M:%S}"
-        )
+
+
+def _result_line(row: Any) -> str:
+    probability = f"{row.probability:.3f}" if row.probability is not None else "-"
+    turnaround = f"{row.turnaround_seconds:.1f} s" if row.turnaround_seconds is not None else "-"
+    return (
+        f"{row.study_instance_uid:<64}  {row.category:<8}  {probability:>5}  "
+        f"{row.model_version:<20}  {turnaround:>10}  {row.scored_at:%Y-%m-%d %H:%M:%S}"
+    )
 
 
 @cli.command()
@@ -341,22 +350,15 @@ def outbox(config_file: Path | None, show_all: bool, as_json: bool, **overrides:
     settings = _load(config_file, **overrides)
     configure_logging("WARNING")
     states = ["pending", "dead", "sent"] if show_all else ["pending", "dead"]
-    try:
-        rows = list_outbox(settings, states)
-    except FracwatchError as exc:
-        _fail(exc)
-    if as_json:
-        _echo_json(rows)
-        return
-    if not rows:
-        click.echo("outbox empty")
-        return
-    for row in rows:
-        when = f"next {row.next_attempt_at:%Y-%m-%d %H:%M:%S}" if row.next_attempt_at else ""
-        click.echo(
-            f"{row.state:<8} {row.destination:<32} study {row.study_instance_uid} {row.kind} {row.sop_instance_uid} "
-            f"attempts {row.attempts} {when} {row.last_error or ''}".rstrip()
-        )
+    _print_rows(lambda: list_outbox(settings, states), as_json, "outbox empty", None, _delivery_line)
+
+
+def _delivery_line(row: Any) -> str:
+    when = f"next {row.next_attempt_at:%Y-%m-%d %H:%M:%S}" if row.next_attempt_at else ""
+    return (
+        f"{row.state:<8} {row.destination:<32} study {row.study_instance_uid} {row.kind} {row.sop_instance_uid} "
+        f"attempts {row.attempts} {when} {row.last_error or ''}"
+    ).rstrip()
 
 
 @cli.command()

@@ -1,4 +1,4 @@
-"""Read-only views the CLI (and later the API) use, with their own short-lived engine."""
+"""What the admin CLI (and later the API) asks of the database, each call with its own short-lived engine."""
 
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ def upgrade_database(settings: Settings) -> str | None:
 def _with_session(settings: Settings, action: Callable[[Session], T], write: bool = False) -> T:
     engine = db.make_engine(settings.database_url)
     try:
-        if db.current_revision(engine) is None:
-            raise DatabaseError(
-                f"{engine.url.render_as_string()} holds no fracwatch schema; run 'fracwatch db upgrade'"
-            )
+        revision, head = db.current_revision(engine), db.head_revision()
+        if revision != head:
+            found = "no fracwatch schema" if revision is None else f"schema revision {revision}, not {head}"
+            raise DatabaseError(f"{engine.url.render_as_string()} holds {found}; run 'fracwatch db upgrade'")
         with db.session_factory(engine)() as session:
             if write:
                 with session.begin():

@@ -138,3 +138,14 @@ def test_serve_port_in_use(tmp_path: Path) -> None:
 def test_serve_bad_database_url(tmp_path: Path) -> None:
     result = run("serve", "--data-dir", str(tmp_path), "--db", "nosuchdb://x")
     assert result.returncode == 1 and "database" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_listing_on_an_older_schema_says_to_upgrade(tmp_path: Path) -> None:
+    from alembic import command
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'fracwatch.db'}")
+    command.upgrade(db.alembic_config(engine), "0001")
+    engine.dispose()
+    result = CliRunner().invoke(cli, ["outbox", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "schema revision 0001" in result.output and "fracwatch db upgrade" in result.output
