@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def test_serve_invalid_environment_value(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**__import__("os").environ, "FRACWATCH_MAX_ASSOCIATIONS": "many"},
+        env={**os.environ, "FRACWATCH_MAX_ASSOCIATIONS": "many"},
         check=False,
     )
     assert result.returncode == 2 and "max_associations" in result.stderr and "Traceback" not in result.stderr

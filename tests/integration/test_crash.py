@@ -6,6 +6,7 @@ import resource
 import signal
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,20 +71,28 @@ class Sender(threading.Thread):
                 assoc.release()
 
 
-def test_sigkill_during_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> None:
-    files = make_files(tmp_path / "src", 60)
-    data_dir = tmp_path / "data"
-    port = free_port()
+def interrupt_transfer(
+    data_dir: Path, port: int, files: list[Path], interrupt: Callable[[ServeProcess], object]
+) -> tuple[ServeProcess, Sender]:
+    """Start ``fracwatch serve``, send ``files`` one by one, ``interrupt`` it once 10 are acknowledged."""
     server = ServeProcess(serve_args(data_dir, port))
     try:
         server.wait_for("listening as")
         sender = Sender(port, files)
         sender.start()
         assert sender.enough.wait(120)
-        server.kill()  # mid-transfer: the sender is still sending
+        interrupt(server)  # mid-transfer: the sender is still sending
         sender.join(60)
     finally:
         server.stop()
+    return server, sender
+
+
+def test_sigkill_during_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> None:
+    files = make_files(tmp_path / "src", 60)
+    data_dir = tmp_path / "data"
+    port = free_port()
+    _, sender = interrupt_transfer(data_dir, port, files, ServeProcess.kill)
     acked = list(sender.acked)
     assert 10 <= len(acked) < len(files), "the kill should land during the transfer"
 
@@ -107,18 +116,9 @@ def test_sigkill_during_transfer_loses_no_acknowledged_instance(tmp_path: Path) 
 def test_sigterm_finishes_in_flight_writes_and_exits_cleanly(tmp_path: Path) -> None:
     files = make_files(tmp_path / "src", 40)
     data_dir = tmp_path / "data"
-    port = free_port()
-    server = ServeProcess(serve_args(data_dir, port))
-    try:
-        server.wait_for("listening as")
-        sender = Sender(port, files)
-        sender.start()
-        assert sender.enough.wait(120)
-        code = server.terminate()
-        sender.join(60)
-    finally:
-        server.stop()
-    assert code == 0, server.output
+    codes: list[int] = []
+    server, sender = interrupt_transfer(data_dir, free_port(), files, lambda s: codes.append(s.terminate()))
+    assert codes == [0], server.output
     assert "fracwatch stopped" in server.output
     rows = stored_rows(data_dir)
     for path in sender.acked:

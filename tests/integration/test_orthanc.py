@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -75,16 +76,19 @@ def test_orthanc_round_trip_without_a_second_sr(tmp_path: Path) -> None:
         sr_instance = series_by_modality()["SR"][0]
         sr_uid = orthanc.get(f"/instances/{sr_instance}/simplified-tags")["SOPInstanceUID"]
 
-        def fracwatch_instances() -> int:
-            result = CliRunner().invoke(cli, ["studies", "--data-dir", str(data_dir), "--json"])
-            rows = json.loads(result.output) if result.exit_code == 0 else []
-            return next((row["instances"] for row in rows if row["study_instance_uid"] == ids.study_uid), 0)
+        # the re-forward brings the 2 images (already held) and our own objects, new to the database
+        def holds_our_sr() -> bool:
+            with sqlite3.connect(data_dir / "fracwatch.db") as conn:
+                found = conn.execute("select 1 from instances where sop_instance_uid = ?", (sr_uid,)).fetchone()
+            return found is not None
 
-        wait_until(lambda: fracwatch_instances() >= 3, 120, "Orthanc's re-forward of the study to fracwatch")
-        # give a (wrong) second scoring every chance to happen: several completion periods and Orthanc's
-        # stable age, then look again
-        deadline = time.monotonic() + 4
-        wait_until(lambda: time.monotonic() > deadline, 10, "a quiet period")
+        wait_until(holds_our_sr, 120, "Orthanc's re-forward of fracwatch's SR to fracwatch")
+        # a re-open happens as the re-forwarded objects are recorded: the study must still be at version 1
+        # with its one result, so no second scoring (and no second SR) can follow
+        studies = json.loads(CliRunner().invoke(cli, ["studies", "--data-dir", str(data_dir), "--json"]).output)
+        assert [(s["state"], s["version"]) for s in studies] == [("scored", 1)]
+        results = json.loads(CliRunner().invoke(cli, ["results", "--data-dir", str(data_dir), "--json"]).output)
+        assert len(results) == 1
         modalities = series_by_modality()
         sr_bytes = orthanc.get(f"/instances/{modalities['SR'][0]}/file")
     finally:
