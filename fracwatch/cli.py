@@ -100,6 +100,10 @@ def cli() -> None:
 @click.option("--allow-ae", "allowed_calling_aets", multiple=True, metavar="AE", help="Accept only these callers.")
 @click.option("--max-pdu", type=int, help="Maximum PDU size we receive, bytes (0 = unlimited).")
 @click.option("--max-associations", type=int, help="Concurrent associations.")
+@click.option("--http-port", type=int, help="HTTP port of the API and dashboard (default 8080).")
+@click.option("--http-host", help="Address the HTTP side binds (default 127.0.0.1).")
+@click.option("--no-http", "http_enabled", flag_value=False, default=None, help="Do not serve HTTP.")
+@click.option("--retention-days", type=float, help="Delete spool files older than this (rows stay).")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
 def serve(config_file: Path | None, **overrides: Any) -> None:
     """Run the daemon: receive studies, track them, hand complete ones to the worker."""
@@ -443,6 +447,92 @@ def _missing(path: Path) -> Any:
     from fracwatch.service.scoring import LoadedImage
 
     return LoadedImage(error=f"{path} does not exist")
+
+
+@cli.group("token")
+def token_group() -> None:
+    """API tokens for the HTTP API and dashboard (roles: viewer, admin)."""
+
+
+@token_group.command("create")
+@settings_options
+@click.option("--role", type=click.Choice(["viewer", "admin"]), required=True, help="What the token may do.")
+@click.option("--name", help="A name for the token (who or what holds it); default: role-<timestamp>.")
+def token_create(config_file: Path | None, role: str, name: str | None, **overrides: Any) -> None:
+    """Create a token and print it once: only its SHA-256 is stored."""
+    from fracwatch.service.queries import create_token
+
+    settings = _load(config_file, **overrides)
+    configure_logging("WARNING")
+    label = name or f"{role}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    try:
+        token = create_token(settings, label, role)
+    except FracwatchError as exc:
+        _fail(exc)
+    click.echo(token)
+    click.echo(f"token {label!r} ({role}) created; it is shown only now", err=True)
+
+
+@token_group.command("revoke")
+@settings_options
+@click.argument("name")
+def token_revoke(config_file: Path | None, name: str, **overrides: Any) -> None:
+    """Revoke the token called NAME; it stops working at once."""
+    from fracwatch.service.queries import revoke_token
+
+    settings = _load(config_file, **overrides)
+    configure_logging("WARNING")
+    try:
+        revoke_token(settings, name)
+    except FracwatchError as exc:
+        _fail(exc)
+    click.echo(f"token {name!r} revoked")
+
+
+@token_group.command("list")
+@settings_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def token_list(config_file: Path | None, as_json: bool, **overrides: Any) -> None:
+    """List tokens: name, role, created, last used, revoked (never the token)."""
+    from fracwatch.service.queries import tokens
+
+    settings = _load(config_file, **overrides)
+    configure_logging("WARNING")
+
+    def line(t: Any) -> str:
+        state = f"revoked {t.revoked_at:%Y-%m-%d}" if t.revoked_at else "active"
+        used = f"last used {t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never used"
+        return f"{t.name:<24} {t.role:<7} created {t.created_at:%Y-%m-%d} {used:<27} {state}"
+
+    _print_rows(lambda: tokens(settings), as_json, "no tokens", None, line)
+
+
+@cli.command()
+@settings_options
+@click.option("--days", type=float, help="Age limit in days (default: the retention_days setting).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print a JSON array.")
+def purge(config_file: Path | None, days: float | None, dry_run: bool, as_json: bool, **overrides: Any) -> None:
+    """Delete spool files older than the retention period; database rows stay, marked purged."""
+    from fracwatch.service.queries import purge_now, purge_preview
+
+    settings = _load(config_file, **overrides)
+    configure_logging("WARNING")
+    limit = days if days is not None else settings.retention_days
+    if limit is None or limit <= 0:
+        _fail(ConfigError("no retention period: pass --days N or set retention_days"))
+    if dry_run:
+
+        def line(item: Any) -> str:
+            return f"{item.at:%Y-%m-%d %H:%M:%S} {item.kind:<8} study {item.study_instance_uid} {item.path}"
+
+        _print_rows(lambda: purge_preview(settings, limit), as_json, "nothing to purge", None, line)
+        return
+    try:
+        count = purge_now(settings, limit)
+    except FracwatchError as exc:
+        _fail(exc)
+    click.echo(f"purged {count} files older than {limit:g} days")
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -69,6 +69,35 @@ def _parse_destination(value: Any) -> Any:
     return Destination.parse(value) if isinstance(value, str) else value
 
 
+class HL7Endpoint(BaseModel):
+    """An MLLP listener (a RIS or an interface engine) that takes ORU^R01 triage messages."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> HL7Endpoint:
+        """Parse ``HOST:PORT``."""
+        host, sep, port = text.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"{text!r} is not of the form HOST:PORT")
+        return cls(host=host.strip("[]"), port=int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _parse_hl7(value: Any) -> Any:
+    return HL7Endpoint.parse(value) if isinstance(value, str) else value
+
+
+def _check_url(value: Any) -> Any:
+    text = str(value).strip()
+    if not re.match(r"^https?://[^\s/]+", text):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return text
+
+
 class Settings(BaseSettings):
     """Every fracwatch setting. ``config/fracwatch.example.toml`` documents each key."""
 
@@ -119,6 +148,28 @@ class Settings(BaseSettings):
     tls_ca: Path | None = None
     destination_tls: bool = False
     destination_ca: Path | None = None
+
+    # the HTTP side: admin API, dashboard, /metrics, /healthz, /readyz
+    http_enabled: bool = True
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=1, le=65535)
+    http_cookie_secure: bool = False  # set when a TLS reverse proxy fronts the dashboard
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    # worklist triage messages for flagged studies
+    triage_categories: list[Literal["positive", "doubt"]] = Field(default_factory=lambda: ["positive"])  # type: ignore[arg-type]
+    triage_hl7: list[Annotated[HL7Endpoint, BeforeValidator(_parse_hl7)]] = Field(default_factory=list)
+    triage_webhooks: list[Annotated[str, BeforeValidator(_check_url)]] = Field(default_factory=list)
+    webhook_token: SecretStr | None = None  # sent as "Authorization: Bearer ..."; set it in the environment
+    hl7_sending_application: str = Field(default="FRACWATCH", min_length=1, max_length=180)
+    hl7_sending_facility: str = Field(default="RADIOLOGY", min_length=1, max_length=180)
+    hl7_receiving_application: str = Field(default="RIS", min_length=1, max_length=180)
+    hl7_receiving_facility: str = Field(default="RADIOLOGY", min_length=1, max_length=180)
+    triage_interval: float = Field(default=10.0, gt=0)
+
+    # retention: spool files (received images and produced objects) older than this are deleted; rows stay
+    retention_days: float | None = Field(default=None, gt=0)
+    retention_interval: float = Field(default=3600.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

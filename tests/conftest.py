@@ -84,6 +84,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "data_dir": tmp_path / "data",
             "host": "127.0.0.1",
             "port": free_port(),
+            "http_port": free_port(),
             "completion_interval": 3600,  # tests drive completion with detect_once() and a fake clock
             "shutdown_grace": 5,
         }

@@ -121,3 +121,13 @@ def save(ds: Dataset, path: Path, transfer_syntax: UID = ExplicitVRLittleEndian)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def phantom_image(ids: StudyIds, seed: int, fractured: bool, series_uid: str | None = None) -> Dataset:
+    """A DX image of a procedural limb phantom (fractured or not): the shipped model scores these apart."""
+    from fracwatch.model.phantom import render_phantom, to_stored
+
+    picture = render_phantom(seed, fractured).image
+    ds = image(ids, rows=picture.shape[0], columns=picture.shape[1], series_uid=series_uid, seed=seed)
+    ds.PixelData = to_stored(picture).tobytes()
+    return ds

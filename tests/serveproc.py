@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -72,4 +73,12 @@ class ServeProcess:
 
 
 def serve_args(data_dir: Path, port: int, *extra: str) -> list[str]:
-    return ["--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port), *extra]
+    """Flags of a test daemon on loopback; its HTTP side gets a free port unless ``extra`` names one."""
+    http = [] if "--http-port" in extra or "--no-http" in extra else ["--http-port", str(_free_port())]
+    return ["--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port), *http, *extra]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

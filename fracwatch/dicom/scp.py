@@ -200,6 +200,11 @@ class StorageSCP:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
+    @property
+    def running(self) -> bool:
+        """True while the listener accepts associations."""
+        return self._server is not None
+
     def start(self) -> None:
         """Bind and serve in background threads."""
         handlers: list[Any] = [

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
@@ -32,13 +33,22 @@ from fracwatch.service.lifecycle import (
     requeue_pending,
     utc_now,
 )
+from fracwatch.service.metrics import Metrics
 from fracwatch.service.reconcile import reconcile
+from fracwatch.service.retention import purge
 from fracwatch.service.scoring import StudyScorer
+from fracwatch.service.triage import TriagePlanner, TriageSender
 from fracwatch.store import db
+from fracwatch.store.triage import Endpoint
+from fracwatch.triage.messages import HL7Header
+from fracwatch.web.app import HttpServer, create_app
+from fracwatch.web.context import ImageScorer, WebContext
 
 LOGGER = logging.getLogger(__name__)
 
 DELIVERY_JOB = "deliver-results"
+TRIAGE_JOB = "send-triage-messages"
+RETENTION_JOB = "retention"
 
 
 def listener_options(settings: Settings) -> ListenerOptions:
@@ -58,6 +68,13 @@ def listener_options(settings: Settings) -> ListenerOptions:
         dimse_timeout=settings.dimse_timeout,
         network_timeout=settings.network_timeout,
     )
+
+
+def triage_endpoints(settings: Settings) -> list[Endpoint]:
+    """Every configured triage receiver."""
+    return [Endpoint("hl7", str(e)) for e in settings.triage_hl7] + [
+        Endpoint("webhook", url) for url in settings.triage_webhooks
+    ]
 
 
 def open_database(settings: Settings) -> Engine:
@@ -93,6 +110,9 @@ class Daemon:
         self.scp: StorageSCP | None = None
         self.worker: Worker | None = None
         self._scheduler: BackgroundScheduler | None = None
+        self.metrics = Metrics()
+        self.triage: TriageSender | None = None
+        self.http: HttpServer | None = None
 
     def start(self) -> None:
         """Load the model, open the database, reconcile the spool, start worker, jobs and listener."""
@@ -120,23 +140,72 @@ class Daemon:
             settings.send_timeout,
             self._clock,
             ssl_context=sender_tls,
+            metrics=self.metrics,
+        )
+        policy = RetryPolicy(settings.retry_base, settings.retry_max_delay, settings.max_attempts)
+        self.triage = TriageSender(
+            self.sessions,
+            HL7Header(
+                settings.hl7_sending_application,
+                settings.hl7_sending_facility,
+                settings.hl7_receiving_application,
+                settings.hl7_receiving_facility,
+            ),
+            policy,
+            settings.webhook_token.get_secret_value() if settings.webhook_token else None,
+            settings.send_timeout,
+            self._clock,
+            self.metrics,
         )
         self.worker = Worker(self._processor or self._scorer(reports), settings.max_batch_studies)
         self.worker.start()
+        self.metrics.track_queue(self.worker.backlog)
         requeue_pending(self.sessions, self.worker.submit)
         self._scheduler = build_scheduler(self.detect_once, settings.completion_interval)
-        self._scheduler.add_job(
-            self.deliver_once,
-            "interval",
-            seconds=settings.delivery_interval,
-            id=DELIVERY_JOB,
-            max_instances=1,
-            coalesce=True,
-            next_run_time=utc_now(),
-        )
+        self._add_job(self.deliver_once, settings.delivery_interval, DELIVERY_JOB)
+        self._add_job(self.send_triage_once, settings.triage_interval, TRIAGE_JOB)
+        if settings.retention_days is not None:
+            self._add_job(self.purge_once, settings.retention_interval, RETENTION_JOB)
         self._scheduler.start()
-        self.scp = StorageSCP(listener_options(settings), spool, DatabaseSink(self.sessions))
+        self.scp = StorageSCP(listener_options(settings), spool, DatabaseSink(self.sessions, self.metrics))
         self.scp.start()
+        if settings.http_enabled:
+            self.http = HttpServer(create_app(self._web_context()), settings.http_host, settings.http_port)
+            self.http.start()
+
+    def _add_job(self, job: Callable[[], object], interval: float, job_id: str) -> None:
+        assert self._scheduler is not None
+        self._scheduler.add_job(
+            job, "interval", seconds=interval, id=job_id, max_instances=1, coalesce=True, next_run_time=utc_now()
+        )
+
+    def _web_context(self) -> WebContext:
+        assert self.sessions is not None
+        scorer = None
+        if self.bundle is not None:
+            # The web pages' Grad-CAM runs on a copy of the network of its own, off the worker's.
+            scorer = ImageScorer(load_bundle(self.settings.model_path) if self._processor is None else self.bundle)
+        return WebContext(self.sessions, self.settings, self.metrics, self.readiness, scorer, self._clock)
+
+    def readiness(self) -> tuple[bool, dict[str, bool]]:
+        """Database reachable, listener accepting, worker and scheduler running."""
+        checks = {
+            "database": self._database_ok(),
+            "listener": self.scp is not None and self.scp.running,
+            "worker": self.worker is not None and self.worker.alive,
+            "scheduler": self._scheduler is not None and self._scheduler.running,
+        }
+        return all(checks.values()), checks
+
+    def _database_ok(self) -> bool:
+        if self.sessions is None:
+            return False
+        try:
+            with self.sessions() as session:
+                session.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            return False
+        return True
 
     def _scorer(self, reports: Spool) -> StudyScorer:
         assert self.sessions is not None and self.bundle is not None
@@ -148,9 +217,11 @@ class Daemon:
             predictor,
             reports,
             [str(d) for d in settings.destinations],
-            on_scored=self.kick_delivery,
+            on_scored=self.kick_senders,
             clock=self._clock,
             overlays=settings.overlays,
+            after_save=TriagePlanner(settings.triage_categories, triage_endpoints(settings)),
+            metrics=self.metrics,
         )
 
     def deliver_once(self) -> None:
@@ -161,14 +232,32 @@ class Daemon:
         except SQLAlchemyError:
             LOGGER.exception("delivery run failed; will retry")
 
-    def kick_delivery(self) -> None:
-        """Run the outbox sender now instead of at its next interval."""
+    def send_triage_once(self) -> None:
+        """One run of the triage-message sender (the scheduler calls it; tests may too)."""
+        assert self.triage is not None
+        try:
+            self.triage.run_once()
+        except SQLAlchemyError:
+            LOGGER.exception("triage run failed; will retry")
+
+    def purge_once(self) -> int:
+        """One retention run (the scheduler calls it; tests may too)."""
+        assert self.sessions is not None and self.settings.retention_days is not None
+        try:
+            return purge(self.sessions, self.settings.retention_days, self._clock, self.metrics)
+        except SQLAlchemyError:
+            LOGGER.exception("retention run failed; will retry")
+            return 0
+
+    def kick_senders(self) -> None:
+        """Run the outbox and triage senders now instead of at their next interval."""
         scheduler = self._scheduler
         if scheduler is not None and scheduler.running:
-            try:
-                scheduler.modify_job(DELIVERY_JOB, next_run_time=utc_now())
-            except JobLookupError:
-                pass
+            for job_id in (DELIVERY_JOB, TRIAGE_JOB):
+                try:
+                    scheduler.modify_job(job_id, next_run_time=utc_now())
+                except JobLookupError:
+                    pass
 
     def detect_once(self) -> None:
         """One run of the completion job (the scheduler calls it; tests may too)."""
@@ -180,6 +269,9 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop accepting associations, drain in-flight writes, stop the jobs, close the database."""
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
         if self.scp is not None:
             self.scp.stop(grace=self.settings.shutdown_grace)
             self.scp = None

@@ -20,6 +20,7 @@ from sqlalchemy.orm import sessionmaker
 from fracwatch.config import Destination
 from fracwatch.dicom.scu import Outgoing, Peer, StoreOutcome, store_files
 from fracwatch.service.lifecycle import Clock, utc_now
+from fracwatch.service.metrics import Metrics
 from fracwatch.store import repository
 from fracwatch.store.repository import DeliveryJob
 
@@ -52,6 +53,7 @@ class Deliverer:
         timeout: float = 30.0,
         clock: Clock = utc_now,
         ssl_context: ssl.SSLContext | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._sessions = sessions
         self._calling_ae = calling_ae
@@ -60,6 +62,7 @@ class Deliverer:
         self._clock = clock
         self._ssl_context = ssl_context
         self._lock = threading.Lock()
+        self._metrics = metrics
 
     def run_once(self) -> int:
         """Attempt every due delivery once; return how many were acknowledged.
@@ -109,11 +112,13 @@ class Deliverer:
                 if outcome.acknowledged:
                     assert outcome.status is not None
                     repository.mark_sent(session, job.id, outcome.status, now)
+                    self._count("sent", job, now)
                     acknowledged += 1
                     LOGGER.info("%s acknowledged by %s", job.sop_instance_uid, destination)
                     continue
                 next_at = None if outcome.permanent else self._policy.next_attempt(job.attempts + 1, now)
                 repository.mark_failed(session, job.id, outcome.status, outcome.error or "failed", next_at)
+            self._count("retry" if next_at is not None else "dead", job, now)
             if next_at is None:
                 LOGGER.error("%s to %s: dead letter (%s)", job.sop_instance_uid, destination, outcome.error)
             else:
@@ -121,3 +126,10 @@ class Deliverer:
                     "%s to %s failed (%s); retry at %s", job.sop_instance_uid, destination, outcome.error, next_at
                 )
         return acknowledged
+
+    def _count(self, outcome: str, job: DeliveryJob, now: datetime) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.deliveries.labels(outcome).inc()
+        if outcome == "sent":
+            self._metrics.delivery_latency.observe(max(0.0, (now - job.created_at).total_seconds()))

@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from fracwatch.domain import InstanceHeader, ReceivedInstance, RecordOutcome, is_scorable
+from fracwatch.service.metrics import Metrics
 from fracwatch.store import repository
 
 LOGGER = logging.getLogger(__name__)
@@ -18,8 +19,9 @@ LOGGER = logging.getLogger(__name__)
 class DatabaseSink:
     """Implements :class:`fracwatch.dicom.scp.InstanceSink` on the result database."""
 
-    def __init__(self, sessions: sessionmaker[Any]) -> None:
+    def __init__(self, sessions: sessionmaker[Any], metrics: Metrics | None = None) -> None:
         self._sessions = sessions
+        self._metrics = metrics
 
     def is_held(self, header: InstanceHeader) -> bool:
         """True when the instance has a row and its file is still on disk."""
@@ -35,6 +37,8 @@ class DatabaseSink:
             # Two associations delivered the same new instance (or study/series) at once; retry once,
             # now that the other transaction's rows are visible.
             outcome = self._record(received)
+        if self._metrics is not None:
+            self._metrics.instances_received.labels("stored" if outcome.created else "duplicate").inc()
         if outcome.reopened:
             LOGGER.info(
                 "study %s re-opened as version %d by instance %s",

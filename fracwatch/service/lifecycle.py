@@ -78,6 +78,16 @@ class Worker:
             self._busy += 1
         self._queue.put(hand_over)
 
+    @property
+    def alive(self) -> bool:
+        """True while the worker thread runs."""
+        return self._thread.is_alive()
+
+    def backlog(self) -> int:
+        """Study versions queued or in progress."""
+        with self._idle:
+            return self._busy
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is queued or in progress; False on timeout."""
         with self._idle:

@@ -6,12 +6,15 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from fracwatch.config import Settings
 from fracwatch.errors import DatabaseError
-from fracwatch.store import db, repository
+from fracwatch.service.retention import cutoff_for, purge
+from fracwatch.store import access, db, repository, retention
+from fracwatch.store.access import TokenSummary
 from fracwatch.store.repository import (
     DeliverySummary,
     ResendOutcome,
@@ -20,6 +23,7 @@ from fracwatch.store.repository import (
     StudyFilter,
     StudySummary,
 )
+from fracwatch.store.retention import PurgeItem
 
 T = TypeVar("T")
 
@@ -41,10 +45,7 @@ def upgrade_database(settings: Settings) -> str | None:
 def _with_session(settings: Settings, action: Callable[[Session], T], write: bool = False) -> T:
     engine = db.make_engine(settings.database_url)
     try:
-        revision, head = db.current_revision(engine), db.head_revision()
-        if revision != head:
-            found = "no fracwatch schema" if revision is None else f"schema revision {revision}, not {head}"
-            raise DatabaseError(f"{engine.url.render_as_string()} holds {found}; run 'fracwatch db upgrade'")
+        _check_revision(engine)
         with db.session_factory(engine)() as session:
             if write:
                 with session.begin():
@@ -54,6 +55,13 @@ def _with_session(settings: Settings, action: Callable[[Session], T], write: boo
         raise DatabaseError(f"cannot use {engine.url.render_as_string()}: {exc}") from exc
     finally:
         engine.dispose()
+
+
+def _check_revision(engine: Engine) -> None:
+    revision, head = db.current_revision(engine), db.head_revision()
+    if revision != head:
+        found = "no fracwatch schema" if revision is None else f"schema revision {revision}, not {head}"
+        raise DatabaseError(f"{engine.url.render_as_string()} holds {found}; run 'fracwatch db upgrade'")
 
 
 def scored_results(settings: Settings, filters: ResultFilter) -> Sequence[ResultSummary]:
@@ -73,3 +81,38 @@ def resend(settings: Settings, study_instance_uid: str) -> ResendOutcome:
     return _with_session(
         settings, lambda session: repository.requeue_study(session, study_instance_uid, destinations, now), write=True
     )
+
+
+def create_token(settings: Settings, name: str, role: str) -> str:
+    """A new API token (returned once; only its digest is stored)."""
+    now = datetime.now(UTC)
+    return _with_session(settings, lambda session: access.create_token(session, name, role, now), write=True)
+
+
+def revoke_token(settings: Settings, name: str) -> None:
+    """Revoke the named token."""
+    now = datetime.now(UTC)
+    _with_session(settings, lambda session: access.revoke_token(session, name, now), write=True)
+
+
+def tokens(settings: Settings) -> list[TokenSummary]:
+    """Every token (names, roles, dates; never the tokens)."""
+    return _with_session(settings, access.list_tokens)
+
+
+def purge_preview(settings: Settings, days: float) -> list[PurgeItem]:
+    """The files a retention run would delete now."""
+    cutoff = cutoff_for(days, datetime.now(UTC))
+    return _with_session(settings, lambda session: retention.purge_candidates(session, cutoff))
+
+
+def purge_now(settings: Settings, days: float) -> int:
+    """Run retention once from the CLI (the daemon runs it on its schedule)."""
+    engine = db.make_engine(settings.database_url)
+    try:
+        _check_revision(engine)
+        return purge(db.session_factory(engine), days)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot use {engine.url.render_as_string()}: {exc}") from exc
+    finally:
+        engine.dispose()

@@ -20,7 +20,7 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from fracwatch import __version__
 from fracwatch.dicom.header import PIXEL_TAGS
@@ -35,7 +35,9 @@ from fracwatch.pipeline.transforms import content_box, preprocess
 from fracwatch.report.overlay import OverlayImage, build_kos, build_overlay, render
 from fracwatch.report.sr import AlgorithmIdentity, ScoredImage, build_sr, shallow_copy
 from fracwatch.service.lifecycle import Clock, claim, utc_now
+from fracwatch.service.metrics import Metrics
 from fracwatch.store import repository
+from fracwatch.store.models import StudyResult
 from fracwatch.store.repository import HandOver, ImageScore, InstanceRef, NewResult, ReportFile
 
 LOGGER = logging.getLogger(__name__)
@@ -127,6 +129,21 @@ def overlay_images(
     return overlays
 
 
+def cam_pictures(
+    images: Sequence[LoadedImage], probabilities: Sequence[float | None], predictor: Predictor, bundle: Bundle
+) -> list[np.ndarray | None]:
+    """An RGB picture per scored image: the image with its Grad-CAM heat map and verdict (what overlays show)."""
+    scored = [(i, p) for i, p in enumerate(probabilities) if p is not None and images[i].display is not None]
+    pictures: list[np.ndarray | None] = [None] * len(images)
+    if not scored:
+        return pictures
+    overlays = overlay_images([images[i] for i, _ in scored], [p for _, p in scored], predictor, bundle)
+    identity = algorithm_identity(bundle)
+    for (index, _), overlay in zip(scored, overlays, strict=True):
+        pictures[index] = render(overlay, identity)
+    return pictures
+
+
 def write_cam_pictures(
     names: Sequence[str],
     images: Sequence[LoadedImage],
@@ -135,19 +152,19 @@ def write_cam_pictures(
     bundle: Bundle,
     out_dir: Path,
 ) -> list[Path | None]:
-    """A PNG per scored image: the picture with its Grad-CAM heat map and verdict (what overlays show)."""
+    """A Grad-CAM PNG per scored image into ``out_dir`` (``fracwatch predict --cam``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    scored = [(i, p) for i, p in enumerate(probabilities) if p is not None and images[i].display is not None]
     written: list[Path | None] = [None] * len(names)
-    if not scored:
-        return written
-    overlays = overlay_images([images[i] for i, _ in scored], [p for _, p in scored], predictor, bundle)
-    identity = algorithm_identity(bundle)
-    for (index, _), overlay in zip(scored, overlays, strict=True):
-        target = out_dir / f"{Path(names[index]).stem}.cam.png"
-        Image.fromarray(render(overlay, identity)).save(target)
-        written[index] = target
+    for index, picture in enumerate(cam_pictures(images, probabilities, predictor, bundle)):
+        if picture is not None:
+            target = out_dir / f"{Path(names[index]).stem}.cam.png"
+            Image.fromarray(picture).save(target)
+            written[index] = target
     return written
+
+
+AfterSave = Callable[[Session, int, datetime], None]
+"""Runs in the transaction that saved a result: (session, study result id, now). Triage uses it."""
 
 
 @dataclass
@@ -170,6 +187,8 @@ class StudyScorer:
         on_scored: Callable[[], None] = lambda: None,
         clock: Clock = utc_now,
         overlays: bool = False,
+        after_save: AfterSave | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._sessions = sessions
         self._bundle = bundle
@@ -179,6 +198,8 @@ class StudyScorer:
         self._on_scored = on_scored
         self._clock = clock
         self._overlays = overlays
+        self._after_save = after_save
+        self._metrics = metrics
         self.identity = algorithm_identity(bundle)
 
     def __call__(self, hand_overs: list[HandOver]) -> None:
@@ -248,7 +269,16 @@ class StudyScorer:
             attachments=attachments,
         )
         with self._sessions() as session, session.begin():
-            repository.save_result(session, result)
+            result_id = repository.save_result(session, result)
+            saved = session.get(StudyResult, result_id)
+            completed = saved.completed_at if saved is not None else None
+            if self._after_save is not None:
+                self._after_save(session, result_id, now)
+        if self._metrics is not None:
+            self._metrics.studies_scored.labels(category).inc()
+            self._metrics.images_scored.inc(len(scored))
+            if completed is not None:
+                self._metrics.scoring_latency.observe(max(0.0, (now - completed).total_seconds()))
         LOGGER.info(
             "study %s version %d scored: %s (p=%s, %d images, %d errors)%s",
             uid,

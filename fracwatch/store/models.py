@@ -72,6 +72,9 @@ class Study(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The worklist flag: the highest category any result of this study raised (positive > doubt); never lowered.
+    triage_priority: Mapped[str | None] = mapped_column(String(16))
+    flagged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
@@ -120,6 +123,7 @@ class Instance(Base):
     scorable: Mapped[bool] = mapped_column(Boolean, server_default=true())  # a radiograph fracwatch scores
     state: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # spool file deleted by retention
 
     study: Mapped[Study] = relationship(back_populates="instances")
     series: Mapped[Series] = relationship(back_populates="instances")
@@ -186,6 +190,7 @@ class ProducedObject(Base):
     series_instance_uid: Mapped[str] = mapped_column(UID)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # file deleted by retention
 
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="produced_object")
 
@@ -212,3 +217,73 @@ class Delivery(Base):
         UniqueConstraint("produced_object_id", "destination", name="uq_deliveries_object_destination"),
         Index("ix_deliveries_state_next", "state", "next_attempt_at"),
     )
+
+
+class TriageMessage(Base):
+    """A worklist triage message (HL7 ORU^R01 over MLLP, or a FHIR-shaped webhook) and its delivery state."""
+
+    __tablename__ = "triage_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_result_id: Mapped[int] = mapped_column(ForeignKey("study_results.id", ondelete="CASCADE"), index=True)
+    channel: Mapped[str] = mapped_column(String(16))  # hl7, webhook
+    endpoint: Mapped[str] = mapped_column(String(512))
+    priority: Mapped[str] = mapped_column(String(16))  # positive, doubt
+    # MSH-10 / the Bundle identifier. The body is rebuilt at each attempt from the result and the spooled
+    # source's patient module, so no patient identifier is stored here (PHI policy).
+    control_id: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16))  # pending, sent, dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    ack_code: Mapped[str | None] = mapped_column(String(16))  # HL7 MSA-1 or the HTTP status
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("study_result_id", "channel", "endpoint", name="uq_triage_result_endpoint"),
+        Index("ix_triage_state_next", "state", "next_attempt_at"),
+    )
+
+
+class ApiToken(Base):
+    """An API token: only its SHA-256 is stored; the token itself is shown once when created."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # viewer, admin
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """Who read or changed what, when: one row per request touching study data."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(64))  # token name
+    role: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64))  # e.g. studies.list, study.view, export.csv
+    target: Mapped[str | None] = mapped_column(Text)  # a Study Instance UID or the query
+    client: Mapped[str | None] = mapped_column(String(64))  # the caller's address
+
+
+class Feedback(Base):
+    """A radiologist's verdict on a study's result."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_result_id: Mapped[int] = mapped_column(ForeignKey("study_results.id", ondelete="CASCADE"), index=True)
+    verdict: Mapped[str] = mapped_column(String(16))  # agree, disagree, note
+    note: Mapped[str | None] = mapped_column(Text)
+    user: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

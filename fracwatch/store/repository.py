@@ -473,6 +473,7 @@ class DeliveryJob:
     sop_instance_uid: str
     sop_class_uid: str
     attempts: int
+    created_at: datetime
 
 
 def due_deliveries(session: Session, now: datetime, limit: int = 100) -> list[DeliveryJob]:
@@ -485,6 +486,7 @@ def due_deliveries(session: Session, now: datetime, limit: int = 100) -> list[De
             ProducedObject.sop_instance_uid,
             ProducedObject.sop_class_uid,
             Delivery.attempts,
+            Delivery.created_at,
         )
         .join(ProducedObject, ProducedObject.id == Delivery.produced_object_id)
         .where(Delivery.state == "pending", Delivery.next_attempt_at <= now)

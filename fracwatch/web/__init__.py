@@ -1,0 +1,1 @@
+"""The HTTP side of fracwatch serve: the admin API, the dashboard, metrics and health."""

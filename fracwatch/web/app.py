@@ -1,0 +1,88 @@
+"""The FastAPI application and the uvicorn server thread ``fracwatch serve`` runs it in."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fracwatch import __version__
+from fracwatch.web import api, dashboard
+from fracwatch.web.context import WebContext
+
+LOGGER = logging.getLogger(__name__)
+
+
+def create_app(ctx: WebContext) -> FastAPI:
+    """The whole HTTP surface: /api, the dashboard, /metrics, /healthz, /readyz; OpenAPI at /docs."""
+    app = FastAPI(
+        title="fracwatch",
+        version=__version__,
+        description="Admin API of the fracwatch fracture-triage daemon. Send `Authorization: Bearer <token>` "
+        "(create one with `fracwatch token create`).",
+    )
+    app.state.ctx = ctx
+    app.include_router(api.build_router(ctx))
+    app.include_router(dashboard.build_router(ctx))
+    app.add_exception_handler(dashboard._SignIn, dashboard.sign_in_redirect)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        ctx.metrics.http_requests.labels(path, f"{response.status_code // 100}xx").inc()
+        return response
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        """Database reachable, listener accepting, worker running: 200, else 503."""
+        ok, checks = ctx.ready()
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["health"])
+    def metrics() -> Response:
+        """Prometheus exposition of every fracwatch_* metric."""
+        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class HttpServer:
+    """uvicorn serving the app on a thread of its own; ``stop`` lets in-flight requests finish."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        # log_config=None: uvicorn logs through fracwatch's handlers (UTC timestamps, no PHI).
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", log_config=None
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="fracwatch-http", daemon=True)
+        self.host, self.port = host, port
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start serving; raise OSError when the port cannot be bound."""
+        self._thread.start()
+        waited = 0.0
+        while not self._server.started and self._thread.is_alive() and waited < timeout:
+            threading.Event().wait(0.02)
+            waited += 0.02
+        if not self._server.started:
+            self._server.should_exit = True
+            raise OSError(f"cannot serve HTTP on {self.host}:{self.port} (port in use or not permitted)")
+        LOGGER.info("HTTP API and dashboard on http://%s:%d", self.host, self.port)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, finish in-flight requests, join the thread."""
+        self._server.should_exit = True
+        self._thread.join(timeout=timeout)
