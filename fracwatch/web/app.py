@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fracwatch import __version__
+from fracwatch.errors import FracwatchError
 from fracwatch.web import api, dashboard
 from fracwatch.web.context import WebContext
 
@@ -71,7 +72,7 @@ class HttpServer:
         self.host, self.port = host, port
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start serving; raise OSError when the port cannot be bound."""
+        """Start serving; raise FracwatchError when the port cannot be bound."""
         self._thread.start()
         waited = 0.0
         while not self._server.started and self._thread.is_alive() and waited < timeout:
@@ -79,7 +80,7 @@ class HttpServer:
             waited += 0.02
         if not self._server.started:
             self._server.should_exit = True
-            raise OSError(f"cannot serve HTTP on {self.host}:{self.port} (port in use or not permitted)")
+            raise FracwatchError(f"cannot serve HTTP on {self.host}:{self.port} (port in use or not permitted)")
         LOGGER.info("HTTP API and dashboard on http://%s:%d", self.host, self.port)
 
     def stop(self, timeout: float = 10.0) -> None:

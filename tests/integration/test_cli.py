@@ -136,6 +136,26 @@ def test_serve_port_in_use(tmp_path: Path) -> None:
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_serve_http_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        http_port = busy.getsockname()[1]
+        result = run(
+            "serve",
+            "--data-dir",
+            str(tmp_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--http-port",
+            str(http_port),
+        )
+    assert result.returncode == 1
+    assert f"cannot serve HTTP on 127.0.0.1:{http_port}" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_serve_bad_database_url(tmp_path: Path) -> None:
     result = run("serve", "--data-dir", str(tmp_path), "--db", "nosuchdb://x")
     assert result.returncode == 1 and "database" in result.stderr and "Traceback" not in result.stderr

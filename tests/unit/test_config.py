@@ -59,6 +59,11 @@ def test_example_file_documents_every_key() -> None:
         ({"destinations": ["nonsense"]}, "destinations.0"),
         ({"destinations": ["PACS@host:99999"]}, "destinations.0"),
         ({"log_level": "LOUD"}, "log_level"),
+        ({"triage_hl7": ["ris.example.org"]}, "triage_hl7.0"),
+        ({"triage_webhooks": ["ftp://ris/hook"]}, "triage_webhooks.0"),
+        ({"triage_categories": ["negative"]}, "triage_categories.0"),
+        ({"http_port": 0}, "http_port"),
+        ({"retention_days": 0}, "retention_days"),
     ],
 )
 def test_invalid_values_name_the_key(kwargs: dict[str, object], key: str) -> None:
