@@ -449,6 +449,58 @@ def _missing(path: Path) -> Any:
     return LoadedImage(error=f"{path} does not exist")
 
 
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Output folder.")
+@click.option("--ct", "ct_path", type=click.Path(path_type=Path, dir_okay=False), help="CT volume (NIfTI).")
+@click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="TotalSegmentator-style labels.")
+@click.option("--structures", type=click.Path(path_type=Path, dir_okay=False), help="CSV: id,structure names.")
+@click.option("--poses", type=click.IntRange(1, 100000), default=100, show_default=True)
+@click.option("--per-pose", type=click.IntRange(1, 1000), default=16, show_default=True, help="Images per pose.")
+@click.option("--fractured", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Fraction fractured.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=(int, int), default=(384, 640), show_default=True, help="Output long side range, px.")
+@click.option("--no-dicom", is_flag=True, help="PNG + manifest only (no DICOM DX studies).")
+@click.option("--phantom", is_flag=True, help="2-D procedural limb phantoms instead of DRRs (fast; for tests).")
+def synth(
+    out: Path,
+    ct_path: Path | None,
+    labels: Path | None,
+    structures: Path | None,
+    poses: int,
+    per_pose: int,
+    fractured: float,
+    seed: int,
+    size: tuple[int, int],
+    no_dicom: bool,
+    phantom: bool,
+) -> None:
+    """Render synthetic radiographs (DRRs from a CT with simulated fractures): PNG, manifest.csv, DICOM DX."""
+    from fracwatch.synth.ct import load_ct
+    from fracwatch.synth.phantoms import render_phantoms
+    from fracwatch.synth.render import SynthConfig, render_dataset
+
+    configure_logging("WARNING")
+    config = SynthConfig(
+        poses=poses,
+        per_pose=per_pose,
+        fractured_fraction=fractured,
+        seed=seed,
+        min_size=min(size),
+        max_size=max(size),
+        dicom=not no_dicom,
+    )
+    try:
+        if phantom:
+            manifest = render_phantoms(out, config)
+        else:
+            volume = load_ct(ct_path, labels, structures)
+            with click.progressbar(length=poses, label="rendering poses", file=sys.stderr) as bar:
+                manifest = render_dataset(volume, out, config, progress=lambda n: bar.update(1))
+    except FracwatchError as exc:
+        _fail(exc)
+    click.echo(f"wrote {poses * per_pose} images; manifest {manifest}")
+
+
 @cli.group("token")
 def token_group() -> None:
     """API tokens for the HTTP API and dashboard (roles: viewer, admin)."""

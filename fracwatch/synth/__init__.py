@@ -1,0 +1,1 @@
+"""Synthetic training data: DRRs from a CT with simulated fractures, and 2-D procedural phantoms."""

