@@ -251,51 +251,209 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float) 
     click.echo(f"C-ECHO {called_ae}@{host}:{port}: success")
 
 
+def _progress_printer() -> Callable[[str, int, int], None]:
+    """A progress line per stage on stderr (a bar when stderr is a terminal)."""
+    state: dict[str, Any] = {"stage": None, "bar": None}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if state["stage"] != stage:
+            if state["bar"] is not None:
+                state["bar"].render_finish()
+            state["stage"] = stage
+            state["bar"] = click.progressbar(length=total, label=stage, file=sys.stderr)
+            state["shown"] = 0
+        bar = state["bar"]
+        bar.update(done - state["shown"])
+        state["shown"] = done
+        if done >= total:
+            bar.render_finish()
+
+    return update
+
+
 @cli.command()
+@click.argument("dataset", required=False, type=click.Path(path_type=Path))
 @click.option("--phantom", is_flag=True, help="Train on 2-D procedural phantoms (the bootstrap data set).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Bundle directory.")
+@click.option(
+    "--layout", type=click.Choice(["auto", "manifest", "folder", "csv", "dicom"]), default="auto", show_default=True
+)
+@click.option("--labels", "labels_csv", type=click.Path(path_type=Path, dir_okay=False), help="Labels of DICOM files.")
+@click.option(
+    "--task",
+    type=click.Choice(["binary", "bone"]),
+    default="binary",
+    show_default=True,
+    help="binary: fracture or not; bone: no fracture / one class per fractured bone (synth bone_class).",
+)
 @click.option("--arch", default="tiny-resnet", show_default=True, help="Network preset.")
 @click.option("--epochs", type=click.IntRange(1, 1000), default=8, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--input-size", type=click.IntRange(32, 2048), default=256, show_default=True)
+@click.option("--lr", "learning_rate", type=click.FloatRange(1e-6, 1.0), default=2e-3, show_default=True)
+@click.option("--patience", type=click.IntRange(1, 1000), default=6, show_default=True, help="Early stopping.")
+@click.option("--folds", type=click.IntRange(1, 20), default=1, show_default=True, help="K-fold cross-validation.")
+@click.option("--val-fraction", type=click.FloatRange(0.05, 0.5), default=0.15, show_default=True)
+@click.option("--init-weights", type=click.Path(path_type=Path, dir_okay=False), help="Local state dict to start from.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--no-augment", is_flag=True, help="Train without augmentation.")
 @click.option("--train-count", type=click.IntRange(10, 10_000_000), default=3000, show_default=True)
 @click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--version", "model_version", default="0.1.0", show_default=True, help="Model version for the card.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def train(
+    dataset: Path | None,
     phantom: bool,
     out: Path,
+    layout: str,
+    labels_csv: Path | None,
+    task: str,
     arch: str,
     epochs: int,
     batch_size: int,
     input_size: int,
+    learning_rate: float,
+    patience: int,
+    folds: int,
+    val_fraction: float,
+    init_weights: Path | None,
+    resume: bool,
+    no_augment: bool,
     train_count: int,
     val_count: int,
     seed: int,
     model_version: str,
     device: str,
 ) -> None:
-    """Train a model and write a bundle (weights + model card)."""
+    """Train a model on DATASET (synth folder, class folders, CSV, or DICOM + --labels) or --phantom; write a
+    bundle (weights + model card filled from the run)."""
     from fracwatch.model.networks import PRESETS
     from fracwatch.model.training import TrainConfig, train_phantom_bundle
+    from fracwatch.service.modelops import TrainRequest, train_from_dataset
 
     configure_logging("INFO")
-    if not phantom:
-        raise click.UsageError("choose a data set: --phantom (the only one this version supports)")
+    if phantom == (dataset is not None):
+        raise click.UsageError("give a DATASET or --phantom (one of them)")
     if arch not in PRESETS:
         raise click.BadParameter(f"{arch!r}; choose from {', '.join(PRESETS)}", param_hint="--arch")
     config = TrainConfig(
-        arch=arch, input_size=input_size, epochs=epochs, batch_size=batch_size, seed=seed, device=device
+        arch=arch,
+        input_size=input_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        patience=patience,
+        seed=seed,
+        device=device,
+        init_weights=str(init_weights) if init_weights else None,
+        augment=not no_augment,
     )
     try:
-        card = train_phantom_bundle(out, config, train_count, val_count, model_version)
+        if phantom:
+            card = train_phantom_bundle(out, config, train_count, val_count, model_version)
+        else:
+            assert dataset is not None
+            request = TrainRequest(
+                dataset, out, config, layout, labels_csv, val_fraction, folds, task, model_version, resume=resume
+            )
+            card = train_from_dataset(request, _progress_printer())
     except (FracwatchError, ValueError) as exc:
         _fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))
+    cv = card.training.get("cross_validation")
     click.echo(
         f"bundle {out}: validation AUROC {card.metrics['validation_auroc']:.4f}, "
         f"doubt ≥ {card.operating_points.doubt:.3f}, positive ≥ {card.operating_points.positive:.3f}"
+        + (f"; {folds}-fold AUROC {cv['auroc_mean']:.4f} ± {cv['auroc_sd']:.4f}" if cv else "")
     )
+
+
+@cli.command()
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    "bundle",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Model bundle to evaluate.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Folder for report.json and the plots.",
+)
+@click.option("--split", help="Only this split (default: test when the data set has one, else everything).")
+@click.option(
+    "--layout", type=click.Choice(["auto", "manifest", "folder", "csv", "dicom"]), default="auto", show_default=True
+)
+@click.option("--labels", "labels_csv", type=click.Path(path_type=Path, dir_okay=False), help="Labels of DICOM files.")
+@click.option(
+    "--set-operating-points",
+    is_flag=True,
+    help="Choose doubt/positive thresholds on these data (use validation data) and write them into the bundle.",
+)
+@click.option("--doubt-sensitivity", type=click.FloatRange(0.5, 1.0), default=0.95, show_default=True)
+@click.option("--positive-specificity", type=click.FloatRange(0.5, 1.0), default=0.95, show_default=True)
+@click.option("--record-in-card", is_flag=True, help="Store the evaluation summary in the bundle's model card.")
+@click.option("--bootstrap", type=click.IntRange(100, 100000), default=1000, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def evaluate(
+    dataset: Path,
+    bundle: Path,
+    out: Path,
+    split: str | None,
+    layout: str,
+    labels_csv: Path | None,
+    set_operating_points: bool,
+    doubt_sensitivity: float,
+    positive_specificity: float,
+    record_in_card: bool,
+    bootstrap: int,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Evaluate a bundle on a labelled DATASET: AUROC with a bootstrap CI, sensitivity/specificity at both
+    operating points, accuracy/precision/recall/F1, confusion matrix, ROC/PR/calibration plots, report.json."""
+    from fracwatch.service.modelops import EvaluateRequest, evaluate_bundle
+
+    configure_logging("WARNING")
+    request = EvaluateRequest(
+        bundle,
+        dataset,
+        out,
+        split,
+        layout,
+        labels_csv,
+        set_operating_points,
+        record_in_card,
+        doubt_sensitivity,
+        positive_specificity,
+        bootstrap,
+        device,
+    )
+    try:
+        report = evaluate_bundle(request, _progress_printer())
+    except (FracwatchError, ValueError) as exc:
+        _fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+
+    def f(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    low, high = report["auroc_ci95"]
+    click.echo(f"{report['images']} images ({report['fractured']} fractured), split {report['data']['split']}")
+    click.echo(f"AUROC {f(report['auroc'])} (95% CI {f(low)}-{f(high)})")
+    for name in ("doubt", "positive"):
+        at = report[f"at_{name}"]
+        click.echo(
+            f"at {name} (p ≥ {f(at['threshold'])}): sensitivity {f(at['sensitivity'])}, specificity "
+            f"{f(at['specificity'])}, accuracy {f(at['accuracy'])}, precision {f(at['precision'])}, F1 {f(at['f1'])}"
+        )
+    click.echo(f"report and plots in {out}")
 
 
 @cli.command()

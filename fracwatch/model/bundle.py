@@ -69,7 +69,7 @@ class ModelCard(BaseModel):
     manufacturer: str = "fracwatch project"
     architecture: Architecture
     preprocessing: Preprocessing
-    class_names: list[str] = Field(min_length=2, max_length=2)
+    class_names: list[str] = Field(min_length=2, max_length=32)  # > 2: multi-class, class 0 = no fracture
     operating_points: OperatingPoints
     weights: Weights
     created: datetime

@@ -31,7 +31,16 @@ def grad_cam(network: torch.nn.Module, inputs: torch.Tensor, target_layer: str |
     network = network.eval()
     layer = target_layer or last_conv_layer(network)
     cam = GradCAM(nn_module=network, target_layers=layer)
+    with torch.no_grad():
+        outputs = network(inputs[:1].float()).shape[1]
     with torch.enable_grad():
-        maps = cam(x=inputs.float().requires_grad_(True), class_idx=0)
+        if outputs == 1:
+            maps = cam(x=inputs.float().requires_grad_(True), class_idx=0)
+        else:  # multi-class: explain each image's most likely fracture class (class 0 is "no fracture")
+            with torch.no_grad():
+                targets = network(inputs.float())[:, 1:].argmax(dim=1) + 1
+            maps = torch.cat(
+                [cam(x=inputs[i : i + 1].float().requires_grad_(True), class_idx=int(t)) for i, t in enumerate(targets)]
+            )
     network.zero_grad(set_to_none=True)
     return np.asarray(maps.detach().cpu().numpy()[:, 0], dtype=np.float32)

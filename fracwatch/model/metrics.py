@@ -65,3 +65,78 @@ def at_threshold(labels: np.ndarray, probabilities: np.ndarray, threshold: float
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
     accuracy = (tp + tn) / max(1, len(labels))
     return BinaryReport(threshold, sensitivity, specificity, accuracy, precision, f1, tp, fp, tn, fn)
+
+
+def bootstrap_auroc_ci(
+    labels: np.ndarray, probabilities: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the AUROC (resampling cases, both classes kept)."""
+    rng = np.random.default_rng(seed)
+    positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if len(positives) == 0 or len(negatives) == 0:
+        return float("nan"), float("nan")
+    values = []
+    for _ in range(resamples):
+        pos = probabilities[rng.choice(positives, len(positives))]
+        neg = probabilities[rng.choice(negatives, len(negatives))]
+        values.append(_rank_auroc(pos, neg))
+    tail = (1.0 - level) / 2.0
+    return float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail))
+
+
+def _rank_auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    # Mann-Whitney U with midranks for ties: P(p_pos > p_neg) + 0.5 P(equal)
+    scores = np.concatenate([pos, neg])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))
+
+
+def roc_points(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds) at every distinct score, from the top."""
+    order = np.argsort(-probabilities, kind="mergesort")
+    scores, truth = probabilities[order], labels[order] == 1
+    distinct = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tps, fps = np.cumsum(truth)[distinct], np.cumsum(~truth)[distinct]
+    tpr = np.r_[0.0, tps / max(truth.sum(), 1)]
+    fpr = np.r_[0.0, fps / max((~truth).sum(), 1)]
+    return fpr, tpr, np.r_[np.inf, scores[distinct]]
+
+
+def pr_points(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) at every distinct score, from the top."""
+    _fpr, tpr, thresholds = roc_points(labels, probabilities)
+    predicted = np.array([np.sum(probabilities >= t) for t in thresholds[1:]])
+    true_positive = tpr[1:] * max(int(np.sum(labels == 1)), 1)
+    return tpr[1:], true_positive / np.maximum(predicted, 1)
+
+
+def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Reliability table: per probability bin, mean predicted probability, observed fraction, count."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(probabilities, edges) - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        chosen = index == b
+        if chosen.any():
+            out.append(
+                {
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "mean_probability": float(probabilities[chosen].mean()),
+                    "observed": float(labels[chosen].mean()),
+                    "count": int(chosen.sum()),
+                }
+            )
+    return out
+
+
+def expected_calibration_error(table: list[dict[str, float]]) -> float:
+    """Count-weighted mean |observed - predicted| over the reliability table."""
+    total = sum(row["count"] for row in table)
+    return float(sum(row["count"] * abs(row["observed"] - row["mean_probability"]) for row in table) / max(total, 1))

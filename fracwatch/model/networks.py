@@ -16,16 +16,19 @@ class ArchitectureError(FracwatchError):
 
 
 def _monai_resnet(params: dict[str, Any]) -> torch.nn.Module:
-    return nets.ResNet(spatial_dims=2, n_input_channels=1, num_classes=1, **params)
+    return nets.ResNet(spatial_dims=2, n_input_channels=1, num_classes=params.pop("outputs", 1), **params)
 
 
 def _monai_densenet121(params: dict[str, Any]) -> torch.nn.Module:
-    return nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=1, **params)
+    return nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=params.pop("outputs", 1), **params)
 
 
 def _monai_efficientnet(params: dict[str, Any]) -> torch.nn.Module:
     model_name = params.pop("model_name", "efficientnet-b0")
-    return nets.EfficientNetBN(model_name, pretrained=False, spatial_dims=2, in_channels=1, num_classes=1, **params)
+    outputs = params.pop("outputs", 1)
+    return nets.EfficientNetBN(
+        model_name, pretrained=False, spatial_dims=2, in_channels=1, num_classes=outputs, **params
+    )
 
 
 def _torchvision(name: str) -> Callable[[dict[str, Any]], torch.nn.Module]:
@@ -34,7 +37,8 @@ def _torchvision(name: str) -> Callable[[dict[str, Any]], torch.nn.Module]:
             import torchvision
         except Exception as exc:
             raise ArchitectureError(f"torchvision is not usable here ({exc}); install the 'torchvision' extra") from exc
-        model = getattr(torchvision.models, name)(weights=None, num_classes=1, **params)
+        outputs = params.pop("outputs", 1)
+        model = getattr(torchvision.models, name)(weights=None, num_classes=outputs, **params)
         _first_conv_to_one_channel(model)
         return model
 
@@ -82,6 +86,16 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             "norm": ["group", {"num_groups": 8}],
         },
     ),
+    "small-resnet": (
+        "monai.ResNet",
+        {
+            "block": "basic",
+            "layers": [1, 1, 2, 1],
+            "block_inplanes": [24, 48, 96, 192],
+            "conv1_t_stride": 2,
+            "norm": ["group", {"num_groups": 8}],
+        },
+    ),
     "resnet18": (
         "monai.ResNet",
         {"block": "basic", "layers": [2, 2, 2, 2], "block_inplanes": [64, 128, 256, 512], "conv1_t_stride": 2},
@@ -96,7 +110,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def build_network(architecture: str, params: dict[str, Any]) -> torch.nn.Module:
-    """Build the network (1 input channel, 1 logit) named ``architecture`` with ``params``."""
+    """Build the network named ``architecture``: 1 input channel, ``params["outputs"]`` logits (default 1)."""
     try:
         builder = BUILDERS[architecture]
     except KeyError:

@@ -22,6 +22,13 @@ def select_device(requested: str = "auto") -> torch.device:
     return device
 
 
+def fracture_probability(logits: torch.Tensor) -> torch.Tensor:
+    """P(fracture) per row: sigmoid of a single logit, or 1 - softmax(class 0 = no fracture) of several."""
+    if logits.ndim == 1 or logits.shape[1] == 1:
+        return torch.sigmoid(logits.reshape(-1))
+    return 1.0 - torch.softmax(logits, dim=1)[:, 0]
+
+
 class Predictor:
     """Turns preprocessed (1, S, S) tensors into fracture probabilities."""
 
@@ -46,8 +53,7 @@ class Predictor:
         """Probabilities for a (N, 1, S, S) batch."""
         with torch.inference_mode(), self._autocast():
             inputs = batch.to(self.device, non_blocking=True).contiguous(memory_format=self._memory_format)
-            logits = self.network(inputs).float().reshape(-1)
-            return torch.sigmoid(logits).cpu().numpy().astype(np.float64)
+            return fracture_probability(self.network(inputs).float()).cpu().numpy().astype(np.float64)
 
     def predict(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
         """Probabilities for any number of (1, S, S) tensors, in batches."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose, RandFlip, RandRotate90
+from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandGaussianNoise, RandRotate, RandZoom
 
 from fracwatch.model.bundle import (
     Architecture,
@@ -32,7 +32,7 @@ from fracwatch.model.bundle import (
 from fracwatch.model.metrics import at_threshold, auroc, threshold_for_sensitivity, threshold_for_specificity
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom
-from fracwatch.model.predictor import select_device
+from fracwatch.model.predictor import fracture_probability, select_device
 from fracwatch.pipeline.transforms import PreprocessConfig, preprocess
 
 LOGGER = logging.getLogger(__name__)
@@ -52,6 +52,14 @@ class TrainConfig:
     device: str = "auto"
     doubt_sensitivity: float = 0.95
     positive_specificity: float = 0.95
+    classes: tuple[str, ...] = ("no fracture", "fracture")  # > 2: multi-class; class 0 is "no fracture"
+    init_weights: str | None = None  # a local state dict to start from (transfer learning)
+    augment: bool = True
+
+    @property
+    def outputs(self) -> int:
+        """Logits of the network: 1 (binary) or one per class."""
+        return 1 if len(self.classes) == 2 else len(self.classes)
 
 
 @dataclass
@@ -77,8 +85,18 @@ def phantom_dataset(
     return images, labels
 
 
-def _augment(seed: int) -> Compose:
-    augment = Compose([RandFlip(prob=0.5, spatial_axis=0), RandFlip(prob=0.5, spatial_axis=1), RandRotate90(prob=0.5)])
+def augmentation(seed: int) -> Compose:
+    """MONAI augmentation of preprocessed images: small rotation and zoom, left-right mirror (mirrored anatomy
+    is still anatomy; upside-down is not, so no vertical flip), gamma contrast, noise. Seeded."""
+    augment = Compose(
+        [
+            RandRotate(range_x=0.17, prob=0.5, padding_mode="zeros"),
+            RandZoom(min_zoom=0.9, max_zoom=1.1, prob=0.5, padding_mode="constant"),
+            RandFlip(prob=0.5, spatial_axis=1),
+            RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)),
+            RandGaussianNoise(prob=0.3, std=0.03),
+        ]
+    )
     augment.set_random_state(seed=seed)
     return augment
 
@@ -86,58 +104,113 @@ def _augment(seed: int) -> Compose:
 def predict_tensors(
     network: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 64
 ) -> np.ndarray:
-    """Probabilities for preprocessed images (eval mode, inference_mode)."""
+    """Fracture probabilities for preprocessed images (eval mode, inference_mode)."""
+    return class_probabilities(network, images, device, batch)[1]
+
+
+def class_probabilities(
+    network: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """(per-class probabilities (N, C) — C = 2 for a binary model —, fracture probability (N,))."""
     network.eval()
-    out = []
+    classes, fracture = [], []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             x = images[start : start + batch].to(device, dtype=torch.float32)
             with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-                logits = network(x).float().reshape(-1)
-            out.append(torch.sigmoid(logits).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+                logits = network(x).float()
+            p = fracture_probability(logits)
+            fracture.append(p.cpu().numpy())
+            if logits.shape[1] == 1:
+                classes.append(torch.stack([1 - p, p], dim=1).cpu().numpy())
+            else:
+                classes.append(torch.softmax(logits, dim=1).cpu().numpy())
+    if not fracture:
+        return np.zeros((0, 2)), np.zeros(0)
+    return np.concatenate(classes), np.concatenate(fracture)
+
+
+def load_initial_weights(network: torch.nn.Module, path: Path) -> int:
+    """Copy every tensor of a local state dict whose name and shape fit (the head may differ); return how many."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read initial weights {path}: {exc}") from exc
+    if isinstance(state, dict) and "network" in state:
+        state = state["network"]
+    own = network.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        raise ValueError(f"no tensor of {path} fits this architecture")
+    own.update(fitting)
+    network.load_state_dict(own)
+    LOGGER.info("initial weights: %d of %d tensors from %s", len(fitting), len(own), path)
+    return len(fitting)
 
 
 def train_network(
     train: tuple[torch.Tensor, torch.Tensor],
     validation: tuple[torch.Tensor, torch.Tensor],
     config: TrainConfig,
+    checkpoint: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Train with AdamW + BCE, class-balanced by loss weight; keep the epoch with the best validation AUROC."""
+    """Train with AdamW, class-balanced loss (BCE with pos_weight, or weighted cross-entropy), OneCycle; keep the
+    epoch with the best validation AUROC (fracture vs none) and stop after ``patience`` epochs without gain.
+
+    Labels are 0/1 (binary) or class indices (multi-class). With ``checkpoint``, the state is saved after every
+    epoch and a run finding one there resumes from it. ``progress(epoch, batches_done)`` is called per batch.
+    """
     torch.manual_seed(config.seed)
     device = select_device(config.device)
     builder, params = PRESETS[config.arch]
-    network = build_network(builder, params).to(device)
+    network = build_network(builder, {**params, "outputs": config.outputs}).to(device)
+    if config.init_weights:
+        load_initial_weights(network, Path(config.init_weights))
     images, labels = train
-    positives = float(labels.sum())
-    pos_weight = torch.tensor([(len(labels) - positives) / max(positives, 1.0)], device=device)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    loss_fn = _loss(labels, config, device)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     steps = config.epochs * ((len(images) + config.batch_size - 1) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate, total_steps=steps)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    augment = _augment(config.seed)
+    augment = augmentation(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(network=network)
-    best_auc, best_state, stale = -1.0, copy.deepcopy(network.state_dict()), 0
-    for epoch in range(1, config.epochs + 1):
+    best_auc, best_state, stale, first_epoch = -1.0, copy.deepcopy(network.state_dict()), 0, 1
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        network.load_state_dict(saved["network"])
+        optimiser.load_state_dict(saved["optimiser"])
+        scheduler.load_state_dict(saved["scheduler"])
+        generator.set_state(saved["generator"])
+        best_auc, best_state, stale = saved["best_auc"], saved["best_state"], saved["stale"]
+        result.history, result.best_epoch, first_epoch = saved["history"], saved["best_epoch"], saved["epoch"] + 1
+        LOGGER.info("resuming from %s after epoch %d", checkpoint, saved["epoch"])
+    truth = (validation[1] > 0).numpy().astype(np.int64)
+    for epoch in range(first_epoch, config.epochs + 1):
+        if stale >= config.patience:
+            break
         network.train()
         started, total = time.monotonic(), 0.0
         order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(images), config.batch_size):
+        for batch_number, start in enumerate(range(0, len(images), config.batch_size), start=1):
             batch_index = order[start : start + config.batch_size]
-            x = torch.stack([torch.as_tensor(augment(images[i].float())) for i in batch_index]).to(device)
+            batch = [images[i].float() for i in batch_index]
+            x = torch.stack([torch.as_tensor(augment(b)) if config.augment else b for b in batch]).to(device)
             y = labels[batch_index].to(device)
             optimiser.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-                loss = loss_fn(network(x).reshape(-1), y)
+                out = network(x)
+                loss = loss_fn(out.reshape(-1), y.float()) if config.outputs == 1 else loss_fn(out, y.long())
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()
             scheduler.step()
             total += loss.item() * len(batch_index)
+            if progress is not None:
+                progress(epoch, batch_number)
         probabilities = predict_tensors(network, validation[0], device)
-        val_auc = auroc(validation[1].numpy(), probabilities)
+        val_auc = auroc(truth, probabilities)
         record = {
             "epoch": epoch,
             "loss": total / len(images),
@@ -155,11 +228,55 @@ def train_network(
             stale += 1
             if stale >= config.patience:
                 LOGGER.info("early stop: no AUROC gain for %d epochs", stale)
-                break
+        if checkpoint is not None:
+            _save_checkpoint(
+                checkpoint, epoch, network, optimiser, scheduler, generator, best_auc, best_state, stale, result
+            )
     network.load_state_dict(best_state)
     result.network = network.cpu().eval()
     result.validation_probabilities = predict_tensors(result.network, validation[0], torch.device("cpu"))
     return result
+
+
+def _loss(labels: torch.Tensor, config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    if config.outputs == 1:
+        positives = float((labels > 0).sum())
+        pos_weight = torch.tensor([(len(labels) - positives) / max(positives, 1.0)], device=device)
+        return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    counts = torch.bincount(labels.long(), minlength=config.outputs).float()
+    weights = counts.sum() / (config.outputs * counts.clamp(min=1.0))
+    return torch.nn.CrossEntropyLoss(weight=weights.to(device))
+
+
+def _save_checkpoint(
+    path: Path,
+    epoch: int,
+    network: torch.nn.Module,
+    optimiser: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator,
+    best_auc: float,
+    best_state: dict[str, Any],
+    stale: int,
+    result: TrainResult,
+) -> None:
+    temporary = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "epoch": epoch,
+            "network": network.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(),
+            "best_auc": best_auc,
+            "best_state": best_state,
+            "stale": stale,
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+        },
+        temporary,
+    )
+    temporary.replace(path)  # a crash mid-save leaves the previous checkpoint intact
 
 
 def operating_points(labels: np.ndarray, probabilities: np.ndarray, config: TrainConfig) -> OperatingPoints:
@@ -186,6 +303,8 @@ def build_card(
 ) -> ModelCard:
     """A model card filled from the run (the weights checksum is set when the bundle is saved)."""
     builder, params = PRESETS[config.arch]
+    params = {**params, "outputs": config.outputs} if config.outputs > 1 else params
+    validation_labels = (validation_labels > 0).astype(np.int64)
     points = operating_points(validation_labels, result.validation_probabilities, config)
     probabilities = result.validation_probabilities
     metrics = {
@@ -202,7 +321,7 @@ def build_card(
         device_uid=new_device_uid(),
         architecture=Architecture(name=builder, params=params),
         preprocessing=Preprocessing(input_size=config.input_size, percentile_low=0.5, percentile_high=99.5),
-        class_names=["no fracture", "fracture"],
+        class_names=list(config.classes),
         operating_points=points,
         weights=Weights(sha256="0" * 64),
         created=datetime.now(UTC),

@@ -71,6 +71,7 @@ class CTVolume:
     spacing: float
     source: str
     _coords: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _cache: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -84,7 +85,9 @@ class CTVolume:
 
     def labels_of(self, bone_class: str, min_voxels: int = 400) -> list[int]:
         """Label ids of this class present in the volume with enough voxels to fracture."""
-        present = torch.unique(self.labels).tolist()
+        if "present" not in self._cache:
+            self._cache["present"] = [int(v) for v in torch.unique(self.labels).tolist()]
+        present = self._cache["present"]
         return [
             int(label)
             for label in present

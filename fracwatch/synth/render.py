@@ -88,8 +88,7 @@ class PoseRenderer:
         rows = torch.nonzero(self.soft.image.amax(dim=1) > 0.2 * float(self.soft.image.max()))
         cols = torch.nonzero(self.soft.image.amax(dim=0) > 0.2 * float(self.soft.image.max()))
         self.body = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
-        self.classes = {c: ct.labels_of(c) for c in CLASS_WEIGHTS}
-        self.classes = {c: labels for c, labels in self.classes.items() if labels}
+        self.classes = {c: labels for c in CLASS_WEIGHTS if (labels := ct.labels_of(c))}
         if not self.classes:
             raise SynthError("the labels hold none of the fracture classes (rib, clavicle, humerus, scapula)")
 
@@ -185,7 +184,7 @@ def _projected_box(
     magnitude = delta.image.abs()
     if float(magnitude.max()) <= 0:
         return None
-    rows, cols = torch.nonzero(magnitude > 0.1 * float(magnitude.max()), as_tuple=True)
+    rows, cols = torch.nonzero(magnitude > 0.05 * float(magnitude.max()), as_tuple=True)
     r0 = (int(rows.min()) + delta.row0 - origin[0] - crop[0]) * scale
     r1 = (int(rows.max()) + 1 + delta.row0 - origin[0] - crop[0]) * scale
     c0 = (int(cols.min()) + delta.col0 - origin[1] - crop[1]) * scale

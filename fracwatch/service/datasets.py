@@ -1,0 +1,230 @@
+"""Labelled image sets for training and evaluation, in the layouts the field uses, loaded through the daemon's
+own pipeline (``service.scoring.load_file``: the same decoding, LUTs and MONAI transforms as inference).
+
+Layouts (``detect_layout`` picks one):
+- ``manifest``: a ``fracwatch synth`` folder (``manifest.csv`` with ``image``, ``label``, ``split``, ...);
+- ``folder``: class subfolders, e.g. FracAtlas ``images/Fractured`` + ``images/Non_fractured``, or Kaggle
+  ``train|val|test/fractured|not fractured`` (split folders are kept as splits);
+- ``csv``: a CSV with ``path`` (or ``image``/``file``) and ``label`` columns, paths relative to the CSV;
+- ``dicom``: a folder of DICOM files plus ``--labels CSV`` keyed by ``sop_instance_uid`` or file name.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from fracwatch.errors import FracwatchError
+from fracwatch.model.bundle import Bundle
+from fracwatch.pipeline.pictures import PICTURE_SUFFIXES
+from fracwatch.pipeline.transforms import PreprocessConfig, preprocess
+from fracwatch.service.scoring import load_dicom, load_file
+
+LOGGER = logging.getLogger(__name__)
+
+LAYOUTS = ("manifest", "folder", "csv", "dicom")
+POSITIVE_NAMES = re.compile(r"^(fractured?|positive|abnormal|1|yes|true)$", re.IGNORECASE)
+NEGATIVE_NAMES = re.compile(r"^(non[ _-]?fractured?|not[ _]fractured?|normal|negative|0|no|false)$", re.IGNORECASE)
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+class DatasetError(FracwatchError):
+    """A data set cannot be read as asked."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One labelled image: its file, binary label, optional class name, split and descriptive columns."""
+
+    path: Path
+    label: int
+    class_name: str = ""
+    split: str = ""
+    group: str = ""  # images sharing a group (a synth pose, a patient) never straddle folds or splits
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+def _label(value: str, where: str) -> int:
+    text = value.strip()
+    if POSITIVE_NAMES.match(text):
+        return 1
+    if NEGATIVE_NAMES.match(text):
+        return 0
+    raise DatasetError(f"{where}: label {value!r} is neither fractured nor not fractured")
+
+
+def detect_layout(source: Path) -> str:
+    """The layout of ``source`` (a folder or a CSV file)."""
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return "csv"
+    if (source / "manifest.csv").is_file():
+        return "manifest"
+    if source.is_dir():
+        names = {p.name.lower() for p in source.rglob("*") if p.is_dir()}
+        if any(POSITIVE_NAMES.match(n) or NEGATIVE_NAMES.match(n) for n in names):
+            return "folder"
+        return "dicom"
+    raise DatasetError(f"{source} is neither a folder nor a CSV file")
+
+
+def read_manifest(folder: Path) -> list[Item]:
+    """A ``fracwatch synth`` folder."""
+    items = []
+    with (folder / "manifest.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            items.append(
+                Item(
+                    path=folder / row["image"],
+                    label=int(row["label"]),
+                    class_name=row.get("bone_class") or ("fracture" if row["label"] == "1" else "none"),
+                    split=row.get("split", ""),
+                    group=f"pose{row.get('pose', '')}",
+                    meta={k: row.get(k, "") for k in ("view", "bone_class", "fov", "photometric", "bone")},
+                )
+            )
+    return items
+
+
+def read_folder(root: Path) -> list[Item]:
+    """Class subfolders (FracAtlas, Kaggle and alike); a ``train``/``val``/``test`` parent becomes the split."""
+    items = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or not (path.suffix.lower() in PICTURE_SUFFIXES or path.suffix.lower() == ".dcm"):
+            continue
+        parts = [p.lower() for p in path.relative_to(root).parts[:-1]]
+        labels = [i for i, part in enumerate(parts) if POSITIVE_NAMES.match(part) or NEGATIVE_NAMES.match(part)]
+        if not labels:
+            continue
+        class_folder = parts[labels[-1]]
+        split = next((SPLIT_NAMES[p] for p in parts if p in SPLIT_NAMES), "")
+        label = _label(class_folder, str(path))
+        items.append(Item(path=path, label=label, class_name="fracture" if label else "none", split=split))
+    return items
+
+
+def read_csv(path: Path) -> list[Item]:
+    """A CSV of ``path,label`` (also ``image``/``file``; optional ``split``, ``group``, ``class``)."""
+    items = []
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = {c.lower(): c for c in reader.fieldnames or []}
+        file_column = next((columns[c] for c in ("path", "image", "file", "filename") if c in columns), None)
+        if file_column is None or "label" not in columns:
+            raise DatasetError(f"{path} needs a path (or image/file) column and a label column")
+        for number, row in enumerate(reader, start=2):
+            label = _label(row[columns["label"]], f"{path}:{number}")
+            items.append(
+                Item(
+                    path=(path.parent / row[file_column]).resolve(),
+                    label=label,
+                    class_name=row.get(columns.get("class", ""), "") or ("fracture" if label else "none"),
+                    split=SPLIT_NAMES.get(row.get(columns.get("split", ""), "").lower(), ""),
+                    group=row.get(columns.get("group", ""), ""),
+                )
+            )
+    return items
+
+
+def read_dicom_folder(root: Path, labels_csv: Path | None) -> list[Item]:
+    """DICOM files under ``root`` labelled by a CSV keyed by ``sop_instance_uid`` (or ``file``)."""
+    if labels_csv is None:
+        raise DatasetError(f"{root} holds DICOM files: give their labels with --labels CSV")
+    by_key: dict[str, str] = {}
+    with labels_csv.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        key = next((k for k in ("sop_instance_uid", "file", "path") if k in (reader.fieldnames or [])), None)
+        if key is None or "label" not in (reader.fieldnames or []):
+            raise DatasetError(f"{labels_csv} needs a sop_instance_uid (or file) column and a label column")
+        for row in reader:
+            by_key[row[key].strip()] = row["label"]
+    items = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "PatientID"])
+        except (InvalidDicomError, OSError):
+            continue
+        value = by_key.get(str(ds.get("SOPInstanceUID", ""))) or by_key.get(path.name)
+        if value is None:
+            continue
+        label = _label(value, str(path))
+        group = str(ds.get("PatientID", ""))
+        items.append(Item(path=path, label=label, class_name="fracture" if label else "none", group=group))
+    if not items:
+        raise DatasetError(f"no DICOM file under {root} has a label in {labels_csv}")
+    return items
+
+
+def read_dataset(source: Path, layout: str = "auto", labels_csv: Path | None = None) -> list[Item]:
+    """Every labelled item of ``source``; raises :class:`DatasetError` with the reason."""
+    if not source.exists():
+        raise DatasetError(f"{source} does not exist")
+    chosen = detect_layout(source) if layout == "auto" else layout
+    readers: dict[str, Callable[[], list[Item]]] = {
+        "manifest": lambda: read_manifest(source),
+        "folder": lambda: read_folder(source),
+        "csv": lambda: read_csv(source),
+        "dicom": lambda: read_dicom_folder(source, labels_csv),
+    }
+    if chosen not in readers:
+        raise DatasetError(f"layout must be one of auto, {', '.join(LAYOUTS)}")
+    items = readers[chosen]()
+    if not items:
+        raise DatasetError(f"{source} ({chosen} layout) holds no labelled image")
+    missing = [i.path for i in items if not i.path.is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} listed files do not exist, e.g. {missing[0]}")
+    return items
+
+
+def assign_splits(items: Sequence[Item], val_fraction: float, seed: int) -> list[Item]:
+    """Keep given splits; put unsplit items in train/val by group (or by item), stratified by label."""
+    rng = np.random.default_rng(seed)
+    out = []
+    groups: dict[str, str] = {}
+    for item in items:
+        if item.split:
+            out.append(item)
+            continue
+        key = item.group or str(item.path)
+        if key not in groups:
+            groups[key] = "val" if rng.random() < val_fraction else "train"
+        out.append(Item(item.path, item.label, item.class_name, groups[key], item.group, item.meta))
+    return out
+
+
+def load_tensors(
+    items: Sequence[Item],
+    config: PreprocessConfig,
+    bundle_like: Bundle | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Preprocessed (N, 1, S, S) float16 tensors, first frame of each image, through the daemon's pipeline."""
+    images = torch.empty((len(items), 1, config.input_size, config.input_size), dtype=torch.float16)
+    holder = bundle_like or _ConfigHolder(config)
+    for index, item in enumerate(items):
+        loaded = load_file(item.path, holder)  # type: ignore[arg-type]
+        if loaded.error is not None or not loaded.inputs:
+            raise DatasetError(f"{item.path}: {loaded.error or 'no image'}")
+        images[index] = loaded.inputs[0].to(torch.float16)
+        if progress is not None:
+            progress(index + 1)
+    return images
+
+
+class _ConfigHolder:
+    """What ``load_file`` needs of a bundle when there is none yet (training a new model)."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.preprocess_config = config
+
+
+__all__ = ["DatasetError", "Item", "assign_splits", "load_dicom", "load_tensors", "preprocess", "read_dataset"]

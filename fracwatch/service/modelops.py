@@ -1,0 +1,384 @@
+"""The model lifecycle behind ``fracwatch train`` and ``fracwatch evaluate``: data sets in, bundles and reports out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fracwatch.model import plots
+from fracwatch.model.bundle import CARD_NAME, Bundle, ModelCard, load_bundle, save_bundle
+from fracwatch.model.metrics import (
+    at_threshold,
+    auroc,
+    bootstrap_auroc_ci,
+    calibration_bins,
+    expected_calibration_error,
+)
+from fracwatch.model.training import (
+    TrainConfig,
+    build_card,
+    class_probabilities,
+    operating_points,
+    train_network,
+)
+from fracwatch.pipeline.transforms import PreprocessConfig
+from fracwatch.service.datasets import DatasetError, Item, assign_splits, load_tensors, read_dataset
+
+LOGGER = logging.getLogger(__name__)
+
+SYNTH_INTENDED_USE = (
+    "Research and integration testing of fracwatch. Trained on synthetic radiographs (digitally reconstructed "
+    "radiographs rendered from one chest CT with simulated fractures); it has never seen a real radiograph. "
+    "NOT A CLINICAL DEVICE and not for diagnostic use: retrain and validate on your own data with "
+    "`fracwatch train` / `fracwatch evaluate`."
+)
+GENERIC_INTENDED_USE = (
+    "Fracture triage research model trained with fracwatch on the data set named in `training.data`. Not a "
+    "clinical device; validate on local data before any use."
+)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What ``fracwatch train`` asks for."""
+
+    source: Path
+    out: Path
+    config: TrainConfig
+    layout: str = "auto"
+    labels_csv: Path | None = None
+    val_fraction: float = 0.15
+    folds: int = 1
+    task: str = "binary"  # binary, or "bone": no fracture / rib / clavicle / humerus / ... from the class column
+    version: str = "1.0.0"
+    name: str | None = None
+    resume: bool = False
+
+
+def _classes(items: Sequence[Item], task: str) -> tuple[str, ...]:
+    if task == "binary":
+        return ("no fracture", "fracture")
+    names = sorted({i.class_name for i in items if i.label == 1 and i.class_name})
+    if len(names) < 2:
+        raise DatasetError("a multi-class task needs at least two fracture classes in the data (e.g. synth bone_class)")
+    return ("no fracture", *names)
+
+
+def _targets(items: Sequence[Item], classes: tuple[str, ...]) -> torch.Tensor:
+    if len(classes) == 2:
+        return torch.tensor([float(i.label) for i in items])
+    index = {name: n for n, name in enumerate(classes)}
+    return torch.tensor([index.get(i.class_name, 0) if i.label == 1 else 0 for i in items], dtype=torch.long)
+
+
+def _load(items: Sequence[Item], config: PreprocessConfig, progress: Progress | None, stage: str) -> torch.Tensor:
+    return load_tensors(items, config, progress=(lambda n: progress(stage, n, len(items))) if progress else None)
+
+
+def group_folds(items: Sequence[Item], folds: int, seed: int) -> list[list[int]]:
+    """Indices of ``folds`` folds: groups kept whole, each fold with about the same share of positives."""
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(item.group or f"item{index}", []).append(index)
+    keys = list(groups)
+    np.random.default_rng(seed).shuffle(keys)
+    keys.sort(key=lambda k: -sum(items[i].label for i in groups[k]))  # deal positive-rich groups first
+    buckets: list[list[int]] = [[] for _ in range(folds)]
+    positives = [0] * folds
+    for key in keys:
+        target = min(range(folds), key=lambda f: (positives[f], len(buckets[f])))
+        buckets[target].extend(groups[key])
+        positives[target] += sum(items[i].label for i in groups[key])
+    return buckets
+
+
+def cross_validate(
+    items: Sequence[Item], images: torch.Tensor, targets: torch.Tensor, config: TrainConfig, folds: int
+) -> dict[str, Any]:
+    """K-fold cross-validation: validation AUROC per fold, mean ± sd."""
+    results = []
+    for fold, held in enumerate(group_folds(items, folds, config.seed)):
+        held_set = set(held)
+        kept = [i for i in range(len(items)) if i not in held_set]
+        LOGGER.info("fold %d/%d: %d training, %d validation images", fold + 1, folds, len(kept), len(held))
+        result = train_network(
+            (images[kept], targets[kept]), (images[held], targets[held]), replace(config, seed=config.seed + fold)
+        )
+        truth = (targets[held] > 0).numpy().astype(np.int64)
+        results.append(
+            {
+                "fold": fold + 1,
+                "validation_auroc": auroc(truth, result.validation_probabilities),
+                "validation_size": len(held),
+                "best_epoch": result.best_epoch,
+            }
+        )
+    values = np.array([r["validation_auroc"] for r in results], dtype=float)
+    return {"folds": results, "auroc_mean": float(np.nanmean(values)), "auroc_sd": float(np.nanstd(values, ddof=1))}
+
+
+def train_from_dataset(request: TrainRequest, progress: Progress | None = None) -> ModelCard:
+    """Read the data set, optionally cross-validate, train on its train split, write the bundle."""
+    items = assign_splits(
+        read_dataset(request.source, request.layout, request.labels_csv), request.val_fraction, request.config.seed
+    )
+    classes = _classes(items, request.task)
+    config = replace(request.config, classes=classes)
+    train_items = [i for i in items if i.split == "train"]
+    val_items = [i for i in items if i.split == "val"]
+    if not train_items or not val_items:
+        raise DatasetError(f"need training and validation images; found {len(train_items)} and {len(val_items)}")
+    for name, part in (("training", train_items), ("validation", val_items)):
+        if len({i.label for i in part}) < 2:
+            raise DatasetError(f"the {name} split needs fractured and non-fractured images")
+    preprocess = PreprocessConfig(input_size=config.input_size)
+    train_images = _load(train_items, preprocess, progress, "loading training images")
+    val_images = _load(val_items, preprocess, progress, "loading validation images")
+    train_targets, val_targets = _targets(train_items, classes), _targets(val_items, classes)
+    request.out.mkdir(parents=True, exist_ok=True)
+    cv = None
+    if request.folds > 1:
+        pool = train_items + val_items
+        cv = cross_validate(
+            pool, torch.cat([train_images, val_images]), torch.cat([train_targets, val_targets]), config, request.folds
+        )
+        (request.out / "cross_validation.json").write_text(json.dumps(cv, indent=2) + "\n")
+        LOGGER.info("cross-validation AUROC %.4f ± %.4f over %d folds", cv["auroc_mean"], cv["auroc_sd"], request.folds)
+    checkpoint = request.out / "checkpoint.pt"
+    if not request.resume and checkpoint.exists():
+        checkpoint.unlink()
+
+    def batches(epoch: int, done: int) -> None:
+        if progress is not None:
+            progress(f"epoch {epoch}", done, math.ceil(len(train_items) / config.batch_size))
+
+    result = train_network((train_images, train_targets), (val_images, val_targets), config, checkpoint, batches)
+    counts = {
+        split: {"images": len(part), "fractured": sum(i.label for i in part)}
+        for split, part in (("train", train_items), ("val", val_items))
+    }
+    training = {
+        "data": f"{request.source} ({request.layout} layout): {counts}",
+        "command": "fracwatch " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
+        "seed": config.seed,
+        "task": request.task,
+    }
+    if cv is not None:
+        training["cross_validation"] = cv
+    synthetic = (request.source / "synth.json").is_file()
+    card = build_card(
+        request.name or request.out.name,
+        request.version,
+        config,
+        result,
+        val_targets.numpy(),
+        training,
+        SYNTH_INTENDED_USE if synthetic else GENERIC_INTENDED_USE,
+        ["Not a clinical device; not for diagnostic use."]
+        + (
+            ["Trained on synthetic radiographs rendered from one CT; performance on real radiographs is unknown."]
+            if synthetic
+            else []
+        ),
+    )
+    final = save_bundle(request.out, card, result.network)
+    if checkpoint.exists():
+        checkpoint.unlink()  # the bundle is the result; a finished run needs no checkpoint
+    return final
+
+
+# --- evaluation -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What ``fracwatch evaluate`` asks for."""
+
+    bundle: Path
+    source: Path
+    out: Path
+    split: str | None = None  # default: "test" when the data set has splits, else everything
+    layout: str = "auto"
+    labels_csv: Path | None = None
+    set_operating_points: bool = False
+    record_in_card: bool = False  # store the report's summary in the card (the shipped model's test results)
+    doubt_sensitivity: float = 0.95
+    positive_specificity: float = 0.95
+    bootstrap: int = 1000
+    device: str = "auto"
+
+
+def _binary_summary(labels: np.ndarray, probabilities: np.ndarray, card: ModelCard, resamples: int) -> dict[str, Any]:
+    auc = auroc(labels, probabilities)
+    low, high = bootstrap_auroc_ci(labels, probabilities, resamples)
+    points = card.operating_points
+    return {
+        "images": len(labels),
+        "fractured": int(labels.sum()),
+        "auroc": auc,
+        "auroc_ci95": [low, high],
+        "at_doubt": asdict(at_threshold(labels, probabilities, points.doubt)),
+        "at_positive": asdict(at_threshold(labels, probabilities, points.positive)),
+    }
+
+
+def _breakdown(
+    items: Sequence[Item], labels: np.ndarray, probabilities: np.ndarray, card: ModelCard, key: str
+) -> dict[str, Any]:
+    """Per value of a manifest column: AUROC (that value's images) and sensitivity at both points.
+
+    For ``bone_class``, each class's fractures are scored against every non-fractured image.
+    """
+    values = sorted({i.meta.get(key, "") for i in items} - {""})
+    out: dict[str, Any] = {}
+    negatives = labels == 0
+    for value in values:
+        chosen = np.array([i.meta.get(key, "") == value for i in items])
+        if key == "bone_class":
+            if value == "none":
+                continue
+            chosen = chosen | negatives
+        sub_labels, sub_probs = labels[chosen], probabilities[chosen]
+        out[value] = {
+            "images": int(chosen.sum()),
+            "fractured": int(sub_labels.sum()),
+            "auroc": auroc(sub_labels, sub_probs),
+            "sensitivity_at_doubt": at_threshold(sub_labels, sub_probs, card.operating_points.doubt).sensitivity,
+            "sensitivity_at_positive": at_threshold(sub_labels, sub_probs, card.operating_points.positive).sensitivity,
+        }
+    return out
+
+
+def _multiclass(items: Sequence[Item], classes: np.ndarray, names: list[str], out: Path) -> dict[str, Any]:
+    truth = np.array([names.index(i.class_name) if i.label == 1 and i.class_name in names else 0 for i in items])
+    predicted = classes.argmax(axis=1)
+    matrix = np.zeros((len(names), len(names)), dtype=int)
+    for t, p in zip(truth, predicted, strict=True):
+        matrix[t, p] += 1
+    per_class = {}
+    for index, name in enumerate(names):
+        tp = int(matrix[index, index])
+        fp, fn = int(matrix[:, index].sum()) - tp, int(matrix[index].sum()) - tp
+        precision = tp / (tp + fp) if tp + fp else float("nan")
+        recall = tp / (tp + fn) if tp + fn else float("nan")
+        per_class[name] = {
+            "images": int(matrix[index].sum()),
+            "auroc_one_vs_rest": auroc((truth == index).astype(int), classes[:, index]),
+            "precision": precision,
+            "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else float("nan"),
+        }
+    plots.confusion_plot(matrix, names, out / "confusion_multiclass.png")
+    return {
+        "classes": names,
+        "confusion_matrix": matrix.tolist(),
+        "per_class": per_class,
+        "accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
+    }
+
+
+def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) -> dict[str, Any]:
+    """Score a labelled data set with a bundle; write report.json and ROC/PR/calibration/confusion plots."""
+    bundle = load_bundle(request.bundle)
+    items = read_dataset(request.source, request.layout, request.labels_csv)
+    split = request.split or ("test" if any(i.split == "test" for i in items) else None)
+    if split is not None:
+        items = [i for i in items if i.split == split]
+    if len({i.label for i in items}) < 2:
+        raise DatasetError(f"the evaluation set ({split or 'all'}) needs fractured and non-fractured images")
+    images = load_tensors(
+        items,
+        bundle.preprocess_config,
+        bundle,
+        progress=(lambda n: progress("scoring", n, len(items))) if progress else None,
+    )
+    device = torch.device("cuda" if request.device != "cpu" and torch.cuda.is_available() else "cpu")
+    classes, probabilities = class_probabilities(bundle.network.to(device), images, device)
+    bundle.network.cpu()
+    labels = np.array([i.label for i in items], dtype=np.int64)
+    card = bundle.card
+    if request.set_operating_points:
+        config = TrainConfig(
+            doubt_sensitivity=request.doubt_sensitivity, positive_specificity=request.positive_specificity
+        )
+        card = _write_operating_points(bundle, operating_points(labels, probabilities, config), split)
+    request.out.mkdir(parents=True, exist_ok=True)
+    summary = _binary_summary(labels, probabilities, card, request.bootstrap)
+    table = calibration_bins(labels, probabilities)
+    report: dict[str, Any] = {
+        "model": {"name": card.name, "version": card.version, "device_uid": card.device_uid},
+        "data": {"source": str(request.source), "split": split or "all"},
+        "operating_points": card.operating_points.model_dump(),
+        **summary,
+        "calibration": {"bins": table, "expected_calibration_error": expected_calibration_error(table)},
+        "breakdown": {
+            key: _breakdown(items, labels, probabilities, card, key)
+            for key in ("view", "bone_class", "fov")
+            if any(i.meta.get(key) for i in items)
+        },
+        "plots": {},
+    }
+    points = {"doubt": card.operating_points.doubt, "positive": card.operating_points.positive}
+    report["plots"]["roc"] = plots.roc_plot(
+        labels, probabilities, summary["auroc"], tuple(summary["auroc_ci95"]), request.out / "roc.png", points
+    ).name
+    report["plots"]["pr"] = plots.pr_plot(labels, probabilities, request.out / "pr.png").name
+    report["plots"]["calibration"] = plots.calibration_plot(labels, probabilities, request.out / "calibration.png").name
+    at_positive = summary["at_positive"]
+    matrix = np.array([[at_positive["tn"], at_positive["fp"]], [at_positive["fn"], at_positive["tp"]]])
+    report["plots"]["confusion"] = plots.confusion_plot(
+        matrix, ["no fracture", "fracture"], request.out / "confusion.png"
+    ).name
+    if len(card.class_names) > 2:
+        report["multiclass"] = _multiclass(items, classes, list(card.class_names), request.out)
+    report = _finite(report)
+    (request.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if request.record_in_card:
+        _record(bundle, card, report)
+    return report
+
+
+def _write_operating_points(bundle: Bundle, points: Any, split: str | None) -> ModelCard:
+    """Store operating points chosen on these (validation) data in the bundle's card; weights are unchanged."""
+    card = bundle.card.model_copy(update={"operating_points": points})
+    card.metrics["operating_points_chosen_on"] = split or "all"
+    (bundle.path / CARD_NAME).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+    LOGGER.info("operating points written to %s: doubt %.4f, positive %.4f", bundle.path, points.doubt, points.positive)
+    return card
+
+
+def _record(bundle: Bundle, card: ModelCard, report: dict[str, Any]) -> None:
+    keys = ["data", "images", "fractured", "auroc", "auroc_ci95", "at_doubt", "at_positive", "breakdown", "calibration"]
+    summary: dict[str, Any] = {key: report[key] for key in keys if key in report}
+    if "multiclass" in report:
+        summary["multiclass"] = {k: report["multiclass"][k] for k in ("classes", "accuracy", "per_class")}
+    card.metrics[f"evaluation_{report['data']['split']}"] = summary
+    (bundle.path / CARD_NAME).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf become null and numpy scalars plain numbers, so the report is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+__all__ = ["EvaluateRequest", "TrainRequest", "evaluate_bundle", "save_bundle", "train_from_dataset"]

