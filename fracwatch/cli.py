@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -354,8 +355,27 @@ def train(
             card = train_phantom_bundle(out, config, train_count, val_count, model_version)
         else:
             assert dataset is not None
+            command = (
+                f"fracwatch train {shlex.quote(str(dataset))} --out {shlex.quote(str(out))} --layout {layout} "
+                f"--task {task} --arch {arch} --input-size {input_size} --epochs {epochs} --batch-size {batch_size} "
+                f"--lr {learning_rate:g} --patience {patience} --folds {folds} --val-fraction {val_fraction:g} "
+                f"--seed {seed} --version {shlex.quote(model_version)}"
+                + (f" --labels {shlex.quote(str(labels_csv))}" if labels_csv else "")
+                + (f" --init-weights {shlex.quote(str(init_weights))}" if init_weights else "")
+                + (" --no-augment" if no_augment else "")
+            )
             request = TrainRequest(
-                dataset, out, config, layout, labels_csv, val_fraction, folds, task, model_version, resume=resume
+                dataset,
+                out,
+                config,
+                layout,
+                labels_csv,
+                val_fraction,
+                folds,
+                task,
+                model_version,
+                resume=resume,
+                command=command,
             )
             card = train_from_dataset(request, _progress_printer())
     except (FracwatchError, ValueError) as exc:

@@ -179,6 +179,8 @@ def train_network(
     best_auc, best_state, stale, first_epoch = -1.0, copy.deepcopy(network.state_dict()), 0, 1
     if checkpoint is not None and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        if saved["scheduler"].get("total_steps") != steps:
+            raise ValueError(f"{checkpoint} was made with other --epochs/--batch-size or data; resume with the same")
         network.load_state_dict(saved["network"])
         optimiser.load_state_dict(saved["optimiser"])
         scheduler.load_state_dict(saved["scheduler"])

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shlex
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -65,6 +63,7 @@ class TrainRequest:
     version: str = "1.0.0"
     name: str | None = None
     resume: bool = False
+    command: str = ""  # the command line that reproduces the run, for the model card
 
 
 def _classes(items: Sequence[Item], task: str) -> tuple[str, ...]:
@@ -171,7 +170,7 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
     }
     training = {
         "data": f"{request.source} ({request.layout} layout): {counts}",
-        "command": "fracwatch " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
+        "command": request.command,
         "seed": config.seed,
         "task": request.task,
     }

@@ -1,0 +1,223 @@
+"""The model lifecycle on small, fast data: synth phantoms → train → bundle → predict → evaluate; every data set
+layout; k-fold; resume; transfer; a multi-class task; Grad-CAM shape and range."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from fracwatch.cli import cli
+from fracwatch.model.bundle import load_bundle
+from fracwatch.model.gradcam import grad_cam
+from fracwatch.model.networks import PRESETS, build_network
+from fracwatch.model.phantom import render_phantom, to_stored
+from fracwatch.model.training import TrainConfig, train_network
+from fracwatch.service.datasets import DatasetError, read_dataset
+from tests import dicomgen
+
+pytestmark = pytest.mark.timeout(300)
+
+FAST = ["--input-size", "64", "--batch-size", "16", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms") / "set"
+    result = CliRunner().invoke(cli, ["synth", "--phantom", "--out", str(out), "--poses", "16", "--per-pose", "6",
+                                      "--size", "128", "160"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def png(path: Path, fractured: bool, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.clip(render_phantom(seed, fractured, (96, 96)).image, 0, 1) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_train_one_epoch_then_predict_and_evaluate(phantoms: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    trained = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(model), *FAST, "--version", "9.9.9"])
+    assert trained.exit_code == 0, trained.output
+    bundle = load_bundle(model)
+    card = bundle.card
+    assert card.version == "9.9.9" and card.class_names == ["no fracture", "fracture"]
+    assert card.training["command"].startswith("fracwatch ") and "train" in card.training["command"]
+    assert "Not a clinical device" in " ".join(card.warnings) and not (model / "checkpoint.pt").exists()
+    assert card.metrics["history"][0]["epoch"] == 1 and 0.0 <= card.metrics["validation_auroc"] <= 1.0
+
+    rows = list(csv.DictReader((phantoms / "manifest.csv").open()))
+    files = [str(phantoms / r["image"]) for r in rows[:3]]
+    predicted = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", "--cam", str(tmp_path / "cam"),
+                                         *files])  # fmt: skip
+    assert predicted.exit_code == 0, predicted.output
+    answers = json.loads(predicted.output)
+    assert [a["file"] for a in answers] == files
+    assert all(0.0 <= a["probability"] <= 1.0 and a["model_version"] == "9.9.9" for a in answers)
+    assert all(Path(a["cam"]).is_file() for a in answers)
+
+    report_dir = tmp_path / "eval"
+    evaluated = CliRunner().invoke(
+        cli, ["evaluate", str(phantoms), "--model", str(model), "--out", str(report_dir), "--bootstrap", "200"]
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((report_dir / "report.json").read_text())
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert report["data"]["split"] == "test" and report["images"] == len(test_rows)
+    assert report["fractured"] == sum(int(r["label"]) for r in test_rows)
+    low, high = report["auroc_ci95"]
+    assert low <= report["auroc"] <= high
+    for point in ("at_doubt", "at_positive"):
+        at = report[point]
+        assert at["tp"] + at["fp"] + at["tn"] + at["fn"] == report["images"]
+        assert {"sensitivity", "specificity", "accuracy", "precision", "f1"} <= set(at)
+    for picture in ("roc.png", "pr.png", "calibration.png", "confusion.png"):
+        with Image.open(report_dir / picture) as image:
+            assert image.width > 200 and image.height > 200
+    assert report["calibration"]["bins"] and "bone_class" in report["breakdown"]
+
+    chosen = CliRunner().invoke(cli, ["evaluate", str(phantoms), "--model", str(model), "--out", str(tmp_path / "v"),
+                                      "--split", "val", "--set-operating-points", "--doubt-sensitivity", "0.9",
+                                      "--record-in-card", "--bootstrap", "100"])  # fmt: skip
+    assert chosen.exit_code == 0, chosen.output
+    updated = load_bundle(model).card  # weights unchanged, so the checksum still holds
+    val = json.loads((tmp_path / "v" / "report.json").read_text())
+    assert updated.operating_points.model_dump() == val["operating_points"]
+    assert val["at_doubt"]["sensitivity"] >= 0.9
+    assert updated.metrics["operating_points_chosen_on"] == "val" and "evaluation_val" in updated.metrics
+
+
+def test_every_dataset_layout_loads(tmp_path: Path) -> None:
+    fracatlas = tmp_path / "FracAtlas" / "images"
+    for n in range(2):
+        png(fracatlas / "Fractured" / f"f{n}.png", True, n)
+        png(fracatlas / "Non_fractured" / f"n{n}.png", False, 10 + n)
+    items = read_dataset(tmp_path / "FracAtlas")
+    assert sorted((i.path.name, i.label) for i in items) == [("f0.png", 1), ("f1.png", 1), ("n0.png", 0), ("n1.png", 0)]
+
+    kaggle = tmp_path / "kaggle"
+    for split in ("train", "val", "test"):
+        png(kaggle / split / "fractured" / "a.png", True, 20)
+        png(kaggle / split / "not fractured" / "b.png", False, 21)
+    items = read_dataset(kaggle)
+    assert {(i.split, i.label) for i in items} == {(s, lab) for s in ("train", "val", "test") for lab in (0, 1)}
+
+    table = tmp_path / "labels.csv"
+    png(tmp_path / "pics" / "x.png", True, 30)
+    png(tmp_path / "pics" / "y.png", False, 31)
+    table.write_text("path,label\npics/x.png,fractured\npics/y.png,0\n")
+    assert [(i.path.name, i.label) for i in read_dataset(table)] == [("x.png", 1), ("y.png", 0)]
+
+    dicom_dir = tmp_path / "dicom"
+    dicom_dir.mkdir()
+    uids = []
+    for n, fractured in enumerate((True, False)):
+        ds = dicomgen.image(dicomgen.StudyIds(), rows=96, columns=96, seed=n)
+        ds.PixelData = to_stored(render_phantom(40 + n, fractured, (96, 96)).image).tobytes()
+        dicomgen.save(ds, dicom_dir / f"{n}.dcm")
+        uids.append((ds.SOPInstanceUID, int(fractured)))
+    dicom_labels = tmp_path / "dicom_labels.csv"
+    dicom_labels.write_text("sop_instance_uid,label\n" + "".join(f"{u},{lab}\n" for u, lab in uids))
+    items = read_dataset(dicom_dir, labels_csv=dicom_labels)
+    assert sorted(i.label for i in items) == [0, 1] and all(i.group == dicomgen.StudyIds().patient_id for i in items)
+
+    with pytest.raises(DatasetError, match="--labels"):
+        read_dataset(dicom_dir)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\npics/x.png,maybe\n")
+    with pytest.raises(DatasetError, match="neither fractured nor"):
+        read_dataset(bad)
+    gone = tmp_path / "gone.csv"
+    gone.write_text("path,label\npics/nothere.png,1\n")
+    with pytest.raises(DatasetError, match="do not exist"):
+        read_dataset(gone)
+
+    trained = CliRunner().invoke(cli, ["train", str(kaggle), "--out", str(tmp_path / "m"), *FAST])
+    assert trained.exit_code == 0, trained.output  # the Kaggle train/val folders are used as given
+    assert load_bundle(tmp_path / "m").card.metrics["validation_size"] == 2
+
+
+def test_cross_validation_resume_and_transfer(phantoms: Path, tmp_path: Path) -> None:
+    model = tmp_path / "cv"
+    result = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(model), *FAST, "--folds", "2"])
+    assert result.exit_code == 0, result.output
+    cv = json.loads((model / "cross_validation.json").read_text())
+    assert len(cv["folds"]) == 2 and "± " in result.output
+    assert cv["auroc_mean"] == pytest.approx(np.mean([f["validation_auroc"] for f in cv["folds"]]))
+    assert load_bundle(model).card.training["cross_validation"]["auroc_sd"] == cv["auroc_sd"]
+
+    # transfer: start from the trained weights (a local file; nothing downloads)
+    weights = tmp_path / "start.pt"
+    torch.save(load_bundle(model).network.state_dict(), weights)
+    transfer = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "t"), *FAST,
+                                        "--init-weights", str(weights)])  # fmt: skip
+    assert transfer.exit_code == 0, transfer.output
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"nothing": torch.zeros(3)}, wrong)
+    refused = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "w"), *FAST,
+                                       "--init-weights", str(wrong)])  # fmt: skip
+    assert refused.exit_code == 1 and "no tensor" in refused.output
+
+    # resume: a run interrupted in epoch 2 continues there from its checkpoint (saved after epoch 1)
+    config = TrainConfig(input_size=64, batch_size=16, epochs=2)
+    images, labels = torch.rand(24, 1, 64, 64), torch.tensor([0.0, 1.0] * 12)
+    checkpoint = tmp_path / "ck.pt"
+
+    def interrupt(epoch: int, _batch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_network((images, labels), (images[:8], labels[:8]), config, checkpoint, interrupt)
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
+    resumed = train_network((images, labels), (images[:8], labels[:8]), config, checkpoint)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    with pytest.raises(ValueError, match="resume with the same"):
+        train_network((images, labels), (images[:8], labels[:8]), replace(config, epochs=3), checkpoint)
+
+
+def test_multiclass_bone_task(tmp_path: Path) -> None:
+    rows = ["path,label,class,group"]
+    for n in range(36):
+        kind = ("none", "rib", "clavicle")[n % 3]
+        picture = png(tmp_path / "pics" / f"{n}.png", kind != "none", 200 + n)
+        rows.append(f"pics/{picture.name},{int(kind != 'none')},{kind},g{n // 2}")
+    table = tmp_path / "set.csv"
+    table.write_text("\n".join(rows) + "\n")
+    model = tmp_path / "bone"
+    result = CliRunner().invoke(cli, ["train", str(table), "--out", str(model), *FAST, "--task", "bone",
+                                      "--val-fraction", "0.3"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(model)
+    assert bundle.card.class_names == ["no fracture", "clavicle", "rib"]
+    report_dir = tmp_path / "eval"
+    evaluated = CliRunner().invoke(cli, ["evaluate", str(table), "--model", str(model), "--out", str(report_dir),
+                                         "--bootstrap", "100"])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    multiclass = json.loads((report_dir / "report.json").read_text())["multiclass"]
+    assert multiclass["classes"] == ["no fracture", "clavicle", "rib"]
+    assert np.array(multiclass["confusion_matrix"]).sum() == 36
+    assert set(multiclass["per_class"]) == {"no fracture", "clavicle", "rib"}
+    assert (report_dir / "confusion_multiclass.png").is_file()
+    # the daemon's predictor reads P(fracture) = 1 - P(no fracture) from a multi-class bundle
+    scored = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", str(tmp_path / "pics" / "1.png")])
+    assert scored.exit_code == 0 and 0.0 <= json.loads(scored.output)[0]["probability"] <= 1.0
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_grad_cam_shape_and_range(outputs: int) -> None:
+    builder, params = PRESETS["tiny-resnet"]
+    network = build_network(builder, {**params, "outputs": outputs}).eval()
+    inputs = torch.rand(2, 1, 96, 96)
+    maps = grad_cam(network, inputs)
+    assert maps.shape == (2, 96, 96) and maps.dtype == np.float32
+    assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0 + 1e-6
+    assert all(p.grad is None for p in network.parameters())
