@@ -19,6 +19,9 @@ from fracwatch.config import Settings, load_settings
 from fracwatch.service.daemon import Daemon
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+# The bootstrap bundle trained on 2-D limb phantoms: tests that need a predictable verdict send phantom images
+# (fractured → positive) and run the daemon with this model rather than the shipped default.
+PHANTOM_MODEL = Path(__file__).resolve().parents[1] / "models" / "fracwatch-phantom"
 
 
 def free_port() -> int:
@@ -85,6 +88,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "host": "127.0.0.1",
             "port": free_port(),
             "http_port": free_port(),
+            "model": PHANTOM_MODEL,
             "completion_interval": 3600,  # tests drive completion with detect_once() and a fake clock
             "shutdown_grace": 5,
         }

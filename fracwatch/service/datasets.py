@@ -26,8 +26,8 @@ from pydicom.errors import InvalidDicomError
 from fracwatch.errors import FracwatchError
 from fracwatch.model.bundle import Bundle
 from fracwatch.pipeline.pictures import PICTURE_SUFFIXES
-from fracwatch.pipeline.transforms import PreprocessConfig, preprocess
-from fracwatch.service.scoring import load_dicom, load_file
+from fracwatch.pipeline.transforms import PreprocessConfig
+from fracwatch.service.scoring import load_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -225,6 +225,3 @@ class _ConfigHolder:
 
     def __init__(self, config: PreprocessConfig) -> None:
         self.preprocess_config = config
-
-
-__all__ = ["DatasetError", "Item", "assign_splits", "load_dicom", "load_tensors", "preprocess", "read_dataset"]

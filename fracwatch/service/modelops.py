@@ -378,6 +378,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-__all__ = ["EvaluateRequest", "TrainRequest", "evaluate_bundle", "save_bundle", "train_from_dataset"]
