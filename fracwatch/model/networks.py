@@ -19,6 +19,14 @@ def _monai_resnet(params: dict[str, Any]) -> torch.nn.Module:
     return nets.ResNet(spatial_dims=2, n_input_channels=1, num_classes=params.pop("outputs", 1), **params)
 
 
+def _monai_resnet_maxpool(params: dict[str, Any]) -> torch.nn.Module:
+    # Global max instead of average pooling: a fracture is a small local finding, and a mean over the whole
+    # image dilutes it; the strongest local response carries it.
+    network = _monai_resnet(params)
+    network.avgpool = torch.nn.AdaptiveMaxPool2d(1)
+    return network
+
+
 def _monai_densenet121(params: dict[str, Any]) -> torch.nn.Module:
     return nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=params.pop("outputs", 1), **params)
 
@@ -66,6 +74,7 @@ def _first_conv_to_one_channel(model: torch.nn.Module) -> None:
 
 BUILDERS: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
     "monai.ResNet": _monai_resnet,
+    "monai.ResNetMaxPool": _monai_resnet_maxpool,
     "monai.DenseNet121": _monai_densenet121,
     "monai.EfficientNetBN": _monai_efficientnet,
     "torchvision.resnet18": _torchvision("resnet18"),
@@ -78,6 +87,16 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # GroupNorm, not BatchNorm: a small network trained on small batches behaves the same in train and eval
     "tiny-resnet": (
         "monai.ResNet",
+        {
+            "block": "basic",
+            "layers": [1, 1, 1, 1],
+            "block_inplanes": [16, 32, 64, 128],
+            "conv1_t_stride": 2,
+            "norm": ["group", {"num_groups": 8}],
+        },
+    ),
+    "tiny-resnet-max": (
+        "monai.ResNetMaxPool",
         {
             "block": "basic",
             "layers": [1, 1, 1, 1],

@@ -42,7 +42,7 @@ class SynthConfig:
     per_pose: int = 16
     fractured_fraction: float = 0.5
     seed: int = 0
-    whole_fraction: float = 0.25
+    whole_fraction: float = 0.2
     monochrome1_fraction: float = 0.3
     min_size: int = 384
     max_size: int = 640
@@ -129,7 +129,7 @@ class PoseRenderer:
             voxels = self.ct.voxels(label)
             z, y, x = voxels[rng.integers(len(voxels))].tolist()
             target = self._detector(z, y, x)
-        boost = rng.uniform(2.5, 4.0)  # plain-film bone contrast (CT bone is faint in a DRR)
+        boost = rng.uniform(5.0, 8.0)  # plain-film bone contrast: CT bone is faint in a DRR (partial volume)
         line = self.soft.image + boost * bone
         top, bottom, left, right = self._field_of_view(rng, target)
         fov = "whole" if (bottom - top) >= 0.8 * (self.body[1] - self.body[0]) else "detail"
@@ -199,7 +199,7 @@ def _expose(line: torch.Tensor, shape: tuple[int, int], rng: np.random.Generator
     resized = F.interpolate(line[None, None], size=shape, mode="bilinear", antialias=True, align_corners=False)[0, 0]
     p = resized.numpy().astype(np.float64)
     p = p * (2.2 / max(float(np.percentile(p, 90)), 1e-6))  # mediastinum ~ e^-2.2 transmission
-    p = gaussian_filter(p, sigma=rng.uniform(0.3, 1.0))
+    p = gaussian_filter(p, sigma=rng.uniform(0.3, 0.7))
     photons = 10 ** rng.uniform(3.6, 4.6)
     counts = rng.poisson(photons * np.exp(-p)).astype(np.float64)
     log = -np.log(np.maximum(counts, 0.5) / photons)
