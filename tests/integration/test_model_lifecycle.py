@@ -212,9 +212,9 @@ def test_multiclass_bone_task(tmp_path: Path) -> None:
     assert scored.exit_code == 0 and 0.0 <= json.loads(scored.output)[0]["probability"] <= 1.0
 
 
-@pytest.mark.parametrize("outputs", [1, 3])
-def test_grad_cam_shape_and_range(outputs: int) -> None:
-    builder, params = PRESETS["tiny-resnet"]
+@pytest.mark.parametrize(("arch", "outputs"), [("tiny-resnet", 1), ("tiny-resnet", 3), ("tiny-resnet-max", 1)])
+def test_grad_cam_shape_and_range(arch: str, outputs: int) -> None:
+    builder, params = PRESETS[arch]
     network = build_network(builder, {**params, "outputs": outputs}).eval()
     inputs = torch.rand(2, 1, 96, 96)
     maps = grad_cam(network, inputs)
