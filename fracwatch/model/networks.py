@@ -82,39 +82,23 @@ BUILDERS: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
     "torchvision.efficientnet_b0": _torchvision("efficientnet_b0"),
 }
 
+
+def _small_resnet(layers: list[int], planes: list[int]) -> dict[str, Any]:
+    # GroupNorm, not BatchNorm: a small network trained on small batches behaves the same in train and eval
+    return {
+        "block": "basic",
+        "layers": layers,
+        "block_inplanes": planes,
+        "conv1_t_stride": 2,
+        "norm": ["group", {"num_groups": 8}],
+    }
+
+
 # Named presets for `fracwatch train --arch`: (builder, parameters).
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    # GroupNorm, not BatchNorm: a small network trained on small batches behaves the same in train and eval
-    "tiny-resnet": (
-        "monai.ResNet",
-        {
-            "block": "basic",
-            "layers": [1, 1, 1, 1],
-            "block_inplanes": [16, 32, 64, 128],
-            "conv1_t_stride": 2,
-            "norm": ["group", {"num_groups": 8}],
-        },
-    ),
-    "tiny-resnet-max": (
-        "monai.ResNetMaxPool",
-        {
-            "block": "basic",
-            "layers": [1, 1, 1, 1],
-            "block_inplanes": [16, 32, 64, 128],
-            "conv1_t_stride": 2,
-            "norm": ["group", {"num_groups": 8}],
-        },
-    ),
-    "small-resnet": (
-        "monai.ResNet",
-        {
-            "block": "basic",
-            "layers": [1, 1, 2, 1],
-            "block_inplanes": [24, 48, 96, 192],
-            "conv1_t_stride": 2,
-            "norm": ["group", {"num_groups": 8}],
-        },
-    ),
+    "tiny-resnet": ("monai.ResNet", _small_resnet([1, 1, 1, 1], [16, 32, 64, 128])),
+    "tiny-resnet-max": ("monai.ResNetMaxPool", _small_resnet([1, 1, 1, 1], [16, 32, 64, 128])),
+    "small-resnet": ("monai.ResNet", _small_resnet([1, 1, 2, 1], [24, 48, 96, 192])),
     "resnet18": (
         "monai.ResNet",
         {"block": "basic", "layers": [2, 2, 2, 2], "block_inplanes": [64, 128, 256, 512], "conv1_t_stride": 2},

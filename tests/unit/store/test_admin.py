@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from fracwatch.store import access, db, repository, retention, search
+from fracwatch.store import access, repository, retention, search
 from fracwatch.store import triage as triage_store
 from fracwatch.store.models import ApiToken, Delivery, Study, TriageMessage
 from fracwatch.store.search import StudyQuery
 from tests.seed import seed_study
 
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = db.make_engine(db_url)
-    db.upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Any]:
-    return db.session_factory(engine)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,6 @@ from fracwatch.store import db, repository
 from fracwatch.store.repository import HandOver, StudyFilter
 
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = db.make_engine(db_url)
-    db.upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Any]:
-    return db.session_factory(engine)
 
 
 def received(
