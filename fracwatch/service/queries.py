@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -14,7 +15,7 @@ from fracwatch.config import Settings
 from fracwatch.errors import DatabaseError
 from fracwatch.service.retention import cutoff_for, purge
 from fracwatch.store import access, db, repository, retention
-from fracwatch.store.access import TokenSummary
+from fracwatch.store.access import Principal, TokenSummary
 from fracwatch.store.repository import (
     DeliverySummary,
     ResendOutcome,
@@ -30,7 +31,7 @@ T = TypeVar("T")
 
 def recent_studies(settings: Settings, filters: StudyFilter) -> Sequence[StudySummary]:
     """The study list for ``fracwatch studies``."""
-    return _with_session(settings, lambda session: repository.list_studies(session, filters))
+    return _with_session(settings, _audited("cli.studies", repr(filters), repository.list_studies, filters), True)
 
 
 def upgrade_database(settings: Settings) -> str | None:
@@ -40,6 +41,25 @@ def upgrade_database(settings: Settings) -> str | None:
         return db.upgrade(engine)
     finally:
         engine.dispose()
+
+
+def cli_principal() -> Principal:
+    """Who runs a CLI command that reads study data, for the audit trail: the operating-system user."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return Principal(0, f"cli:{user}"[:64], "admin")
+
+
+def _audited(action: str, target: str, query: Callable[[Session, Any], T], argument: Any) -> Callable[[Session], T]:
+    """``query(session, argument)``, with an audit row written in the same transaction."""
+
+    def run(session: Session) -> T:
+        access.record_audit(session, cli_principal(), action, target[:2000], "local", datetime.now(UTC))
+        return query(session, argument)
+
+    return run
 
 
 def _with_session(settings: Settings, action: Callable[[Session], T], write: bool = False) -> T:
@@ -66,7 +86,7 @@ def _check_revision(engine: Engine) -> None:
 
 def scored_results(settings: Settings, filters: ResultFilter) -> Sequence[ResultSummary]:
     """The result list for ``fracwatch results``."""
-    return _with_session(settings, lambda session: repository.list_results(session, filters))
+    return _with_session(settings, _audited("cli.results", repr(filters), repository.list_results, filters), True)
 
 
 def outbox(settings: Settings, states: Sequence[str]) -> Sequence[DeliverySummary]:

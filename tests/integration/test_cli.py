@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import select
 
 from fracwatch.cli import cli
 from fracwatch.service.daemon import Daemon
 from fracwatch.store import db
+from fracwatch.store.models import AuditEvent
 from tests import dicomgen
 from tests.conftest import FakeClock, free_port, send_files
 
@@ -68,6 +70,11 @@ def test_studies_json_contract(
     today = CliRunner().invoke(cli, ["studies", "--db", db_url, "--today"])
     assert ids.study_uid in today.output and "scored" in today.output
     assert "Doe" not in today.output
+    with daemon.sessions() as session:  # type: ignore[misc]
+        audit = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+    assert len(audit) == 6 and {a.action for a in audit} == {"cli.studies"}  # every CLI read is audited
+    assert all(a.actor.startswith("cli:") and a.client == "local" for a in audit)
+    assert "ACC-88" in audit[1].target
 
 
 def test_studies_on_unmigrated_database_says_what_to_do(tmp_path: Path) -> None:
