@@ -169,7 +169,7 @@ class PoseRenderer:
         if rng.random() < self.config.whole_fraction:
             pad = int(rng.integers(0, 15))
             return max(0, top - pad), min(height, bottom + pad), max(0, left - pad), min(width, right + pad)
-        side = int(rng.uniform(80, 160) / self.ct.spacing)
+        side = int(rng.uniform(40, 100) / self.ct.spacing)
         row = target[0] + rng.uniform(-0.3, 0.3) * side
         col = target[1] + rng.uniform(-0.3, 0.3) * side
         r0 = int(np.clip(row - side / 2, 0, max(0, height - side)))
