@@ -592,7 +592,7 @@ def predict(files: tuple[Path, ...], model: Path | None, device: str, as_json: b
         predictor = Predictor(bundle.network, device)
     except (FracwatchError, ValueError) as exc:
         _fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))
-    loaded = [load_file(path, bundle) if path.is_file() else _missing(path) for path in files]
+    loaded = [load_file(path, bundle.preprocess_config) if path.is_file() else _missing(path) for path in files]
     probabilities = score_loaded(loaded, predictor)
     cams: list[Path | None] = [None] * len(files)
     if cam_dir is not None:

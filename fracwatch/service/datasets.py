@@ -24,7 +24,6 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from fracwatch.errors import FracwatchError
-from fracwatch.model.bundle import Bundle
 from fracwatch.pipeline.pictures import PICTURE_SUFFIXES
 from fracwatch.pipeline.transforms import PreprocessConfig
 from fracwatch.service.scoring import load_file
@@ -204,24 +203,15 @@ def assign_splits(items: Sequence[Item], val_fraction: float, seed: int) -> list
 def load_tensors(
     items: Sequence[Item],
     config: PreprocessConfig,
-    bundle_like: Bundle | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Preprocessed (N, 1, S, S) float16 tensors, first frame of each image, through the daemon's pipeline."""
     images = torch.empty((len(items), 1, config.input_size, config.input_size), dtype=torch.float16)
-    holder = bundle_like or _ConfigHolder(config)
     for index, item in enumerate(items):
-        loaded = load_file(item.path, holder)  # type: ignore[arg-type]
+        loaded = load_file(item.path, config)
         if loaded.error is not None or not loaded.inputs:
             raise DatasetError(f"{item.path}: {loaded.error or 'no image'}")
         images[index] = loaded.inputs[0].to(torch.float16)
         if progress is not None:
             progress(index + 1)
     return images
-
-
-class _ConfigHolder:
-    """What ``load_file`` needs of a bundle when there is none yet (training a new model)."""
-
-    def __init__(self, config: PreprocessConfig) -> None:
-        self.preprocess_config = config

@@ -300,7 +300,6 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     images = load_tensors(
         items,
         bundle.preprocess_config,
-        bundle,
         progress=(lambda n: progress("scoring", n, len(items))) if progress else None,
     )
     device = torch.device("cuda" if request.device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -31,7 +31,7 @@ from fracwatch.model.bundle import Bundle
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.predictor import Predictor
 from fracwatch.pipeline.pictures import PICTURE_SUFFIXES, PictureError, load_picture
-from fracwatch.pipeline.transforms import content_box, preprocess
+from fracwatch.pipeline.transforms import PreprocessConfig, content_box, preprocess
 from fracwatch.report.overlay import OverlayImage, build_kos, build_overlay, render
 from fracwatch.report.sr import AlgorithmIdentity, ScoredImage, build_sr, shallow_copy
 from fracwatch.service.lifecycle import Clock, claim, utc_now
@@ -54,9 +54,8 @@ class LoadedImage:
     display: np.ndarray | None = None
 
 
-def load_dicom(ds: Dataset, bundle: Bundle) -> LoadedImage:
+def load_dicom(ds: Dataset, config: PreprocessConfig) -> LoadedImage:
     """Decode and preprocess every frame of a DICOM image; errors are captured, never raised."""
-    config = bundle.preprocess_config
     try:
         decoded = decode_dataset(ds, target_longest=int(config.input_size * config.downsample_to))
         inputs = [preprocess(frame, config) for frame in decoded.frames]
@@ -68,19 +67,19 @@ def load_dicom(ds: Dataset, bundle: Bundle) -> LoadedImage:
     return LoadedImage(inputs=inputs, header=header, display=decoded.frames[0])
 
 
-def load_file(path: Path, bundle: Bundle) -> LoadedImage:
-    """A DICOM file or a picture (PNG, JPEG, TIFF, BMP), preprocessed for ``bundle``."""
+def load_file(path: Path, config: PreprocessConfig) -> LoadedImage:
+    """A DICOM file or a picture (PNG, JPEG, TIFF, BMP), preprocessed with ``config`` (a bundle's)."""
     if path.suffix.lower() in PICTURE_SUFFIXES:
         try:
             picture = load_picture(path)
-            return LoadedImage(inputs=[preprocess(picture, bundle.preprocess_config)], display=picture)
+            return LoadedImage(inputs=[preprocess(picture, config)], display=picture)
         except (PictureError, ValueError) as exc:
             return LoadedImage(error=str(exc))
     try:
         ds = dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         return LoadedImage(error=f"{path.name} is neither a picture nor a readable DICOM file: {exc}")
-    return load_dicom(ds, bundle)
+    return load_dicom(ds, config)
 
 
 def score_loaded(images: Sequence[LoadedImage], predictor: Predictor) -> list[float | None]:
@@ -228,7 +227,7 @@ class StudyScorer:
             ds = dcmread(ref.path)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             return LoadedImage(error=f"cannot read the stored file: {exc}")
-        return load_dicom(ds, self._bundle)
+        return load_dicom(ds, self._bundle.preprocess_config)
 
     def _finish(self, item: _StudyWork, probabilities: Sequence[float | None]) -> None:
         bundle = self._bundle

@@ -58,7 +58,7 @@ class ImageScorer:
     def score_path(self, path: Path, name: str) -> UploadResult:
         """Probability, category and Grad-CAM picture of a PNG/JPEG/DICOM file."""
         with self._lock:
-            image: LoadedImage = load_file(path, self.bundle)
+            image: LoadedImage = load_file(path, self.bundle.preprocess_config)
             probability = score_loaded([image], self._predictor)[0]
             picture = cam_pictures([image], [probability], self._predictor, self.bundle)[0]
         png = None

@@ -35,8 +35,8 @@ def mono_pair() -> tuple[Dataset, Dataset]:
 def test_monochrome1_and_2_give_the_same_probability() -> None:
     mono1, mono2 = mono_pair()
     bundle = load_bundle(load_settings().model_path)
-    predictor = Predictor(bundle.network, "cpu")
-    p1, p2 = score_loaded([load_dicom(mono1, bundle), load_dicom(mono2, bundle)], predictor)
+    predictor, config = Predictor(bundle.network, "cpu"), bundle.preprocess_config
+    p1, p2 = score_loaded([load_dicom(mono1, config), load_dicom(mono2, config)], predictor)
     assert p1 is not None and p2 is not None
     assert abs(p1 - p2) < 1e-4
 
