@@ -637,6 +637,18 @@ class ResultSummary:
     sr_sop_instance_uid: str | None
 
 
+def turnaround_seconds(
+    result_version: int, study_version: int, last_received_at: datetime, completed_at: datetime | None, end: datetime
+) -> float | None:
+    """Seconds from the result's last received instance to ``end`` (acknowledgement, else scoring).
+
+    The study row only knows its latest version's last instance; an older version's result falls back to
+    its completion time.
+    """
+    start = last_received_at if study_version == result_version else completed_at
+    return (end - start).total_seconds() if start is not None else None
+
+
 @dataclass(frozen=True)
 class ResultFilter:
     """Filters of the result list."""
@@ -668,8 +680,6 @@ def list_results(session: Session, filters: ResultFilter) -> list[ResultSummary]
         query = query.where(Study.study_instance_uid == filters.study_instance_uid)
     out = []
     for result, study in session.execute(query.limit(filters.limit)).all():
-        end = result.delivered_at or result.scored_at
-        start = study.last_received_at if study.version == result.study_version else result.completed_at
         out.append(
             ResultSummary(
                 study_instance_uid=study.study_instance_uid,
@@ -686,7 +696,13 @@ def list_results(session: Session, filters: ResultFilter) -> list[ResultSummary]
                 completed_at=result.completed_at,
                 scored_at=result.scored_at,
                 delivered_at=result.delivered_at,
-                turnaround_seconds=(end - start).total_seconds() if start else None,
+                turnaround_seconds=turnaround_seconds(
+                    result.study_version,
+                    study.version,
+                    study.last_received_at,
+                    result.completed_at,
+                    result.delivered_at or result.scored_at,
+                ),
                 sr_sop_instance_uid=result.sr_sop_instance_uid,
             )
         )

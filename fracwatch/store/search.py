@@ -25,8 +25,9 @@ from fracwatch.store.models import (
     StudyResult,
     TriageMessage,
 )
+from fracwatch.store.repository import turnaround_seconds
+from fracwatch.store.triage import PRIORITY_RANK, MessageSummary, result_messages
 
-PRIORITY_RANK = {"positive": 2, "doubt": 1}
 SORTS = ("received", "-received", "scored", "-scored", "probability", "-probability")
 
 
@@ -188,18 +189,6 @@ class ProducedRow:
 
 
 @dataclass(frozen=True)
-class TriageRow:
-    channel: str
-    endpoint: str
-    priority: str
-    state: str
-    attempts: int
-    ack_code: str | None
-    last_error: str | None
-    sent_at: datetime | None
-
-
-@dataclass(frozen=True)
 class ResultDetail:
     study_version: int
     category: str
@@ -215,7 +204,7 @@ class ResultDetail:
     supersedes_sop_instance_uid: str | None
     images: list[ImageRow]
     objects: list[ProducedRow]
-    triage: list[TriageRow]
+    triage: list[MessageSummary]
 
 
 @dataclass(frozen=True)
@@ -305,12 +294,7 @@ def _result_detail(session: Session, result: StudyResult) -> ResultDetail:
                 deliveries,
             )
         )
-    triage = [
-        TriageRow(m.channel, m.endpoint, m.priority, m.state, m.attempts, m.ack_code, m.last_error, m.sent_at)
-        for m in session.scalars(
-            select(TriageMessage).where(TriageMessage.study_result_id == result.id).order_by(TriageMessage.id)
-        )
-    ]
+    triage = result_messages(session, result.id)
     return ResultDetail(
         study_version=result.study_version,
         category=result.category,
@@ -437,9 +421,8 @@ def statistics(session: Session, since: datetime | None, until: datetime | None)
         counts[category] += 1
         per_day[day][category] += 1
         images_failed += failed
-        start = last_received if current == version else completed_at
-        if start is not None:
-            seconds = ((delivered_at or scored_at) - start).total_seconds()
+        seconds = turnaround_seconds(version, current, last_received, completed_at, delivered_at or scored_at)
+        if seconds is not None:
             turnaround.append(seconds)
             per_day_turnaround[day].append(seconds)
     days = [

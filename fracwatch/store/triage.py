@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
@@ -182,11 +183,20 @@ class MessageSummary:
 
 def list_messages(session: Session, states: Sequence[str], limit: int = 200) -> list[MessageSummary]:
     """Triage messages in these states, newest first."""
+    return _summaries(session, TriageMessage.state.in_(states), TriageMessage.id.desc(), limit)
+
+
+def result_messages(session: Session, study_result_id: int) -> list[MessageSummary]:
+    """The triage messages one result raised, oldest first."""
+    return _summaries(session, TriageMessage.study_result_id == study_result_id, TriageMessage.id.asc(), None)
+
+
+def _summaries(session: Session, where: Any, order: Any, limit: int | None) -> list[MessageSummary]:
     rows = session.execute(
         select(TriageMessage, Study.study_instance_uid)
         .join(Study, Study.id == TriageMessage.study_id)
-        .where(TriageMessage.state.in_(states))
-        .order_by(TriageMessage.id.desc())
+        .where(where)
+        .order_by(order)
         .limit(limit)
     ).all()
     return [
