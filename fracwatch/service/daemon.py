@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 import threading
@@ -184,7 +185,8 @@ class Daemon:
         scorer = None
         if self.bundle is not None:
             # The web pages' Grad-CAM runs on a copy of the network of its own, off the worker's.
-            scorer = ImageScorer(load_bundle(self.settings.model_path) if self._processor is None else self.bundle)
+            bundle = self.bundle
+            scorer = ImageScorer(Bundle(bundle.path, bundle.card, copy.deepcopy(bundle.network)))
         return WebContext(self.sessions, self.settings, self.metrics, self.readiness, scorer, self._clock)
 
     def readiness(self) -> tuple[bool, dict[str, bool]]:
