@@ -77,43 +77,32 @@ def bootstrap_auroc_ci(
         return float("nan"), float("nan")
     values = []
     for _ in range(resamples):
-        pos = probabilities[rng.choice(positives, len(positives))]
-        neg = probabilities[rng.choice(negatives, len(negatives))]
-        values.append(_rank_auroc(pos, neg))
+        chosen = np.concatenate([rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))])
+        values.append(auroc(labels[chosen], probabilities[chosen]))
     tail = (1.0 - level) / 2.0
     return float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail))
 
 
-def _rank_auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    # Mann-Whitney U with midranks for ties: P(p_pos > p_neg) + 0.5 P(equal)
-    scores = np.concatenate([pos, neg])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    ranks = (sums / counts)[inverse]
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
-    return float(u / (len(pos) * len(neg)))
+def _counts_at_thresholds(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true positives, false positives, threshold) calling p ≥ threshold positive, at every distinct score."""
+    order = np.argsort(-probabilities, kind="mergesort")
+    scores, truth = probabilities[order], labels[order] == 1
+    distinct = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    return np.cumsum(truth)[distinct], np.cumsum(~truth)[distinct], scores[distinct]
 
 
 def roc_points(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate, thresholds) at every distinct score, from the top."""
-    order = np.argsort(-probabilities, kind="mergesort")
-    scores, truth = probabilities[order], labels[order] == 1
-    distinct = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    tps, fps = np.cumsum(truth)[distinct], np.cumsum(~truth)[distinct]
-    tpr = np.r_[0.0, tps / max(truth.sum(), 1)]
-    fpr = np.r_[0.0, fps / max((~truth).sum(), 1)]
-    return fpr, tpr, np.r_[np.inf, scores[distinct]]
+    tps, fps, thresholds = _counts_at_thresholds(labels, probabilities)
+    tpr = np.r_[0.0, tps / max(int(np.sum(labels == 1)), 1)]
+    fpr = np.r_[0.0, fps / max(int(np.sum(labels != 1)), 1)]
+    return fpr, tpr, np.r_[np.inf, thresholds]
 
 
 def pr_points(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision) at every distinct score, from the top."""
-    _fpr, tpr, thresholds = roc_points(labels, probabilities)
-    predicted = np.array([np.sum(probabilities >= t) for t in thresholds[1:]])
-    true_positive = tpr[1:] * max(int(np.sum(labels == 1)), 1)
-    return tpr[1:], true_positive / np.maximum(predicted, 1)
+    tps, fps, _thresholds = _counts_at_thresholds(labels, probabilities)
+    return tps / max(int(np.sum(labels == 1)), 1), tps / (tps + fps)
 
 
 def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> list[dict[str, float]]:

@@ -9,6 +9,7 @@ Deterministic: image ``i`` of pose ``p`` depends only on (seed, p, i).
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -244,6 +245,4 @@ def iter_poses(ct: CTVolume, config: SynthConfig) -> Iterator[list[Sample]]:
 
 
 def _describe(ct: CTVolume, config: SynthConfig) -> str:
-    import json
-
     return json.dumps({"ct": ct.source, "spacing_mm": ct.spacing, "config": asdict(config)}, indent=2)

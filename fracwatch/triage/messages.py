@@ -60,7 +60,7 @@ def _ts(moment: datetime) -> str:
 def _escape(value: str | None) -> str:
     # python-hl7 escapes with the default encoding characters (|^~\&); the message is built from escaped
     # fields joined by those separators, then parsed back by python-hl7, which checks its structure.
-    return hl7.Message("\r").escape(value or "") if value else ""
+    return hl7.Message("\r").escape(value) if value else ""
 
 
 def build_oru(facts: TriageFacts, header: HL7Header, sent_at: datetime) -> hl7.Message:

@@ -19,7 +19,7 @@ from fracwatch.store.access import Principal
 from fracwatch.store.repository import list_deliveries
 from fracwatch.web import charts
 from fracwatch.web.api import StudyFilters
-from fracwatch.web.context import COOKIE, WebContext, parse_bound, request_token
+from fracwatch.web.context import COOKIE, WebContext, parse_bound
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 PAGE_SIZE = 50
@@ -231,7 +231,7 @@ def build_router(ctx: WebContext) -> APIRouter:
 
 def sign_in_redirect(request: Request, _exc: Exception) -> Response:
     """Send a browser without a valid cookie to the sign-in page."""
-    if request_token(request) is not None and request.cookies.get(COOKIE):
+    if request.cookies.get(COOKIE):  # a cookie whose token is no longer valid (revoked)
         response = RedirectResponse("/login?error=expired", status_code=303)
         response.delete_cookie(COOKIE)
         return response
