@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import uvicorn
@@ -74,10 +75,9 @@ class HttpServer:
     def start(self, timeout: float = 10.0) -> None:
         """Start serving; raise FracwatchError when the port cannot be bound."""
         self._thread.start()
-        waited = 0.0
-        while not self._server.started and self._thread.is_alive() and waited < timeout:
-            threading.Event().wait(0.02)
-            waited += 0.02
+        deadline = time.monotonic() + timeout
+        while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)  # uvicorn offers no start-up event to wait on
         if not self._server.started:
             self._server.should_exit = True
             raise FracwatchError(f"cannot serve HTTP on {self.host}:{self.port} (port in use or not permitted)")
