@@ -27,6 +27,32 @@ def _monai_resnet_maxpool(params: dict[str, Any]) -> torch.nn.Module:
     return network
 
 
+class ResNetLogitMap(nets.ResNet):
+    """A MONAI ResNet whose classifier runs at every cell of its last feature map (a 1 × 1 convolution): a map
+    of local fracture logits; the image's logit is the map's maximum. A fracture is a small local finding: the
+    map says where, training data with boxes supervises it cell by cell (``logit_map``), and Grad-CAM of
+    ``layer4`` explains the same evidence."""
+
+    def __init__(self, outputs: int, **params: Any) -> None:
+        super().__init__(spatial_dims=2, n_input_channels=1, num_classes=outputs, feed_forward=False, **params)
+        self.head = torch.nn.Conv2d(self.in_planes, outputs, kernel_size=1)  # in_planes: layer4's width
+
+    def logit_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, outputs, H/32, W/32) local logits."""
+        x = self.act(self.bn1(self.conv1(x)))
+        if not self.no_max_pool:
+            x = self.maxpool(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.amax(self.logit_map(x), dim=(2, 3))
+
+
+def _monai_resnet_logit_map(params: dict[str, Any]) -> torch.nn.Module:
+    return ResNetLogitMap(outputs=params.pop("outputs", 1), **params)
+
+
 def _monai_densenet121(params: dict[str, Any]) -> torch.nn.Module:
     return nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=params.pop("outputs", 1), **params)
 
@@ -75,6 +101,7 @@ def _first_conv_to_one_channel(model: torch.nn.Module) -> None:
 BUILDERS: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
     "monai.ResNet": _monai_resnet,
     "monai.ResNetMaxPool": _monai_resnet_maxpool,
+    "monai.ResNetLogitMap": _monai_resnet_logit_map,
     "monai.DenseNet121": _monai_densenet121,
     "monai.EfficientNetBN": _monai_efficientnet,
     "torchvision.resnet18": _torchvision("resnet18"),
@@ -99,6 +126,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-resnet": ("monai.ResNet", _small_resnet([1, 1, 1, 1], [16, 32, 64, 128])),
     "tiny-resnet-max": ("monai.ResNetMaxPool", _small_resnet([1, 1, 1, 1], [16, 32, 64, 128])),
     "small-resnet": ("monai.ResNet", _small_resnet([1, 1, 2, 1], [24, 48, 96, 192])),
+    "tiny-resnet-map": ("monai.ResNetLogitMap", _small_resnet([1, 1, 1, 1], [16, 32, 64, 128])),
+    "small-resnet-map": ("monai.ResNetLogitMap", _small_resnet([1, 1, 2, 1], [24, 48, 96, 192])),
     "resnet18": (
         "monai.ResNet",
         {"block": "basic", "layers": [2, 2, 2, 2], "block_inplanes": [64, 128, 256, 512], "conv1_t_stride": 2},

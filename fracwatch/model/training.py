@@ -85,20 +85,57 @@ def phantom_dataset(
     return images, labels
 
 
-def augmentation(seed: int) -> Compose:
+class Augmentation:
     """MONAI augmentation of preprocessed images: small rotation and zoom, left-right mirror (mirrored anatomy
-    is still anatomy; upside-down is not, so no vertical flip), gamma contrast, noise. Seeded."""
-    augment = Compose(
-        [
-            RandRotate(range_x=0.17, prob=0.5, padding_mode="zeros"),
-            RandZoom(min_zoom=0.9, max_zoom=1.1, prob=0.5, padding_mode="constant"),
-            RandFlip(prob=0.5, spatial_axis=1),
-            RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)),
-            RandGaussianNoise(prob=0.3, std=0.03),
-        ]
-    )
-    augment.set_random_state(seed=seed)
-    return augment
+    is still anatomy; upside-down is not, so no vertical flip), gamma contrast, noise. Seeded.
+
+    The spatial part moves a box mask (channel 2) with the image, so a fracture's box stays on the fracture.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.spatial = Compose(
+            [
+                RandRotate(range_x=0.17, prob=0.5, padding_mode="zeros"),
+                RandZoom(min_zoom=0.9, max_zoom=1.1, prob=0.5, padding_mode="constant"),
+                RandFlip(prob=0.5, spatial_axis=1),
+            ]
+        )
+        self.intensity = Compose(
+            [RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5)), RandGaussianNoise(prob=0.3, std=0.03)]
+        )
+        self.spatial.set_random_state(seed=seed)
+        self.intensity.set_random_state(seed=seed + 1)
+
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, S, S) image and optional (1, S, S) mask → augmented copies (the mask stays binary)."""
+        stacked = image if mask is None else torch.cat([image, mask])
+        moved = torch.as_tensor(self.spatial(stacked))
+        augmented = torch.as_tensor(self.intensity(moved[:1]))
+        return augmented, None if mask is None else (moved[1:] > 0.5).float()
+
+
+def box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 1, S, S) masks: 1 inside each (x0, y0, x1, y1) box; all 0 for a NaN box."""
+    grid = torch.arange(size, dtype=torch.float32) + 0.5
+    x0, y0, x1, y1 = (boxes[:, k, None] for k in range(4))
+    cols = (grid >= x0) & (grid <= x1)  # NaN compares False: no box, empty mask
+    rows = (grid >= y0) & (grid <= y1)
+    return (rows[:, :, None] & cols[:, None, :]).float()[:, None]
+
+
+def localisation_loss(logit_map: torch.Tensor, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Cell-wise BCE of a (N, 1, h, w) logit map against box masks pooled to its cells (a cell is positive when
+    the box reaches it), over the images whose every cell is known (normals, and fractures with a box);
+    positive cells are weighted up to balance the many negative ones."""
+    if not bool(known.any()):
+        return logit_map.sum() * 0.0
+    cells = torch.nn.functional.adaptive_max_pool2d(masks[known], logit_map.shape[-2:])
+    logits = logit_map[known, :1]
+    positives = float(cells.sum())
+    weight = torch.tensor(min(max((cells.numel() - positives) / max(positives, 1.0), 1.0), 50.0), device=logits.device)
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, cells, pos_weight=weight)
 
 
 def predict_tensors(
@@ -154,12 +191,15 @@ def train_network(
     config: TrainConfig,
     checkpoint: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    boxes: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train with AdamW, class-balanced loss (BCE with pos_weight, or weighted cross-entropy), OneCycle; keep the
     epoch with the best validation AUROC (fracture vs none) and stop after ``patience`` epochs without gain.
 
     Labels are 0/1 (binary) or class indices (multi-class). With ``checkpoint``, the state is saved after every
     epoch and a run finding one there resumes from it. ``progress(epoch, batches_done)`` is called per batch.
+    ``boxes`` (N, 4) — the fractures' boxes in input pixels, NaN where none — add a localisation loss for a
+    binary network with a logit map (``networks.ResNetLogitMap``); other networks ignore them.
     """
     torch.manual_seed(config.seed)
     device = select_device(config.device)
@@ -173,7 +213,10 @@ def train_network(
     steps = config.epochs * ((len(images) + config.batch_size - 1) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate, total_steps=steps)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    augment = augmentation(config.seed)
+    augment = Augmentation(config.seed)
+    localise = boxes is not None and config.outputs == 1 and hasattr(network, "logit_map")
+    if boxes is not None and not localise:
+        LOGGER.info("boxes ignored: %s has no logit map or the task is not binary", config.arch)
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(network=network)
     best_auc, best_state, stale, first_epoch = -1.0, copy.deepcopy(network.state_dict()), 0, 1
@@ -197,13 +240,20 @@ def train_network(
         order = torch.randperm(len(images), generator=generator)
         for batch_number, start in enumerate(range(0, len(images), config.batch_size), start=1):
             batch_index = order[start : start + config.batch_size]
-            batch = [images[i].float() for i in batch_index]
-            x = torch.stack([torch.as_tensor(augment(b)) if config.augment else b for b in batch]).to(device)
+            x, masks = _batch(images, batch_index, boxes if localise else None, augment if config.augment else None)
+            x = x.to(device)
             y = labels[batch_index].to(device)
             optimiser.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-                out = network(x)
-                loss = loss_fn(out.reshape(-1), y.float()) if config.outputs == 1 else loss_fn(out, y.long())
+                if masks is None:
+                    out = network(x)
+                    loss = loss_fn(out.reshape(-1), y.float()) if config.outputs == 1 else loss_fn(out, y.long())
+                else:
+                    assert boxes is not None
+                    cells = network.logit_map(x)  # type: ignore[operator]
+                    known = (labels[batch_index] == 0) | ~torch.isnan(boxes[batch_index, 0])
+                    loss = loss_fn(torch.amax(cells, dim=(2, 3)).reshape(-1), y.float())
+                    loss = loss + localisation_loss(cells.float(), masks.to(device), known.to(device))
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()
@@ -238,6 +288,21 @@ def train_network(
     result.network = network.cpu().eval()
     result.validation_probabilities = predict_tensors(result.network, validation[0], torch.device("cpu"))
     return result
+
+
+def _batch(
+    images: torch.Tensor, index: torch.Tensor, boxes: torch.Tensor | None, augment: Augmentation | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch's images (augmented when asked) and, with boxes, their box masks moved the same way."""
+    masks = box_masks(boxes[index], images.shape[-1]) if boxes is not None else None
+    out_images, out_masks = [], []
+    for n, i in enumerate(index):
+        image, mask = images[i].float(), None if masks is None else masks[n]
+        if augment is not None:
+            image, mask = augment(image, mask)
+        out_images.append(image)
+        out_masks.append(mask)
+    return torch.stack(out_images), None if masks is None else torch.stack([m for m in out_masks if m is not None])
 
 
 def _loss(labels: torch.Tensor, config: TrainConfig, device: torch.device) -> torch.nn.Module:

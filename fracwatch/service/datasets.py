@@ -15,17 +15,19 @@ import csv
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from fracwatch.errors import FracwatchError
 from fracwatch.pipeline.pictures import PICTURE_SUFFIXES
-from fracwatch.pipeline.transforms import PreprocessConfig
+from fracwatch.pipeline.transforms import PreprocessConfig, content_box
 from fracwatch.service.scoring import load_file
 
 LOGGER = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class Item:
     split: str = ""
     group: str = ""  # images sharing a group (a synth pose, a patient) never straddle folds or splits
     meta: dict[str, str] = field(default_factory=dict)
+    box: tuple[float, float, float, float] | None = None  # the fracture's (x0, y0, x1, y1) in image pixels
+    size: tuple[int, int] | None = None  # the image's (width, height), with a box
 
 
 def _label(value: str, where: str) -> int:
@@ -76,21 +80,53 @@ def detect_layout(source: Path) -> str:
 
 
 def read_manifest(folder: Path) -> list[Item]:
-    """A ``fracwatch synth`` folder."""
+    """A ``fracwatch synth`` folder; fractured images carry their projected box (for the localisation loss)."""
     items = []
     with (folder / "manifest.csv").open(newline="") as handle:
-        for row in csv.DictReader(handle):
+        for number, row in enumerate(csv.DictReader(handle), start=2):
+            path = folder / row["image"]
             items.append(
                 Item(
-                    path=folder / row["image"],
+                    path=path,
                     label=int(row["label"]),
                     class_name=row.get("bone_class") or ("fracture" if row["label"] == "1" else "none"),
                     split=row.get("split", ""),
                     group=f"pose{row.get('pose', '')}",
                     meta={k: row.get(k, "") for k in ("view", "bone_class", "fov", "photometric", "bone")},
+                    **_box(row, path, f"{folder / 'manifest.csv'}:{number}"),
                 )
             )
     return items
+
+
+def _box(row: dict[str, str], path: Path, where: str) -> dict[str, Any]:
+    """``box`` and ``size`` of a manifest row whose x0..y1 are filled (and whose image exists), else nothing."""
+    values = [row.get(k, "") for k in ("x0", "y0", "x1", "y1")]
+    if row.get("label") != "1" or not all(values) or not path.is_file():
+        return {}
+    try:
+        x0, y0, x1, y1 = (float(v) for v in values)
+        with Image.open(path) as picture:  # reads the header only
+            size = picture.size
+    except (ValueError, OSError) as exc:
+        raise DatasetError(f"{where}: bad box {values} or unreadable image ({exc})") from None
+    if not (0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]):
+        raise DatasetError(f"{where}: box {values} is not inside the {size[0]} × {size[1]} image")
+    return {"box": (x0, y0, x1, y1), "size": size}
+
+
+def input_boxes(items: Sequence[Item], size: int) -> torch.Tensor:
+    """(N, 4) boxes (x0, y0, x1, y1) in network-input pixels (``preprocess``'s resize and pad), NaN where none."""
+    boxes = torch.full((len(items), 4), float("nan"))
+    for index, item in enumerate(items):
+        if item.box is None or item.size is None:
+            continue
+        width, height = item.size
+        top, left, rows, cols = content_box((height, width), size)
+        x0, y0, x1, y1 = item.box
+        sx, sy = cols / width, rows / height
+        boxes[index] = torch.tensor([left + x0 * sx, top + y0 * sy, left + x1 * sx, top + y1 * sy])
+    return boxes
 
 
 def read_folder(root: Path) -> list[Item]:
@@ -196,7 +232,7 @@ def assign_splits(items: Sequence[Item], val_fraction: float, seed: int) -> list
         key = item.group or str(item.path)
         if key not in groups:
             groups[key] = "val" if rng.random() < val_fraction else "train"
-        out.append(Item(item.path, item.label, item.class_name, groups[key], item.group, item.meta))
+        out.append(replace(item, split=groups[key]))
     return out
 
 

@@ -30,7 +30,7 @@ from fracwatch.model.training import (
     train_network,
 )
 from fracwatch.pipeline.transforms import PreprocessConfig
-from fracwatch.service.datasets import DatasetError, Item, assign_splits, load_tensors, read_dataset
+from fracwatch.service.datasets import DatasetError, Item, assign_splits, input_boxes, load_tensors, read_dataset
 
 LOGGER = logging.getLogger(__name__)
 
@@ -86,6 +86,17 @@ def _load(items: Sequence[Item], config: PreprocessConfig, progress: Progress | 
     return load_tensors(items, config, progress=(lambda n: progress(stage, n, len(items))) if progress else None)
 
 
+def _boxes(items: Sequence[Item], size: int) -> torch.Tensor | None:
+    """The fractures' boxes in input pixels (NaN where none), or None when no item has one."""
+    if not any(i.box is not None for i in items):
+        return None
+    boxes = input_boxes(items, size)
+    LOGGER.info(
+        "%d of %d fractured images carry a box", int((~torch.isnan(boxes[:, 0])).sum()), sum(i.label for i in items)
+    )
+    return boxes
+
+
 def group_folds(items: Sequence[Item], folds: int, seed: int) -> list[list[int]]:
     """Indices of ``folds`` folds: groups kept whole, each fold with about the same share of positives."""
     groups: dict[str, list[int]] = {}
@@ -104,7 +115,12 @@ def group_folds(items: Sequence[Item], folds: int, seed: int) -> list[list[int]]
 
 
 def cross_validate(
-    items: Sequence[Item], images: torch.Tensor, targets: torch.Tensor, config: TrainConfig, folds: int
+    items: Sequence[Item],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    config: TrainConfig,
+    folds: int,
+    boxes: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """K-fold cross-validation: validation AUROC per fold, mean ± sd."""
     results = []
@@ -113,7 +129,10 @@ def cross_validate(
         kept = [i for i in range(len(items)) if i not in held_set]
         LOGGER.info("fold %d/%d: %d training, %d validation images", fold + 1, folds, len(kept), len(held))
         result = train_network(
-            (images[kept], targets[kept]), (images[held], targets[held]), replace(config, seed=config.seed + fold)
+            (images[kept], targets[kept]),
+            (images[held], targets[held]),
+            replace(config, seed=config.seed + fold),
+            boxes=boxes[kept] if boxes is not None else None,
         )
         truth = (targets[held] > 0).numpy().astype(np.int64)
         results.append(
@@ -146,12 +165,18 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
     train_images = _load(train_items, preprocess, progress, "loading training images")
     val_images = _load(val_items, preprocess, progress, "loading validation images")
     train_targets, val_targets = _targets(train_items, classes), _targets(val_items, classes)
+    boxes = _boxes(train_items + val_items, config.input_size)
     request.out.mkdir(parents=True, exist_ok=True)
     cv = None
     if request.folds > 1:
         pool = train_items + val_items
         cv = cross_validate(
-            pool, torch.cat([train_images, val_images]), torch.cat([train_targets, val_targets]), config, request.folds
+            pool,
+            torch.cat([train_images, val_images]),
+            torch.cat([train_targets, val_targets]),
+            config,
+            request.folds,
+            boxes,
         )
         (request.out / "cross_validation.json").write_text(json.dumps(cv, indent=2) + "\n")
         LOGGER.info("cross-validation AUROC %.4f ± %.4f over %d folds", cv["auroc_mean"], cv["auroc_sd"], request.folds)
@@ -163,7 +188,14 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
         if progress is not None:
             progress(f"epoch {epoch}", done, math.ceil(len(train_items) / config.batch_size))
 
-    result = train_network((train_images, train_targets), (val_images, val_targets), config, checkpoint, batches)
+    result = train_network(
+        (train_images, train_targets),
+        (val_images, val_targets),
+        config,
+        checkpoint,
+        batches,
+        boxes=boxes[: len(train_items)] if boxes is not None else None,
+    )
     counts = {
         split: {"images": len(part), "fractured": sum(i.label for i in part)}
         for split, part in (("train", train_items), ("val", val_items))

@@ -41,6 +41,8 @@ def render_phantoms(out: Path, config: SynthConfig) -> Path:
                     pose=pose,
                     index=index,
                 )
+                if phantom.bbox is not None:
+                    record.update(zip(("x0", "y0", "x1", "y1"), phantom.bbox, strict=True))
                 if config.dicom:
                     record.update(write_dx(out / "dicom", name, np.asarray(stored), "MONOCHROME2", record, config.seed))
                 writer.writerow(record)

@@ -43,7 +43,8 @@ class SynthConfig:
     per_pose: int = 16
     fractured_fraction: float = 0.5
     seed: int = 0
-    whole_fraction: float = 0.2
+    whole_fraction: float = 0.1
+    detail_fov_mm: tuple[float, float] = (60.0, 160.0)
     monochrome1_fraction: float = 0.3
     min_size: int = 384
     max_size: int = 640
@@ -138,7 +139,7 @@ class PoseRenderer:
         size = int(rng.integers(config.min_size, config.max_size + 1))
         scale = size / max(crop.shape)
         out_shape = (max(8, round(crop.shape[0] * scale)), max(8, round(crop.shape[1] * scale)))
-        pixels = _expose(crop, out_shape, rng)
+        pixels = _expose(crop, out_shape, self.ct.spacing / scale, rng)
         record: dict[str, object] = {
             "label": int(fracture is not None),
             "bone_class": fracture.bone_class if fracture else "none",
@@ -170,7 +171,7 @@ class PoseRenderer:
         if rng.random() < self.config.whole_fraction:
             pad = int(rng.integers(0, 15))
             return max(0, top - pad), min(height, bottom + pad), max(0, left - pad), min(width, right + pad)
-        side = int(rng.uniform(40, 100) / self.ct.spacing)
+        side = int(rng.uniform(*self.config.detail_fov_mm) / self.ct.spacing)
         row = target[0] + rng.uniform(-0.3, 0.3) * side
         col = target[1] + rng.uniform(-0.3, 0.3) * side
         r0 = int(np.clip(row - side / 2, 0, max(0, height - side)))
@@ -195,8 +196,9 @@ def _projected_box(
     return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else None
 
 
-def _expose(line: torch.Tensor, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Line integrals → a detector image: resample, exposure with quantum noise, blur, log, 12-bit values."""
+def _expose(line: torch.Tensor, shape: tuple[int, int], spacing_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """Line integrals → a detector image: resample, exposure with quantum noise, blur, log, a DR system's
+    unsharp-mask edge enhancement (bone edges, as every digital radiograph shows them), 12-bit values."""
     resized = F.interpolate(line[None, None], size=shape, mode="bilinear", antialias=True, align_corners=False)[0, 0]
     p = resized.numpy().astype(np.float64)
     p = p * (2.2 / max(float(np.percentile(p, 90)), 1e-6))  # mediastinum ~ e^-2.2 transmission
@@ -204,6 +206,7 @@ def _expose(line: torch.Tensor, shape: tuple[int, int], rng: np.random.Generator
     photons = 10 ** rng.uniform(3.6, 4.6)
     counts = rng.poisson(photons * np.exp(-p)).astype(np.float64)
     log = -np.log(np.maximum(counts, 0.5) / photons)
+    log = log + rng.uniform(0.5, 2.0) * (log - gaussian_filter(log, sigma=rng.uniform(2.0, 5.0) / spacing_mm))
     low, high = np.percentile(log, [0.5, 99.8])
     shown = np.clip((log - low) / max(high - low, 1e-6), 0, 1) ** rng.uniform(0.75, 1.35)
     return np.rint(shown * 4095).astype(np.uint16)

@@ -19,8 +19,8 @@ from fracwatch.model.bundle import load_bundle
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom, to_stored
-from fracwatch.model.training import TrainConfig, train_network
-from fracwatch.service.datasets import DatasetError, read_dataset
+from fracwatch.model.training import Augmentation, TrainConfig, box_masks, localisation_loss, train_network
+from fracwatch.service.datasets import DatasetError, Item, input_boxes, read_dataset
 from tests import dicomgen
 
 pytestmark = pytest.mark.timeout(300)
@@ -212,7 +212,53 @@ def test_multiclass_bone_task(tmp_path: Path) -> None:
     assert scored.exit_code == 0 and 0.0 <= json.loads(scored.output)[0]["probability"] <= 1.0
 
 
-@pytest.mark.parametrize(("arch", "outputs"), [("tiny-resnet", 1), ("tiny-resnet", 3), ("tiny-resnet-max", 1)])
+def test_boxes_supervise_a_logit_map_network(phantoms: Path, tmp_path: Path) -> None:
+    items = read_dataset(phantoms)
+    fractured = [i for i in items if i.label == 1]
+    assert fractured and all(i.box is not None and i.size is not None for i in fractured)
+    assert all(i.box is None for i in items if i.label == 0)
+
+    # boxes follow preprocess's aspect-preserving resize and centred pad
+    wide = Item(path=Path("w.png"), label=1, box=(0.0, 0.0, 200.0, 100.0), size=(200, 100))
+    part = Item(path=Path("p.png"), label=1, box=(50.0, 25.0, 100.0, 75.0), size=(200, 100))
+    none = Item(path=Path("n.png"), label=0)
+    boxes = input_boxes([wide, part, none], 128)
+    assert boxes[0].tolist() == [0.0, 32.0, 128.0, 96.0] and boxes[1].tolist() == [32.0, 48.0, 64.0, 80.0]
+    assert torch.isnan(boxes[2]).all()
+    masks = box_masks(boxes, 128)
+    assert masks.shape == (3, 1, 128, 128) and masks[0].sum() == 128 * 64 and masks[2].sum() == 0
+
+    # augmentation moves a mask exactly as it moves the image
+    for seed in range(6):
+        image, mask = Augmentation(seed)(masks[1].clone(), masks[1])
+        assert mask is not None and set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert ((image[0] > 0.5) == (mask[0] > 0.5)).float().mean() > 0.98
+
+    # the localisation loss prefers a map that is high where the box is
+    cells = torch.full((2, 1, 4, 4), -4.0)
+    right, wrong = cells.clone(), cells.clone()
+    right[1, 0, 1:3, 1] = 4.0  # the second image's box covers columns 1, rows 1-2 of a 4 × 4 map
+    wrong[1, 0, 3, 3] = 4.0
+    known = torch.tensor([True, True])
+    pair = box_masks(torch.stack([boxes[2], boxes[1]]), 128)
+    assert localisation_loss(right, pair, known) < localisation_loss(wrong, pair, known)
+    assert localisation_loss(wrong, pair, torch.tensor([False, False])) == 0.0
+
+    model = tmp_path / "map"
+    trained = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(model), *FAST, "--arch", "tiny-resnet-map"])
+    assert trained.exit_code == 0, trained.output
+    assert "carry a box" in trained.output
+    bundle = load_bundle(model)
+    assert bundle.card.architecture.name == "monai.ResNetLogitMap"
+    picture = str(phantoms / "images" / "p0000_i00.png")
+    scored = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", "--cam", str(tmp_path / "c"), picture])
+    assert scored.exit_code == 0, scored.output
+    assert Path(json.loads(scored.output)[0]["cam"]).is_file()
+
+
+@pytest.mark.parametrize(
+    ("arch", "outputs"), [("tiny-resnet", 1), ("tiny-resnet", 3), ("tiny-resnet-max", 1), ("tiny-resnet-map", 1)]
+)
 def test_grad_cam_shape_and_range(arch: str, outputs: int) -> None:
     builder, params = PRESETS[arch]
     network = build_network(builder, {**params, "outputs": outputs}).eval()
