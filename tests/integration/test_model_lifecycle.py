@@ -251,7 +251,8 @@ def test_boxes_supervise_a_logit_map_network(phantoms: Path, tmp_path: Path) -> 
     bundle = load_bundle(model)
     assert bundle.card.architecture.name == "monai.ResNetLogitMap"
     picture = str(phantoms / "images" / "p0000_i00.png")
-    scored = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", "--cam", str(tmp_path / "c"), picture])
+    cam_dir = str(tmp_path / "c")
+    scored = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", "--cam", cam_dir, picture])
     assert scored.exit_code == 0, scored.output
     assert Path(json.loads(scored.output)[0]["cam"]).is_file()
 
