@@ -1,6 +1,6 @@
 """AUROC against speed for a few backbones and input sizes on a synth data set (CPU or CUDA).
 
-    python bench/backbones.py DATA_DIR [--epochs 8] [--configs tiny-resnet:256,tiny-resnet:320,small-resnet:256]
+    python bench/backbones.py DATA_DIR [--epochs 8] [--configs tiny-resnet-map:256,tiny-resnet-map:320,...]
 
 Each configuration trains the same number of epochs on the train split with early stopping on the val split
 and is scored on the test split; it prints test AUROC, training seconds per epoch and inference images/s
@@ -21,18 +21,21 @@ from fracwatch.model.metrics import auroc
 from fracwatch.model.predictor import Predictor
 from fracwatch.model.training import TrainConfig, train_network
 from fracwatch.pipeline.transforms import PreprocessConfig
-from fracwatch.service.datasets import load_tensors, read_dataset
+from fracwatch.service.datasets import input_boxes, load_tensors, read_dataset
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data", type=Path)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--configs", default="tiny-resnet:256,tiny-resnet:320,small-resnet:256")
+    parser.add_argument("--configs", default="tiny-resnet-map:256,tiny-resnet-map:320,small-resnet-map:256")
     parser.add_argument("--out", type=Path, default=Path("bench-backbones.json"))
+    parser.add_argument("--max-train", type=int, default=0, help="use only the first N training images (0: all)")
     args = parser.parse_args()
     items = read_dataset(args.data)
     parts = {s: [i for i in items if i.split == s] for s in ("train", "val", "test")}
+    if args.max_train:
+        parts["train"] = parts["train"][: args.max_train]
     rows = []
     for entry in args.configs.split(","):
         arch, size = entry.split(":")
@@ -41,7 +44,10 @@ def main() -> None:
         labels = {s: torch.tensor([float(i.label) for i in p]) for s, p in parts.items()}
         config = TrainConfig(arch=arch, input_size=int(size), epochs=args.epochs, batch_size=32)
         started = time.monotonic()
-        result = train_network((tensors["train"], labels["train"]), (tensors["val"], labels["val"]), config)
+        boxes = input_boxes(parts["train"], int(size))  # used by the logit-map networks, ignored by the others
+        result = train_network(
+            (tensors["train"], labels["train"]), (tensors["val"], labels["val"]), config, boxes=boxes
+        )
         per_epoch = (time.monotonic() - started) / max(1, len(result.history))
         predictor = Predictor(result.network, "auto", batch_size=16)
         inputs = list(tensors["test"].float())
