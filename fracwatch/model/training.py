@@ -128,13 +128,14 @@ def box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
 def localisation_loss(logit_map: torch.Tensor, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     """Cell-wise BCE of a (N, 1, h, w) logit map against box masks pooled to its cells (a cell is positive when
     the box reaches it), over the images whose every cell is known (normals, and fractures with a box);
-    positive cells are weighted up to balance the many negative ones."""
+    positive cells are weighted up by the square root of their rarity."""
     if not bool(known.any()):
         return logit_map.sum() * 0.0
     cells = torch.nn.functional.adaptive_max_pool2d(masks[known], logit_map.shape[-2:])
     logits = logit_map[known, :1]
     positives = float(cells.sum())
-    weight = torch.tensor(min(max((cells.numel() - positives) / max(positives, 1.0), 1.0), 50.0), device=logits.device)
+    ratio = (cells.numel() - positives) / max(positives, 1.0)
+    weight = torch.tensor(max(1.0, ratio) ** 0.5, device=logits.device)  # √ of the imbalance: recall, not a flood
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, cells, pos_weight=weight)
 
 

@@ -18,12 +18,14 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
 
 from fracwatch.errors import FracwatchError
 
 MU_WATER_PER_MM = 0.02  # linear attenuation of water near 60 keV, 1/mm
 SOFT_TISSUE_HU = 40.0
 CONTRAST_HU = 150.0  # above this, outside bone, is contrast agent in vessels: a plain film has none
+CORTEX_HU = 700.0  # added along each bone's surface: thin cortex, lost to the CT's partial volume
 
 # Which structures are bone, and the fracture classes they belong to.
 BONE_CLASSES = {
@@ -110,6 +112,14 @@ def _canonical_array(image: Any) -> tuple[np.ndarray, tuple[float, float, float]
     return np.ascontiguousarray(data), (zooms[2], zooms[1], zooms[0])
 
 
+def _cortex(mask: torch.Tensor, zooms: tuple[float, float, float], spacing: float) -> torch.Tensor:
+    """A soft shell (0..1) just inside the surface of ``mask``: the mask smoothed across its original voxel size
+    (so the CT's 2.5 mm slice steps do not show), peaking where the smoothed mask crosses ½, kept inside."""
+    sigma = [max(0.5, 0.6 * z / spacing) for z in zooms]
+    smooth = torch.from_numpy(gaussian_filter(mask.numpy().astype(np.float32), sigma=sigma))
+    return torch.where(mask, 4.0 * smooth * (1.0 - smooth), torch.zeros_like(smooth))
+
+
 def load_ct(
     ct_path: Path | None = None,
     labels_path: Path | None = None,
@@ -146,6 +156,7 @@ def load_ct(
         if any(p.match(name) for p in BONE_CLASSES.values()) or OTHER_BONE.match(name):
             skeletal |= lab_t == label
     hu_t = torch.where((hu_t > CONTRAST_HU) & ~skeletal, torch.tensor(SOFT_TISSUE_HU), hu_t)  # no contrast agent
+    hu_t = hu_t + CORTEX_HU * _cortex(skeletal, zooms, spacing)
     mu = (MU_WATER_PER_MM * spacing) * torch.clamp(1.0 + hu_t / 1000.0, min=0.0)
     soft_level = MU_WATER_PER_MM * spacing * (1.0 + SOFT_TISSUE_HU / 1000.0)
     bone = torch.where(skeletal, torch.clamp(mu - soft_level, min=0.0), torch.zeros_like(mu))
