@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 
 from fracwatch.errors import FracwatchError
 
@@ -112,11 +112,25 @@ def _canonical_array(image: Any) -> tuple[np.ndarray, tuple[float, float, float]
     return np.ascontiguousarray(data), (zooms[2], zooms[1], zooms[0])
 
 
-def _cortex(mask: torch.Tensor, zooms: tuple[float, float, float], spacing: float) -> torch.Tensor:
-    """A soft shell (0..1) just inside the surface of ``mask``: the mask smoothed across its original voxel size
-    (so the CT's 2.5 mm slice steps do not show), peaking where the smoothed mask crosses ½, kept inside."""
-    sigma = [max(0.5, 0.6 * z / spacing) for z in zooms]
-    smooth = torch.from_numpy(gaussian_filter(mask.numpy().astype(np.float32), sigma=sigma))
+def _without_slice_steps(
+    labels: torch.Tensor, skeletal: torch.Tensor, zooms: tuple[float, float, float], spacing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The skeletal mask and labels without the staircase that nearest-neighbour resampling of thick slices
+    leaves (2.5 mm steps on every oblique bone surface, which a DRR shows as bars across every rib): the mask is
+    blurred across each axis's original voxel size and cut at ½, and each voxel of it takes its nearest bone label.
+    The HU volume gets the same blur; fractures, made later on the fine grid, stay sharp.
+    """
+    sigma = [0.6 * z / spacing for z in zooms]
+    mask = gaussian_filter(skeletal.numpy().astype(np.float32), sigma=sigma) > 0.5
+    bones = np.where(skeletal.numpy(), labels.numpy(), 0)
+    nearest = distance_transform_edt(bones == 0, return_distances=False, return_indices=True)
+    relabelled = np.where(mask, bones[tuple(nearest)], np.where(skeletal.numpy(), 0, labels.numpy()))
+    return torch.from_numpy(mask), torch.from_numpy(relabelled.astype(np.int16))
+
+
+def _cortex(mask: torch.Tensor) -> torch.Tensor:
+    """A soft shell (0..1), about 1.5 voxels thick, just inside the surface of ``mask``."""
+    smooth = torch.from_numpy(gaussian_filter(mask.numpy().astype(np.float32), sigma=0.7))
     return torch.where(mask, 4.0 * smooth * (1.0 - smooth), torch.zeros_like(smooth))
 
 
@@ -155,8 +169,10 @@ def load_ct(
     for label, name in names.items():
         if any(p.match(name) for p in BONE_CLASSES.values()) or OTHER_BONE.match(name):
             skeletal |= lab_t == label
+    skeletal, lab_t = _without_slice_steps(lab_t, skeletal, zooms, spacing)
+    hu_t = torch.from_numpy(gaussian_filter(hu_t.numpy(), sigma=[0.6 * z / spacing for z in zooms]))
     hu_t = torch.where((hu_t > CONTRAST_HU) & ~skeletal, torch.tensor(SOFT_TISSUE_HU), hu_t)  # no contrast agent
-    hu_t = hu_t + CORTEX_HU * _cortex(skeletal, zooms, spacing)
+    hu_t = hu_t + CORTEX_HU * _cortex(skeletal)
     mu = (MU_WATER_PER_MM * spacing) * torch.clamp(1.0 + hu_t / 1000.0, min=0.0)
     soft_level = MU_WATER_PER_MM * spacing * (1.0 + SOFT_TISSUE_HU / 1000.0)
     bone = torch.where(skeletal, torch.clamp(mu - soft_level, min=0.0), torch.zeros_like(mu))

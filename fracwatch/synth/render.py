@@ -199,14 +199,16 @@ def _projected_box(
 def _expose(line: torch.Tensor, shape: tuple[int, int], spacing_mm: float, rng: np.random.Generator) -> np.ndarray:
     """Line integrals → a detector image: resample, exposure with quantum noise, blur, log, a DR system's
     unsharp-mask edge enhancement (bone edges, as every digital radiograph shows them), 12-bit values."""
-    resized = F.interpolate(line[None, None], size=shape, mode="bilinear", antialias=True, align_corners=False)[0, 0]
+    upsampling = shape[0] > line.shape[0]
+    mode = "bicubic" if upsampling else "bilinear"
+    resized = F.interpolate(line[None, None], size=shape, mode=mode, antialias=not upsampling, align_corners=False)[0, 0]
     p = resized.numpy().astype(np.float64)
     p = p * (2.2 / max(float(np.percentile(p, 90)), 1e-6))  # mediastinum ~ e^-2.2 transmission
-    p = gaussian_filter(p, sigma=rng.uniform(0.3, 0.7))
+    p = gaussian_filter(p, sigma=max(0.3, rng.uniform(0.35, 0.6) / spacing_mm))  # focal spot + detector: ~0.5 mm
     photons = 10 ** rng.uniform(3.6, 4.6)
     counts = rng.poisson(photons * np.exp(-p)).astype(np.float64)
     log = -np.log(np.maximum(counts, 0.5) / photons)
-    log = log + rng.uniform(0.5, 2.0) * (log - gaussian_filter(log, sigma=rng.uniform(2.0, 5.0) / spacing_mm))
+    log = log + rng.uniform(0.5, 1.5) * (log - gaussian_filter(log, sigma=rng.uniform(2.0, 5.0) / spacing_mm))
     low, high = np.percentile(log, [0.5, 99.8])
     shown = np.clip((log - low) / max(high - low, 1e-6), 0, 1) ** rng.uniform(0.75, 1.35)
     return np.rint(shown * 4095).astype(np.uint16)
