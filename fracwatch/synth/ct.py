@@ -112,20 +112,36 @@ def _canonical_array(image: Any) -> tuple[np.ndarray, tuple[float, float, float]
     return np.ascontiguousarray(data), (zooms[2], zooms[1], zooms[0])
 
 
+def _shape_interpolated(bones: np.ndarray, zooms: tuple[float, float, float], size: list[int]) -> torch.Tensor:
+    """The skeletal mask on the fine grid by shape-based interpolation: each original slice's signed distance to
+    the bone outline (mm, negative inside), resampled trilinearly, cut at 0. Nearest-neighbour resampling of
+    thick slices instead leaves every bone as a stack of slabs whose ends show in a DRR as breaks every few
+    millimetres along each rib — exactly what a fracture looks like."""
+    distance = np.full(bones.shape, 50.0, dtype=np.float32)
+    for k in range(bones.shape[0]):
+        inside = bones[k]
+        if inside.any():
+            outside_mm = distance_transform_edt(~inside, sampling=zooms[1:])
+            inside_mm = distance_transform_edt(inside, sampling=zooms[1:])
+            distance[k] = np.minimum(outside_mm - inside_mm, 50.0)
+    fine = F.interpolate(torch.from_numpy(distance)[None, None], size=size, mode="trilinear")[0, 0]
+    return fine < 0.0
+
+
 def _without_slice_steps(
-    labels: torch.Tensor, skeletal: torch.Tensor, zooms: tuple[float, float, float], spacing: float
+    hu: torch.Tensor, labels: torch.Tensor, skeletal: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The skeletal mask and labels without the staircase that nearest-neighbour resampling of thick slices
-    leaves (2.5 mm steps on every oblique bone surface, which a DRR shows as bars across every rib): the mask is
-    blurred across each axis's original voxel size and cut at ½, and each voxel of it takes its nearest bone label.
-    The HU volume gets the same blur; fractures, made later on the fine grid, stay sharp.
-    """
-    sigma = [0.6 * z / spacing for z in zooms]
-    mask = gaussian_filter(skeletal.numpy().astype(np.float32), sigma=sigma) > 0.5
+    """HU and labels for the shape-interpolated skeletal ``mask``: inside it, bone HU is the local mean of the
+    CT's bone voxels (normalised convolution, so slab ends fade out) and each voxel takes its nearest bone
+    label; bone voxels of the slabs outside it become soft tissue."""
+    weight = skeletal.numpy().astype(np.float32)
+    mean = gaussian_filter(hu.numpy() * weight, sigma=2.0) / np.maximum(gaussian_filter(weight, sigma=2.0), 1e-3)
+    inside = mask.numpy()
+    hu_out = np.where(inside, mean, np.where(skeletal.numpy(), SOFT_TISSUE_HU, hu.numpy()))
     bones = np.where(skeletal.numpy(), labels.numpy(), 0)
     nearest = distance_transform_edt(bones == 0, return_distances=False, return_indices=True)
-    relabelled = np.where(mask, bones[tuple(nearest)], np.where(skeletal.numpy(), 0, labels.numpy()))
-    return torch.from_numpy(mask), torch.from_numpy(relabelled.astype(np.int16))
+    relabelled = np.where(inside, bones[tuple(nearest)], np.where(skeletal.numpy(), 0, labels.numpy()))
+    return torch.from_numpy(hu_out.astype(np.float32)), torch.from_numpy(relabelled.astype(np.int16))
 
 
 def _cortex(mask: torch.Tensor) -> torch.Tensor:
@@ -165,12 +181,15 @@ def load_ct(
     hu_t = F.interpolate(torch.from_numpy(hu.astype(np.float32))[None, None], size=size, mode="trilinear")[0, 0]
     lab_t = F.interpolate(torch.from_numpy(labels.astype(np.float32))[None, None], size=size, mode="nearest")[0, 0]
     lab_t = lab_t.round().to(torch.int16)
-    skeletal = torch.zeros_like(lab_t, dtype=torch.bool)
-    for label, name in names.items():
-        if any(p.match(name) for p in BONE_CLASSES.values()) or OTHER_BONE.match(name):
-            skeletal |= lab_t == label
-    skeletal, lab_t = _without_slice_steps(lab_t, skeletal, zooms, spacing)
-    hu_t = torch.from_numpy(gaussian_filter(hu_t.numpy(), sigma=[0.6 * z / spacing for z in zooms]))
+    bone_ids = [
+        label
+        for label, name in names.items()
+        if any(p.match(name) for p in BONE_CLASSES.values()) or OTHER_BONE.match(name)
+    ]
+    skeletal = torch.from_numpy(np.isin(lab_t.numpy(), bone_ids))
+    smooth = _shape_interpolated(np.isin(labels, bone_ids), zooms, size)
+    hu_t, lab_t = _without_slice_steps(hu_t, lab_t, skeletal, smooth)
+    skeletal = smooth
     hu_t = torch.where((hu_t > CONTRAST_HU) & ~skeletal, torch.tensor(SOFT_TISSUE_HU), hu_t)  # no contrast agent
     hu_t = hu_t + CORTEX_HU * _cortex(skeletal)
     mu = (MU_WATER_PER_MM * spacing) * torch.clamp(1.0 + hu_t / 1000.0, min=0.0)

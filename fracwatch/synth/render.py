@@ -201,8 +201,8 @@ def _expose(line: torch.Tensor, shape: tuple[int, int], spacing_mm: float, rng: 
     unsharp-mask edge enhancement (bone edges, as every digital radiograph shows them), 12-bit values."""
     upsampling = shape[0] > line.shape[0]
     mode = "bicubic" if upsampling else "bilinear"
-    resized = F.interpolate(line[None, None], size=shape, mode=mode, antialias=not upsampling, align_corners=False)[0, 0]
-    p = resized.numpy().astype(np.float64)
+    resized = F.interpolate(line[None, None], size=shape, mode=mode, antialias=not upsampling, align_corners=False)
+    p = resized[0, 0].numpy().astype(np.float64)
     p = p * (2.2 / max(float(np.percentile(p, 90)), 1e-6))  # mediastinum ~ e^-2.2 transmission
     p = gaussian_filter(p, sigma=max(0.3, rng.uniform(0.35, 0.6) / spacing_mm))  # focal spot + detector: ~0.5 mm
     photons = 10 ** rng.uniform(3.6, 4.6)
