@@ -295,15 +295,13 @@ def _batch(
     images: torch.Tensor, index: torch.Tensor, boxes: torch.Tensor | None, augment: Augmentation | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The batch's images (augmented when asked) and, with boxes, their box masks moved the same way."""
+    x = images[index].float()
     masks = box_masks(boxes[index], images.shape[-1]) if boxes is not None else None
-    out_images, out_masks = [], []
-    for n, i in enumerate(index):
-        image, mask = images[i].float(), None if masks is None else masks[n]
-        if augment is not None:
-            image, mask = augment(image, mask)
-        out_images.append(image)
-        out_masks.append(mask)
-    return torch.stack(out_images), None if masks is None else torch.stack([m for m in out_masks if m is not None])
+    if augment is None:
+        return x, masks
+    pairs = [augment(x[n], None if masks is None else masks[n]) for n in range(len(x))]
+    moved = [m for _image, m in pairs if m is not None]
+    return torch.stack([image for image, _m in pairs]), torch.stack(moved) if moved else None
 
 
 def _loss(labels: torch.Tensor, config: TrainConfig, device: torch.device) -> torch.nn.Module:

@@ -128,7 +128,7 @@ def _shape_interpolated(bones: np.ndarray, zooms: tuple[float, float, float], si
     return fine < 0.0
 
 
-def _without_slice_steps(
+def _fit_to_mask(
     hu: torch.Tensor, labels: torch.Tensor, skeletal: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """HU and labels for the shape-interpolated skeletal ``mask``: inside it, bone HU is the local mean of the
@@ -186,10 +186,9 @@ def load_ct(
         for label, name in names.items()
         if any(p.match(name) for p in BONE_CLASSES.values()) or OTHER_BONE.match(name)
     ]
-    skeletal = torch.from_numpy(np.isin(lab_t.numpy(), bone_ids))
-    smooth = _shape_interpolated(np.isin(labels, bone_ids), zooms, size)
-    hu_t, lab_t = _without_slice_steps(hu_t, lab_t, skeletal, smooth)
-    skeletal = smooth
+    sliced = torch.from_numpy(np.isin(lab_t.numpy(), bone_ids))  # the CT's slabs, resampled as they are
+    skeletal = _shape_interpolated(np.isin(labels, bone_ids), zooms, size)
+    hu_t, lab_t = _fit_to_mask(hu_t, lab_t, sliced, skeletal)
     hu_t = torch.where((hu_t > CONTRAST_HU) & ~skeletal, torch.tensor(SOFT_TISSUE_HU), hu_t)  # no contrast agent
     hu_t = hu_t + CORTEX_HU * _cortex(skeletal)
     mu = (MU_WATER_PER_MM * spacing) * torch.clamp(1.0 + hu_t / 1000.0, min=0.0)

@@ -229,10 +229,13 @@ def test_boxes_supervise_a_logit_map_network(phantoms: Path, tmp_path: Path) -> 
     assert masks.shape == (3, 1, 128, 128) and masks[0].sum() == 128 * 64 and masks[2].sum() == 0
 
     # augmentation moves a mask exactly as it moves the image
+    moved = 0
     for seed in range(6):
         image, mask = Augmentation(seed)(masks[1].clone(), masks[1])
         assert mask is not None and set(mask.unique().tolist()) <= {0.0, 1.0}
         assert ((image[0] > 0.5) == (mask[0] > 0.5)).float().mean() > 0.98
+        moved += not torch.equal(mask, masks[1])
+    assert moved  # some seed did move it: the agreement above is not the identity's
 
     # the localisation loss prefers a map that is high where the box is
     cells = torch.full((2, 1, 4, 4), -4.0)
