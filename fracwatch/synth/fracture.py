@@ -1,10 +1,12 @@
 """Fractures simulated in the CT: a local change to one bone's attenuation, returned as a small box.
 
 A point on the bone is chosen where it is elongated; its local axis comes from a PCA of the bone around it.
-A plane across that axis (tilted up to 15°) cuts the bone, a 1-3 mm gap opens, and the fragment beyond it is
-displaced (0-4 mm) and angulated (0-10°), the motion fading out along the bone so the box edges stay
-untouched; sometimes a second cut makes an intermediate fragment (comminution). Only the bone's excess
-attenuation over soft tissue moves, so the change is ``new bone - old bone`` inside the box.
+A plane across that axis (tilted up to 15°) cuts the bone — given the view's beam, a plane the rays run nearly
+along, so the view shows the break (a radiograph's fracture label means a fracture the image shows) —; a 1-3 mm
+gap opens, and the fragment beyond it is displaced (0-4 mm, mostly across the rays) and angulated (0-10°), the
+motion fading out along the bone so the box edges stay untouched; sometimes a second cut makes an intermediate
+fragment (comminution). Only the bone's excess attenuation over soft tissue moves, so the change is
+``new bone - old bone`` inside the box.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from fracwatch.synth.ct import CTVolume, SynthError
 
 NEIGHBOURHOOD_MM = {"rib": 12.0, "clavicle": 14.0, "humerus": 30.0, "scapula": 20.0}
 HALF_BOX_MM = 24.0
+ACROSS_BEAM = 0.15  # |cut plane normal · beam| at most this (the plane within ~9° of the rays): a 1 mm gap
+# through 5 mm of bone stays open in projection only when tan(angle) < 1/5
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class Fracture:
     delta: torch.Tensor  # (z, y, x) change of the bone attenuation
     origin: tuple[int, int, int]
     centre: tuple[float, float, float]  # voxel (z, y, x)
+    normal: tuple[float, float, float]  # the cut plane's unit normal (z, y, x)
     label: int
     bone: str  # structure name, e.g. rib_left_5
     bone_class: str
@@ -58,28 +63,37 @@ def _local_axis(points: np.ndarray, centre: np.ndarray, radius: float) -> tuple[
     return vectors[:, -1], elongation
 
 
-def simulate_fracture(ct: CTVolume, label: int, rng: np.random.Generator) -> Fracture:
-    """Break bone ``label`` at a random elongated spot; raise :class:`SynthError` when it has none."""
+def simulate_fracture(
+    ct: CTVolume, label: int, rng: np.random.Generator, beam: tuple[float, float, float] | None = None
+) -> Fracture:
+    """Break bone ``label`` at a random elongated spot; raise :class:`SynthError` when it has none.
+
+    With ``beam`` (the view's ray direction, (z, y, x)), the cut plane is chosen nearly parallel to the rays and
+    the fragment moves mostly across them, where the bone allows (else as without a beam).
+    """
     voxels = ct.voxels(label)
     if len(voxels) == 0:
         raise SynthError(f"label {label} is not in the volume")
     points = voxels.numpy().astype(np.float64)
     mm = ct.spacing
     radius = NEIGHBOURHOOD_MM.get(ct.bone_class(label) or "", 12.0)
-    for _ in range(30):
+    ray = None if beam is None else np.asarray(beam, dtype=np.float64)
+    for attempt in range(60):
         centre = points[rng.integers(len(points))]
         found = _local_axis(points, centre, radius / mm)
-        if found is not None and found[1] > 2.0:
-            axis = found[0]
-            break
+        if found is None or found[1] <= 2.0:
+            continue
+        axis = found[0]
+        normal = _rotation(np.cross(axis, _random_unit(rng)), math.radians(rng.uniform(-15, 15))) @ axis
+        if ray is None or abs(normal @ ray) <= ACROSS_BEAM or attempt >= 40:
+            break  # after 40 tries, any elongated spot: a bone the view sees end-on still breaks
     else:
         # A bone the CT shows only in part (the humeral head and neck of a chest CT): break it across the
         # principal axis of what is there.
         centre = points[rng.integers(len(points))]
         _values, vectors = np.linalg.eigh(np.cov((points - points.mean(axis=0)).T))
         axis = vectors[:, -1]
-    tilt = _rotation(np.cross(axis, _random_unit(rng)), math.radians(rng.uniform(-15, 15)))
-    normal = tilt @ axis
+        normal = _rotation(np.cross(axis, _random_unit(rng)), math.radians(rng.uniform(-15, 15))) @ axis
     half = round(HALF_BOX_MM / mm)
     lo = np.maximum(np.round(centre).astype(int) - half, 0)
     hi = np.minimum(np.round(centre).astype(int) + half + 1, np.array(ct.shape))
@@ -102,6 +116,8 @@ def simulate_fracture(ct: CTVolume, label: int, rng: np.random.Generator) -> Fra
     weight = w_ax * w_lat
 
     direction = _random_unit(rng)
+    if ray is not None:
+        direction -= (direction @ ray) * ray * 0.8  # mostly across the rays: a step-off the view shows
     direction -= (direction @ normal) * normal * 0.7  # mostly sideways to the bone
     translation = shift * direction / np.linalg.norm(direction)
     rotation = _rotation(np.cross(normal, _random_unit(rng)), math.radians(angle)) - np.eye(3)
@@ -125,6 +141,7 @@ def simulate_fracture(ct: CTVolume, label: int, rng: np.random.Generator) -> Fra
         delta=delta,
         origin=(int(lo[0]), int(lo[1]), int(lo[2])),
         centre=(float(centre[0]), float(centre[1]), float(centre[2])),
+        normal=(float(normal[0]), float(normal[1]), float(normal[2])),
         label=label,
         bone=name,
         bone_class=ct.bone_class(label) or "other",

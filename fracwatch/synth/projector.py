@@ -69,6 +69,13 @@ class Projector:
             ys.append(cy - self._sin * dx + self._cos * dy)
         return math.floor(min(xs)) - 1, math.ceil(max(xs)) + 2, math.floor(min(ys)) - 1, math.ceil(max(ys)) + 2
 
+    @property
+    def beam(self) -> tuple[float, float, float]:
+        """The rays' unit direction (z, y, x) in volume index units: what ``locate`` maps to one point."""
+        z, y, x = self._shear, self._cos, -self._sin
+        norm = math.sqrt(z * z + y * y + x * x)
+        return z / norm, y / norm, x / norm
+
     def locate(self, z: float, y: float, x: float) -> tuple[float, float]:
         """The global (row, column) where the ray through volume point (z, y, x) meets the detector."""
         cx, cy = self.centre

@@ -116,7 +116,7 @@ class PoseRenderer:
             if not fractured:
                 break
             try:
-                fracture = simulate_fracture(self.ct, label, rng)
+                fracture = simulate_fracture(self.ct, label, rng, beam=self.projector.beam)
                 break
             except SynthError:
                 _other, label = self._pick_label(rng)

@@ -16,7 +16,7 @@ from pydicom import dcmread
 
 from fracwatch.cli import cli
 from fracwatch.synth.ct import CTVolume, load_ct
-from fracwatch.synth.fracture import simulate_fracture
+from fracwatch.synth.fracture import ACROSS_BEAM, simulate_fracture
 from fracwatch.synth.projector import Pose, Projector, paste
 from fracwatch.synth.render import PoseRenderer, SynthConfig
 
@@ -140,3 +140,22 @@ def test_synth_command_writes_pngs_manifest_and_dicom(ct_files: tuple[Path, Path
         assert float(ds.ImagerPixelSpacing[0]) == pytest.approx(float(row["pixel_spacing_mm"]), rel=1e-4)
     missing = CliRunner().invoke(cli, ["synth", "--out", str(tmp_path / "x"), "--ct", str(ct_path)])
     assert missing.exit_code == 1 and "both --ct and --labels" in missing.output
+
+
+def test_the_beam_is_what_one_detector_point_sees() -> None:
+    projector = Projector((40, 50, 60), Pose(math.radians(35), math.radians(-8)))
+    beam = np.array(projector.beam)
+    assert abs(float(np.linalg.norm(beam)) - 1.0) < 1e-9
+    start = np.array([20.0, 10.0, 30.0])
+    for step in (5.0, 17.0):
+        assert np.allclose(projector.locate(*(start + step * beam)), projector.locate(*start), atol=1e-9)
+    assert not np.allclose(projector.locate(*(start + np.array([0.0, 0.0, 5.0]))), projector.locate(*start))
+
+
+def test_given_the_beam_a_fracture_is_cut_along_the_rays(ct: CTVolume) -> None:
+    # A break the view shows: the gap's plane nearly holds the rays (else the bone on either side hides it).
+    for yaw, seed in ((0.0, 1), (30.0, 2), (-35.0, 3), (0.0, 4)):
+        beam = Projector(ct.shape, Pose(math.radians(yaw), math.radians(5))).beam
+        fracture = simulate_fracture(ct, 93, np.random.default_rng(seed), beam=beam)
+        assert abs(float(np.dot(fracture.normal, beam))) <= ACROSS_BEAM
+        assert abs(float(np.linalg.norm(fracture.normal)) - 1.0) < 1e-6
