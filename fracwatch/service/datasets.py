@@ -80,7 +80,8 @@ def detect_layout(source: Path) -> str:
 
 
 def read_manifest(folder: Path) -> list[Item]:
-    """A ``fracwatch synth`` folder; fractured images carry their projected box (for the localisation loss)."""
+    """A ``fracwatch synth`` folder; fractured images carry their projected box (for the localisation loss): the
+    break site's where recorded — the gap and step-off within a few mm of the cut, not the fragment's drift."""
     items = []
     with (folder / "manifest.csv").open(newline="") as handle:
         for number, row in enumerate(csv.DictReader(handle), start=2):
@@ -100,8 +101,10 @@ def read_manifest(folder: Path) -> list[Item]:
 
 
 def _box(row: dict[str, str], path: Path, where: str) -> dict[str, Any]:
-    """``box`` and ``size`` of a manifest row whose x0..y1 are filled (and whose image exists), else nothing."""
-    values = [row.get(k, "") for k in ("x0", "y0", "x1", "y1")]
+    """``box`` and ``size`` of a fractured manifest row (whose image exists): the break site's box
+    (``site_x0..site_y1``) where the manifest has one, else the whole change's (``x0..y1``); else nothing."""
+    site = [row.get(k, "") for k in ("site_x0", "site_y0", "site_x1", "site_y1")]
+    values = site if all(site) else [row.get(k, "") for k in ("x0", "y0", "x1", "y1")]
     if row.get("label") != "1" or not all(values) or not path.is_file():
         return {}
     try:

@@ -22,6 +22,7 @@ from fracwatch.synth.ct import CTVolume, SynthError
 
 NEIGHBOURHOOD_MM = {"rib": 12.0, "clavicle": 14.0, "humerus": 30.0, "scapula": 20.0}
 HALF_BOX_MM = 24.0
+SITE_MM = 4.0  # the break site: this far either side of the cut(s); the fragment's drift beyond is not the break
 ACROSS_BEAM = 0.15  # |cut plane normal · beam| at most this (the plane within ~9° of the rays): a 1 mm gap
 # through 5 mm of bone stays open in projection only when tan(angle) < 1/5
 
@@ -34,6 +35,7 @@ class Fracture:
     origin: tuple[int, int, int]
     centre: tuple[float, float, float]  # voxel (z, y, x)
     normal: tuple[float, float, float]  # the cut plane's unit normal (z, y, x)
+    site: torch.Tensor  # |delta| within SITE_MM of the cut(s): where the break itself shows (gap, step-off)
     label: int
     bone: str  # structure name, e.g. rib_left_5
     bone_class: str
@@ -124,8 +126,10 @@ def simulate_fracture(
     displacement = weight[..., None] * (rel @ rotation.T + translation)  # mm
     comminuted = bool(rng.random() < 0.25)
     in_gap = (np.abs(along) <= gap / 2) & (w_lat > 0)
+    site = np.abs(along) <= gap / 2 + SITE_MM
     if comminuted:
         second = gap / 2 + rng.uniform(3.0, 6.0)
+        site |= (along > 0) & (along <= second + SITE_MM)
         chip = (along > gap / 2) & (along < second) & (w_lat > 0)
         displacement += chip[..., None] * (1.5 * _random_unit(rng))
         in_gap |= (np.abs(along - second) <= 0.5) & (w_lat > 0)
@@ -136,12 +140,14 @@ def simulate_fracture(
     moved = F.grid_sample(bone[None, None].float(), sample_at, align_corners=True, padding_mode="zeros")[0, 0]
     new_bone = torch.where(torch.from_numpy(in_gap), torch.zeros_like(bone), moved)
     delta = (new_bone - bone).contiguous()
+    site_change = (delta.abs() * torch.from_numpy(site & (w_lat > 0))).contiguous()
     name = ct.names.get(label, str(label))
     return Fracture(
         delta=delta,
         origin=(int(lo[0]), int(lo[1]), int(lo[2])),
         centre=(float(centre[0]), float(centre[1]), float(centre[2])),
         normal=(float(normal[0]), float(normal[1]), float(normal[2])),
+        site=site_change,
         label=label,
         bone=name,
         bone_class=ct.bone_class(label) or "other",

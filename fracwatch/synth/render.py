@@ -30,6 +30,7 @@ CLASS_WEIGHTS = {"rib": 0.5, "clavicle": 0.2, "humerus": 0.2, "scapula": 0.1}
 VIEWS = {"AP": 0.35, "PA": 0.35, "LAO": 0.15, "RAO": 0.15}
 MANIFEST_FIELDS = [
     "image", "dicom", "label", "bone_class", "bone", "view", "yaw_deg", "tilt_deg", "fov", "x0", "y0", "x1", "y1",
+    "site_x0", "site_y0", "site_x1", "site_y1",
     "gap_mm", "shift_mm", "angle_deg", "comminuted", "pixel_spacing_mm", "photometric", "split", "pose", "index",
     "study_instance_uid", "sop_instance_uid",
 ]  # fmt: skip
@@ -149,6 +150,7 @@ class PoseRenderer:
             "tilt_deg": round(math.degrees(self.pose.tilt), 2),
             "fov": fov,
             "x0": "", "y0": "", "x1": "", "y1": "",
+            "site_x0": "", "site_y0": "", "site_x1": "", "site_y1": "",
             "gap_mm": fracture.gap_mm if fracture else "",
             "shift_mm": fracture.shift_mm if fracture else "",
             "angle_deg": fracture.angle_deg if fracture else "",
@@ -158,10 +160,14 @@ class PoseRenderer:
             "pose": self.index,
             "index": image_index,
         }  # fmt: skip
-        if delta is not None:
-            box = _projected_box(delta, (self.soft.row0, self.soft.col0), (top, left), scale, out_shape)
+        if fracture is not None and delta is not None:
+            where = ((self.soft.row0, self.soft.col0), (top, left), scale, out_shape)
+            box = _projected_box(delta, *where)
             if box is not None:
                 record.update(dict(zip(("x0", "y0", "x1", "y1"), box, strict=True)))
+            site = _projected_box(self.projector.project(fracture.site, fracture.origin), *where)
+            if site is not None:
+                record.update(dict(zip(("site_x0", "site_y0", "site_x1", "site_y1"), site, strict=True)))
         photometric = "MONOCHROME1" if rng.random() < config.monochrome1_fraction else "MONOCHROME2"
         return Sample(pixels, photometric, record)
 

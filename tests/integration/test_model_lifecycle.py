@@ -218,6 +218,19 @@ def test_boxes_supervise_a_logit_map_network(phantoms: Path, tmp_path: Path) -> 
     assert fractured and all(i.box is not None and i.size is not None for i in fractured)
     assert all(i.box is None for i in items if i.label == 0)
 
+    # a synth manifest's break-site box (site_x0..site_y1) is preferred to the whole change's box (x0..y1)
+    site_set = tmp_path / "site"
+    png(site_set / "images" / "f.png", True, 1)
+    png(site_set / "images" / "g.png", True, 2)
+    fields = ["image", "label", "split", "x0", "y0", "x1", "y1", "site_x0", "site_y0", "site_x1", "site_y1"]
+    with (site_set / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(fields)
+        writer.writerow(["images/f.png", 1, "train", 10, 10, 80, 80, 20, 30, 40, 50])
+        writer.writerow(["images/g.png", 1, "train", 10, 10, 80, 80, "", "", "", ""])
+    site_items = read_dataset(site_set)
+    assert [i.box for i in site_items] == [(20.0, 30.0, 40.0, 50.0), (10.0, 10.0, 80.0, 80.0)]
+
     # boxes follow preprocess's aspect-preserving resize and centred pad
     wide = Item(path=Path("w.png"), label=1, box=(0.0, 0.0, 200.0, 100.0), size=(200, 100))
     part = Item(path=Path("p.png"), label=1, box=(50.0, 25.0, 100.0, 75.0), size=(200, 100))

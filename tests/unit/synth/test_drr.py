@@ -119,6 +119,9 @@ def test_rendered_images_are_deterministic_and_boxed(ct: CTVolume) -> None:
     for sample in boxed:
         x0, y0, x1, y1 = (int(sample.record[k]) for k in ("x0", "y0", "x1", "y1"))  # type: ignore[call-overload]
         assert 0 <= x0 < x1 <= sample.pixels.shape[1] and 0 <= y0 < y1 <= sample.pixels.shape[0]
+        # the break site (gap and step-off) lies inside the whole change (which includes the fragment's drift)
+        sx0, sy0, sx1, sy1 = (int(sample.record[f"site_{k}"]) for k in ("x0", "y0", "x1", "y1"))  # type: ignore[call-overload]
+        assert x0 <= sx0 < sx1 <= x1 and y0 <= sy0 < sy1 <= y1
     assert all(s.pixels.dtype == np.uint16 and int(s.pixels.max()) <= 4095 for s in first)
 
 
