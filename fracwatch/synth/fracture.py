@@ -65,6 +65,11 @@ def _local_axis(points: np.ndarray, centre: np.ndarray, radius: float) -> tuple[
     return vectors[:, -1], elongation
 
 
+def _cut_normal(axis: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The normal of a plane across ``axis``, tilted up to 15° about a random direction."""
+    return _rotation(np.cross(axis, _random_unit(rng)), math.radians(rng.uniform(-15, 15))) @ axis
+
+
 def simulate_fracture(
     ct: CTVolume, label: int, rng: np.random.Generator, beam: tuple[float, float, float] | None = None
 ) -> Fracture:
@@ -86,7 +91,7 @@ def simulate_fracture(
         if found is None or found[1] <= 2.0:
             continue
         axis = found[0]
-        normal = _rotation(np.cross(axis, _random_unit(rng)), math.radians(rng.uniform(-15, 15))) @ axis
+        normal = _cut_normal(axis, rng)
         if ray is None or abs(normal @ ray) <= ACROSS_BEAM or attempt >= 40:
             break  # after 40 tries, any elongated spot: a bone the view sees end-on still breaks
     else:
@@ -95,7 +100,7 @@ def simulate_fracture(
         centre = points[rng.integers(len(points))]
         _values, vectors = np.linalg.eigh(np.cov((points - points.mean(axis=0)).T))
         axis = vectors[:, -1]
-        normal = _rotation(np.cross(axis, _random_unit(rng)), math.radians(rng.uniform(-15, 15))) @ axis
+        normal = _cut_normal(axis, rng)
     half = round(HALF_BOX_MM / mm)
     lo = np.maximum(np.round(centre).astype(int) - half, 0)
     hi = np.minimum(np.round(centre).astype(int) + half + 1, np.array(ct.shape))
