@@ -639,6 +639,12 @@ def _missing(path: Path) -> Any:
 @click.option("--size", type=(int, int), default=(384, 640), show_default=True, help="Output long side range, px.")
 @click.option("--no-dicom", is_flag=True, help="PNG + manifest only (no DICOM DX studies).")
 @click.option("--phantom", is_flag=True, help="2-D procedural limb phantoms instead of DRRs (fast; for tests).")
+@click.option(
+    "--twins/--no-twins",
+    default=True,
+    show_default=True,
+    help="Each normal image is a fractured image's twin (same view, exposure, noise; no break).",
+)
 def synth(
     out: Path,
     ct_path: Path | None,
@@ -651,6 +657,7 @@ def synth(
     size: tuple[int, int],
     no_dicom: bool,
     phantom: bool,
+    twins: bool,
 ) -> None:
     """Render synthetic radiographs (DRRs from a CT with simulated fractures): PNG, manifest.csv, DICOM DX."""
     from fracwatch.synth.ct import load_ct
@@ -666,6 +673,7 @@ def synth(
         min_size=min(size),
         max_size=max(size),
         dicom=not no_dicom,
+        twins=twins,
     )
     try:
         if phantom:

@@ -34,7 +34,7 @@ MANIFEST_FIELDS = [
     "image", "dicom", "label", "bone_class", "bone", "view", "yaw_deg", "tilt_deg", "fov", "x0", "y0", "x1", "y1",
     "site_x0", "site_y0", "site_x1", "site_y1",
     "gap_mm", "shift_mm", "angle_deg", "comminuted", "visibility", "pixel_spacing_mm", "photometric", "split", "pose",
-    "index",
+    "index", "twin_of",
     "study_instance_uid", "sop_instance_uid",
 ]  # fmt: skip
 
@@ -46,6 +46,7 @@ class SynthConfig:
     poses: int = 100
     per_pose: int = 16
     fractured_fraction: float = 0.5
+    twins: bool = True  # each normal (up to the fractured count) is a fractured image's twin without the break
     seed: int = 0
     whole_fraction: float = 0.1
     detail_fov_mm: tuple[float, float] = (60.0, 160.0)
@@ -94,6 +95,7 @@ class PoseRenderer:
         rows = torch.nonzero(self.soft.image.amax(dim=1) > 0.2 * float(self.soft.image.max()))
         cols = torch.nonzero(self.soft.image.amax(dim=0) > 0.2 * float(self.soft.image.max()))
         self.body = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+        self._fractures: dict[int, tuple[Fracture, Block, float]] = {}
         self.classes = {c: labels for c in CLASS_WEIGHTS if (labels := ct.labels_of(c))}
         if not self.classes:
             raise SynthError("the labels hold none of the fracture classes (rib, clavicle, humerus, scapula)")
@@ -109,35 +111,43 @@ class PoseRenderer:
         return row - self.soft.row0, col - self.soft.col0
 
     def render(self, image_index: int) -> Sample:
-        """Image ``image_index`` of this pose."""
+        """Image ``image_index`` of this pose: the first ``fractured_fraction`` are fractured; with ``twins``, each
+        of the next as many is its fractured namesake's twin — the same field of view, exposure and noise, without
+        the break — and any further ones are normals of their own."""
         config = self.config
-        rng = np.random.default_rng([config.seed, self.index, image_index, 1])
-        fractured = image_index < round(config.per_pose * config.fractured_fraction)
+        fractured_count = round(config.per_pose * config.fractured_fraction)
+        fractured = image_index < fractured_count
+        twin = config.twins and not fractured and image_index < 2 * fractured_count
+        source = image_index - fractured_count if twin else image_index
+        rng = np.random.default_rng([config.seed, self.index, source, 1])  # what breaks, where the view centres
+        look = np.random.default_rng([config.seed, self.index, source, 2])  # how it is shown
         _class, label = self._pick_label(rng)
         fracture: Fracture | None = None
         site: Block | None = None
         visibility: float | None = None
         bone = self.bone.image
-        if fractured:
-            fracture, site, visibility = self._visible_fracture(label, rng)
         delta: Block | None = None
-        if fracture is not None:
-            delta = self.projector.project(fracture.delta, fracture.origin)
-            bone = paste(bone, delta, (self.bone.row0, self.bone.col0))
+        if fractured or twin:
+            fracture, site, visibility = self._fracture_of(source, label, rng)
             target = self._detector(*fracture.centre)
+            if twin:
+                fracture, site, visibility = None, None, None
+            else:
+                delta = self.projector.project(fracture.delta, fracture.origin)
+                bone = paste(bone, delta, (self.bone.row0, self.bone.col0))
         else:
             voxels = self.ct.voxels(label)
             z, y, x = voxels[rng.integers(len(voxels))].tolist()
             target = self._detector(z, y, x)
-        boost = rng.uniform(5.0, 8.0)  # plain-film bone contrast: CT bone is faint in a DRR (partial volume)
+        boost = look.uniform(5.0, 8.0)  # plain-film bone contrast: CT bone is faint in a DRR (partial volume)
         line = self.soft.image + boost * bone
-        top, bottom, left, right = self._field_of_view(rng, target)
+        top, bottom, left, right = self._field_of_view(look, target)
         fov = "whole" if (bottom - top) >= 0.8 * (self.body[1] - self.body[0]) else "detail"
         crop = line[top:bottom, left:right]
-        size = int(rng.integers(config.min_size, config.max_size + 1))
+        size = int(look.integers(config.min_size, config.max_size + 1))
         scale = size / max(crop.shape)
         out_shape = (max(8, round(crop.shape[0] * scale)), max(8, round(crop.shape[1] * scale)))
-        pixels = _expose(crop, out_shape, self.ct.spacing / scale, rng)
+        pixels = _expose(crop, out_shape, self.ct.spacing / scale, look)
         record: dict[str, object] = {
             "label": int(fracture is not None),
             "bone_class": fracture.bone_class if fracture else "none",
@@ -157,6 +167,7 @@ class PoseRenderer:
             "split": split_of(self.index, config),
             "pose": self.index,
             "index": image_index,
+            "twin_of": source if twin else "",
         }  # fmt: skip
         if fracture is not None and delta is not None:
             where = ((self.soft.row0, self.soft.col0), (top, left), scale, out_shape)
@@ -166,8 +177,14 @@ class PoseRenderer:
             site_box = _projected_box(site, *where) if site is not None else None
             if site_box is not None:
                 record.update(dict(zip(("site_x0", "site_y0", "site_x1", "site_y1"), site_box, strict=True)))
-        photometric = "MONOCHROME1" if rng.random() < config.monochrome1_fraction else "MONOCHROME2"
+        photometric = "MONOCHROME1" if look.random() < config.monochrome1_fraction else "MONOCHROME2"
         return Sample(pixels, photometric, record)
+
+    def _fracture_of(self, source: int, label: int, rng: np.random.Generator) -> tuple[Fracture, Block, float]:
+        """Image ``source``'s fracture (kept for its twin, which renders after it)."""
+        if source not in self._fractures:
+            self._fractures[source] = self._visible_fracture(label, rng)
+        return self._fractures[source]
 
     def _visible_fracture(self, label: int, rng: np.random.Generator) -> tuple[Fracture, Block, float]:
         """A fracture of ``label`` (or of another bone of the pose's classes) that this view shows, with its break
@@ -247,7 +264,10 @@ def _expose(line: torch.Tensor, shape: tuple[int, int], spacing_mm: float, rng: 
     p = p * (2.2 / max(float(np.percentile(p, 90)), 1e-6))  # mediastinum ~ e^-2.2 transmission
     p = gaussian_filter(p, sigma=max(0.3, rng.uniform(0.35, 0.6) / spacing_mm))  # focal spot + detector: ~0.5 mm
     photons = 10 ** rng.uniform(3.6, 4.6)
-    counts = rng.poisson(photons * np.exp(-p)).astype(np.float64)
+    # Quantum noise, Gaussian-approximated (≥ ~100 photons per pixel here): a fixed number of draws, so a twin
+    # without the fracture gets the very same noise everywhere the fracture does not change the counts.
+    expected = photons * np.exp(-p)
+    counts = expected + np.sqrt(expected) * rng.standard_normal(expected.shape)
     log = -np.log(np.maximum(counts, 0.5) / photons)
     log = log + rng.uniform(0.5, 1.5) * (log - gaussian_filter(log, sigma=rng.uniform(2.0, 5.0) / spacing_mm))
     low, high = np.percentile(log, [0.5, 99.8])

@@ -177,3 +177,25 @@ def test_a_break_seen_across_the_rays_is_visible_and_one_seen_along_the_bone_is_
             site = projector.project(fracture.site, fracture.origin)
             seen.append(visibility(site, projector.project_volume(ct.bone)))
         assert seen[0] >= 0.9 and seen[1] < MIN_VISIBILITY
+
+
+def test_each_normal_is_its_fractured_namesakes_twin_without_the_break(ct: CTVolume) -> None:
+    config = SynthConfig(poses=1, per_pose=6, seed=5, min_size=96, max_size=128, dicom=False)
+    renderer = PoseRenderer(ct, 0, config)
+    samples = [renderer.render(i) for i in range(6)]
+    alone = PoseRenderer(ct, 0, config).render(4)  # a twin rendered on its own is the same image
+    assert np.array_equal(alone.pixels, samples[4].pixels)
+    for fractured, twin in zip(samples[:3], samples[3:], strict=True):
+        assert fractured.record["label"] == 1 and twin.record["label"] == 0
+        assert twin.record["twin_of"] == fractured.record["index"] and fractured.record["twin_of"] == ""
+        for key in ("fov", "pixel_spacing_mm", "view"):
+            assert twin.record[key] == fractured.record[key]
+        assert twin.photometric == fractured.photometric and twin.pixels.shape == fractured.pixels.shape
+        x0, y0, x1, y1 = (int(fractured.record[k]) for k in ("x0", "y0", "x1", "y1"))  # type: ignore[call-overload]
+        difference = np.abs(fractured.pixels.astype(np.float64) - twin.pixels.astype(np.float64))
+        inside = np.zeros(difference.shape, dtype=bool)
+        inside[y0:y1, x0:x1] = True
+        # the same noise and exposure: the two differ where the break is (outside only by the display window)
+        assert difference[inside].mean() > 5 * difference[~inside].mean()
+    independent = PoseRenderer(ct, 0, SynthConfig(**{**config.__dict__, "twins": False})).render(4)
+    assert independent.record["twin_of"] == "" and not np.array_equal(independent.pixels, samples[4].pixels)
