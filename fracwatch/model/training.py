@@ -109,11 +109,13 @@ class Augmentation:
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(1, S, S) image and optional (1, S, S) mask → augmented copies (the mask stays binary)."""
+        """(C, S, S) image — C views of one scene, e.g. twins — and optional (C, S, S) masks → augmented copies:
+        one spatial transform and one contrast change for all channels (the masks stay binary)."""
+        channels = image.shape[0]
         stacked = image if mask is None else torch.cat([image, mask])
         moved = torch.as_tensor(self.spatial(stacked))
-        augmented = torch.as_tensor(self.intensity(moved[:1]))
-        return augmented, None if mask is None else (moved[1:] > 0.5).float()
+        augmented = torch.as_tensor(self.intensity(moved[:channels]))
+        return augmented, None if mask is None else (moved[channels:] > 0.5).float()
 
 
 def box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -193,6 +195,7 @@ def train_network(
     checkpoint: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     boxes: torch.Tensor | None = None,
+    partners: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train with AdamW, class-balanced loss (BCE with pos_weight, or weighted cross-entropy), OneCycle; keep the
     epoch with the best validation AUROC (fracture vs none) and stop after ``patience`` epochs without gain.
@@ -200,7 +203,9 @@ def train_network(
     Labels are 0/1 (binary) or class indices (multi-class). With ``checkpoint``, the state is saved after every
     epoch and a run finding one there resumes from it. ``progress(epoch, batches_done)`` is called per batch.
     ``boxes`` (N, 4) — the fractures' boxes in input pixels, NaN where none — add a localisation loss for a
-    binary network with a logit map (``networks.ResNetLogitMap``); other networks ignore them.
+    binary network with a logit map (``networks.ResNetLogitMap``); other networks ignore them. ``partners``
+    (N,) — each image's twin (the same image without the fracture), -1 where none — puts twins in the same batch
+    under the same spatial augmentation: the one difference the batch shows between them is the fracture.
     """
     torch.manual_seed(config.seed)
     device = select_device(config.device)
@@ -238,10 +243,12 @@ def train_network(
             break
         network.train()
         started, total = time.monotonic(), 0.0
-        order = torch.randperm(len(images), generator=generator)
+        order = _epoch_order(len(images), partners, generator)
         for batch_number, start in enumerate(range(0, len(images), config.batch_size), start=1):
             batch_index = order[start : start + config.batch_size]
-            x, masks = _batch(images, batch_index, boxes if localise else None, augment if config.augment else None)
+            x, masks = _batch(
+                images, batch_index, boxes if localise else None, augment if config.augment else None, partners
+            )
             x = x.to(device)
             y = labels[batch_index].to(device)
             optimiser.zero_grad(set_to_none=True)
@@ -291,17 +298,56 @@ def train_network(
     return result
 
 
+def _epoch_order(count: int, partners: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """A random order of ``count`` images in which twins follow each other."""
+    if partners is None:
+        return torch.randperm(count, generator=generator)
+    leads = [i for i in range(count) if partners[i] < 0 or i < partners[i]]  # a single, or a pair's first
+    order: list[int] = []
+    for k in torch.randperm(len(leads), generator=generator).tolist():
+        order.append(leads[k])
+        if partners[leads[k]] >= 0:
+            order.append(int(partners[leads[k]]))
+    return torch.tensor(order, dtype=torch.long)
+
+
 def _batch(
-    images: torch.Tensor, index: torch.Tensor, boxes: torch.Tensor | None, augment: Augmentation | None
+    images: torch.Tensor,
+    index: torch.Tensor,
+    boxes: torch.Tensor | None,
+    augment: Augmentation | None,
+    partners: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The batch's images (augmented when asked) and, with boxes, their box masks moved the same way."""
+    """The batch's images (augmented when asked: twins in the batch together, as channels of one image) and,
+    with boxes, their box masks moved the same way."""
     x = images[index].float()
     masks = box_masks(boxes[index], images.shape[-1]) if boxes is not None else None
     if augment is None:
         return x, masks
-    pairs = [augment(x[n], None if masks is None else masks[n]) for n in range(len(x))]
-    moved = [m for _image, m in pairs if m is not None]
-    return torch.stack([image for image, _m in pairs]), torch.stack(moved) if moved else None
+    out_x, out_masks = x.clone(), None if masks is None else masks.clone()
+    for positions in _together(index, partners):
+        image, mask = augment(
+            torch.cat([x[p] for p in positions]), None if masks is None else torch.cat([masks[p] for p in positions])
+        )
+        for channel, p in enumerate(positions):
+            out_x[p] = image[channel : channel + 1]
+            if out_masks is not None and mask is not None:
+                out_masks[p] = mask[channel : channel + 1]
+    return out_x, out_masks
+
+
+def _together(index: torch.Tensor, partners: torch.Tensor | None) -> list[list[int]]:
+    """Batch positions grouped: a twin pair whose both images are in the batch, or one image."""
+    position = {int(i): p for p, i in enumerate(index.tolist())}
+    groups, seen = [], set()
+    for p, i in enumerate(index.tolist()):
+        if p in seen:
+            continue
+        mate = position.get(int(partners[i])) if partners is not None and partners[i] >= 0 else None
+        group = [p] if mate is None or mate in seen else [p, mate]
+        seen.update(group)
+        groups.append(group)
+    return groups
 
 
 def _loss(labels: torch.Tensor, config: TrainConfig, device: torch.device) -> torch.nn.Module:

@@ -54,6 +54,7 @@ class Item:
     meta: dict[str, str] = field(default_factory=dict)
     box: tuple[float, float, float, float] | None = None  # the fracture's (x0, y0, x1, y1) in image pixels
     size: tuple[int, int] | None = None  # the image's (width, height), with a box
+    pair: str = ""  # a fractured image and its twin without the break (synth) share this key
 
 
 def _label(value: str, where: str) -> int:
@@ -93,11 +94,31 @@ def read_manifest(folder: Path) -> list[Item]:
                     class_name=row.get("bone_class") or ("fracture" if row["label"] == "1" else "none"),
                     split=row.get("split", ""),
                     group=f"pose{row.get('pose', '')}",
+                    pair=_pair_key(row),
                     meta={k: row.get(k, "") for k in ("view", "bone_class", "fov", "photometric", "bone")},
                     **_box(row, path, f"{folder / 'manifest.csv'}:{number}"),
                 )
             )
     return items
+
+
+def _pair_key(row: dict[str, str]) -> str:
+    """The key a fractured synth image shares with its twin (``twin_of`` names the fractured image's index)."""
+    index = row.get("twin_of") or (row.get("index", "") if row.get("label") == "1" else "")
+    return f"pose{row.get('pose', '')}/{index}" if index else ""
+
+
+def twin_partners(items: Sequence[Item]) -> torch.Tensor | None:
+    """(N,) index of each item's twin (-1 for none), or None when no item has one."""
+    members: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        if item.pair:
+            members.setdefault(item.pair, []).append(index)
+    partners = torch.full((len(items),), -1, dtype=torch.long)
+    for first, *rest in members.values():
+        if len(rest) == 1:
+            partners[first], partners[rest[0]] = rest[0], first
+    return partners if bool((partners >= 0).any()) else None
 
 
 def _box(row: dict[str, str], path: Path, where: str) -> dict[str, Any]:

@@ -30,7 +30,15 @@ from fracwatch.model.training import (
     train_network,
 )
 from fracwatch.pipeline.transforms import PreprocessConfig
-from fracwatch.service.datasets import DatasetError, Item, assign_splits, input_boxes, load_tensors, read_dataset
+from fracwatch.service.datasets import (
+    DatasetError,
+    Item,
+    assign_splits,
+    input_boxes,
+    load_tensors,
+    read_dataset,
+    twin_partners,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -133,6 +141,7 @@ def cross_validate(
             (images[held], targets[held]),
             replace(config, seed=config.seed + fold),
             boxes=boxes[kept] if boxes is not None else None,
+            partners=twin_partners([items[i] for i in kept]),
         )
         truth = (targets[held] > 0).numpy().astype(np.int64)
         results.append(
@@ -195,6 +204,7 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
         checkpoint,
         batches,
         boxes=boxes[: len(train_items)] if boxes is not None else None,
+        partners=twin_partners(train_items),
     )
     counts = {
         split: {"images": len(part), "fractured": sum(i.label for i in part)}

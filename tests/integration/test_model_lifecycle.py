@@ -19,8 +19,16 @@ from fracwatch.model.bundle import load_bundle
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom, to_stored
-from fracwatch.model.training import Augmentation, TrainConfig, box_masks, localisation_loss, train_network
-from fracwatch.service.datasets import DatasetError, Item, input_boxes, read_dataset
+from fracwatch.model.training import (
+    Augmentation,
+    TrainConfig,
+    _batch,
+    _epoch_order,
+    box_masks,
+    localisation_loss,
+    train_network,
+)
+from fracwatch.service.datasets import DatasetError, Item, input_boxes, read_dataset, twin_partners
 from tests import dicomgen
 
 pytestmark = pytest.mark.timeout(300)
@@ -271,6 +279,40 @@ def test_boxes_supervise_a_logit_map_network(phantoms: Path, tmp_path: Path) -> 
     scored = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", "--cam", cam_dir, picture])
     assert scored.exit_code == 0, scored.output
     assert Path(json.loads(scored.output)[0]["cam"]).is_file()
+
+
+def test_twins_train_side_by_side_under_one_augmentation(tmp_path: Path) -> None:
+    # a synth manifest names each normal's fractured twin (twin_of); both share one pair key
+    folder = tmp_path / "twins"
+    fields = ["image", "label", "split", "pose", "index", "twin_of"]
+    rows = [[1, 0, 0, ""], [1, 0, 1, ""], [0, 0, 2, 0], [0, 0, 3, 1], [1, 1, 0, ""], [0, 1, 1, 0], [0, 1, 2, ""]]
+    (folder / "images").mkdir(parents=True)
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(fields)
+        for number, (label, pose, index, twin_of) in enumerate(rows):
+            png(folder / "images" / f"{number}.png", bool(label), number)
+            writer.writerow([f"images/{number}.png", label, "train", pose, index, twin_of])
+    partners = twin_partners(read_dataset(folder))
+    assert partners is not None and partners.tolist() == [2, 3, 0, 1, 5, 4, -1]
+    assert twin_partners([Item(path=Path("a.png"), label=1)]) is None
+
+    # each epoch's order keeps a pair's images next to each other
+    for seed in range(4):
+        order = _epoch_order(7, partners, torch.Generator().manual_seed(seed)).tolist()
+        assert sorted(order) == list(range(7))
+        for i in (0, 1, 4):
+            assert abs(order.index(i) - order.index(int(partners[i]))) == 1
+
+    # twins get the same rotation/zoom/mirror: identical images stay identical up to the (per-pixel) noise
+    images = torch.rand(1, 1, 64, 64).repeat(4, 1, 1, 1)
+    pairs = torch.tensor([1, 0, -1, -1])
+    spread_twins, spread_singles = [], []
+    for seed in range(8):
+        out, _masks = _batch(images, torch.arange(4), None, Augmentation(seed), pairs)
+        spread_twins.append(float((out[0] - out[1]).abs().mean()))
+        spread_singles.append(float((out[2] - out[3]).abs().mean()))
+    assert max(spread_twins) < 0.1 and max(spread_singles) > 0.1
 
 
 @pytest.mark.parametrize(
