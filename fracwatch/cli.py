@@ -298,6 +298,12 @@ def _progress_printer() -> Callable[[str, int, int], None]:
 @click.option("--init-weights", type=click.Path(path_type=Path, dir_okay=False), help="Local state dict to start from.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--no-augment", is_flag=True, help="Train without augmentation.")
+@click.option(
+    "--crop",
+    type=click.IntRange(32, 2048),
+    help="Train a logit-map network on crops this size (fracture sites, their twins, anywhere); "
+    "validate on whole images.",
+)
 @click.option("--train-count", type=click.IntRange(10, 10_000_000), default=3000, show_default=True)
 @click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -321,6 +327,7 @@ def train(
     init_weights: Path | None,
     resume: bool,
     no_augment: bool,
+    crop: int | None,
     train_count: int,
     val_count: int,
     seed: int,
@@ -349,6 +356,7 @@ def train(
         device=device,
         init_weights=str(init_weights) if init_weights else None,
         augment=not no_augment,
+        crop=crop,
     )
     try:
         if phantom:
@@ -363,6 +371,7 @@ def train(
                 + (f" --labels {shlex.quote(str(labels_csv))}" if labels_csv else "")
                 + (f" --init-weights {shlex.quote(str(init_weights))}" if init_weights else "")
                 + (" --no-augment" if no_augment else "")
+                + (f" --crop {crop}" if crop else "")
             )
             request = TrainRequest(
                 dataset,

@@ -55,6 +55,7 @@ class TrainConfig:
     classes: tuple[str, ...] = ("no fracture", "fracture")  # > 2: multi-class; class 0 is "no fracture"
     init_weights: str | None = None  # a local state dict to start from (transfer learning)
     augment: bool = True
+    crop: int | None = None  # train on crops this size (px of the input): fracture sites, their twins, anywhere
 
     @property
     def outputs(self) -> int:
@@ -221,6 +222,11 @@ def train_network(
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     augment = Augmentation(config.seed)
     localise = boxes is not None and config.outputs == 1 and hasattr(network, "logit_map")
+    if config.crop is not None and (not localise or config.crop > images.shape[-1]):
+        raise ValueError(
+            "--crop needs fracture boxes (a synth manifest), a binary logit-map network (--arch *-map) and a crop "
+            "no larger than --input-size"
+        )
     if boxes is not None and not localise:
         LOGGER.info("boxes ignored: %s has no logit map or the task is not binary", config.arch)
     generator = torch.Generator().manual_seed(config.seed)
@@ -247,7 +253,12 @@ def train_network(
         for batch_number, start in enumerate(range(0, len(images), config.batch_size), start=1):
             batch_index = order[start : start + config.batch_size]
             x, masks = _batch(
-                images, batch_index, boxes if localise else None, augment if config.augment else None, partners
+                images,
+                batch_index,
+                boxes if localise else None,
+                augment if config.augment else None,
+                partners,
+                (config.crop, generator) if config.crop is not None else None,
             )
             x = x.to(device)
             y = labels[batch_index].to(device)
@@ -317,11 +328,14 @@ def _batch(
     boxes: torch.Tensor | None,
     augment: Augmentation | None,
     partners: torch.Tensor | None = None,
+    crop: tuple[int, torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The batch's images (augmented when asked: twins in the batch together, as channels of one image) and,
-    with boxes, their box masks moved the same way."""
+    """The batch's images — cropped when asked (``(size, generator)``, see ``_crops``), augmented when asked
+    (twins in the batch together, as channels of one image) — and, with boxes, their box masks moved the same way."""
     x = images[index].float()
     masks = box_masks(boxes[index], images.shape[-1]) if boxes is not None else None
+    if crop is not None and boxes is not None and masks is not None:
+        x, masks = _crops(x, masks, index, boxes, partners, *crop)
     if augment is None:
         return x, masks
     out_x, out_masks = x.clone(), None if masks is None else masks.clone()
@@ -334,6 +348,41 @@ def _batch(
             if out_masks is not None and mask is not None:
                 out_masks[p] = mask[channel : channel + 1]
     return out_x, out_masks
+
+
+def _crops(
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    index: torch.Tensor,
+    boxes: torch.Tensor,
+    partners: torch.Tensor | None,
+    size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size``-px crops of a batch: a fractured image's around its box (±size/6); a twin's, half the time where
+    its fractured twin's crop is (the same place without the break), else anywhere; any other image's anywhere.
+
+    A fracture is a few pixels of a whole image: crops make every training image mostly about the break, and a
+    logit-map network, being convolutional, then scores whole images with the same weights."""
+    full = x.shape[-1]
+    draws = torch.rand(len(index), 4, generator=generator)
+    corners = (draws[:, :2] * (full - size + 1)).long()  # anywhere
+    centre = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], dim=1)  # (x, y)
+    jitter = (torch.rand(len(boxes), 2, generator=generator) - 0.5) * (size / 3)
+    at_box = (centre + jitter - size / 2).round().clamp(0, full - size).long()  # NaN boxes: unused below
+    for n, i in enumerate(index.tolist()):
+        own = not bool(torch.isnan(boxes[i, 0]))
+        mate = int(partners[i]) if partners is not None else -1
+        if own:
+            corners[n] = at_box[i]
+        elif mate >= 0 and not bool(torch.isnan(boxes[mate, 0])) and draws[n, 2] < 0.5:
+            corners[n] = at_box[mate]
+    rows = corners[:, 1, None] + torch.arange(size)
+    cols = corners[:, 0, None] + torch.arange(size)
+    pick = torch.arange(len(index))[:, None, None]
+    cropped = x[:, 0][pick, rows[:, :, None], cols[:, None, :]][:, None]
+    cropped_masks = masks[:, 0][pick, rows[:, :, None], cols[:, None, :]][:, None]
+    return cropped, cropped_masks
 
 
 def _together(index: torch.Tensor, partners: torch.Tensor | None) -> list[list[int]]:

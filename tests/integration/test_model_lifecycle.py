@@ -274,6 +274,14 @@ def test_boxes_supervise_a_logit_map_network(phantoms: Path, tmp_path: Path) -> 
     assert "carry a box" in trained.output
     bundle = load_bundle(model)
     assert bundle.card.architecture.name == "monai.ResNetLogitMap"
+
+    # crop training: a logit-map network on 32-px crops, validated (and later used) on whole 64-px images
+    crop_args = ["--out", str(tmp_path / "crop"), *FAST, "--arch", "tiny-resnet-map", "--crop", "32"]
+    cropped = CliRunner().invoke(cli, ["train", str(phantoms), *crop_args])
+    assert cropped.exit_code == 0, cropped.output
+    assert "--crop 32" in load_bundle(tmp_path / "crop").card.training["command"]
+    refused = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "no"), *FAST, "--crop", "32"])
+    assert refused.exit_code != 0 and "logit-map" in refused.output
     picture = str(phantoms / "images" / "p0000_i00.png")
     cam_dir = str(tmp_path / "c")
     scored = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", "--cam", cam_dir, picture])
@@ -313,6 +321,22 @@ def test_twins_train_side_by_side_under_one_augmentation(tmp_path: Path) -> None
         spread_twins.append(float((out[0] - out[1]).abs().mean()))
         spread_singles.append(float((out[2] - out[3]).abs().mean()))
     assert max(spread_twins) < 0.1 and max(spread_singles) > 0.1
+
+    # --crop: a fractured image's crop holds its box, its twin's is often the very same place, others anywhere
+    scene = torch.rand(1, 1, 128, 128)
+    fractured = scene.clone()
+    fractured[0, 0, 90:100, 20:30] = 2.0  # the "break"
+    batch = torch.cat([fractured, scene, torch.rand(1, 1, 128, 128)])
+    boxes = torch.tensor([[20.0, 90.0, 30.0, 100.0], [float("nan")] * 4, [float("nan")] * 4])
+    pairs = torch.tensor([1, 0, -1])
+    same_place = 0
+    for seed in range(10):
+        crop = (48, torch.Generator().manual_seed(seed))
+        out, masks = _batch(batch, torch.arange(3), boxes, None, pairs, crop)
+        assert out.shape == (3, 1, 48, 48) and masks is not None and masks.shape == (3, 1, 48, 48)
+        assert bool((out[0] == 2.0).any()) and float(masks[0].sum()) > 0 and float(masks[1:].sum()) == 0
+        same_place += bool(torch.equal(torch.where(out[0] == 2.0, out[1], out[0]), out[1]))
+    assert 0 < same_place < 10  # the twin is cropped where its break is, some of the time
 
 
 @pytest.mark.parametrize(
