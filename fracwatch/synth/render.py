@@ -27,7 +27,7 @@ from fracwatch.synth.fracture import Fracture, simulate_fracture
 from fracwatch.synth.projector import Block, Pose, Projector, paste
 
 CLASS_WEIGHTS = {"rib": 0.5, "clavicle": 0.2, "humerus": 0.2, "scapula": 0.1}
-MIN_VISIBILITY = 0.4  # a fracture label means a break the image shows (see PoseRenderer.visibility)
+MIN_VISIBILITY = 0.4  # a fracture label means a break the image shows (see ``visibility``)
 FRACTURE_TRIES = 12
 VIEWS = {"AP": 0.35, "PA": 0.35, "LAO": 0.15, "RAO": 0.15}
 MANIFEST_FIELDS = [
@@ -128,7 +128,7 @@ class PoseRenderer:
         bone = self.bone.image
         delta: Block | None = None
         if fractured or twin:
-            fracture, site, visibility = self._fracture_of(source, label, rng)
+            fracture, site, visibility = self._fracture_of(source, label, rng, keep=not twin)
             target = self._detector(*fracture.centre)
             if twin:
                 fracture, site, visibility = None, None, None
@@ -180,11 +180,15 @@ class PoseRenderer:
         photometric = "MONOCHROME1" if look.random() < config.monochrome1_fraction else "MONOCHROME2"
         return Sample(pixels, photometric, record)
 
-    def _fracture_of(self, source: int, label: int, rng: np.random.Generator) -> tuple[Fracture, Block, float]:
-        """Image ``source``'s fracture (kept for its twin, which renders after it)."""
-        if source not in self._fractures:
-            self._fractures[source] = self._visible_fracture(label, rng)
-        return self._fractures[source]
+    def _fracture_of(
+        self, source: int, label: int, rng: np.random.Generator, keep: bool
+    ) -> tuple[Fracture, Block, float]:
+        """Image ``source``'s fracture: kept for its twin when ``keep``, handed over and dropped when the twin asks
+        (a twin asking first draws it afresh — the same, from the same ``rng``)."""
+        found = self._fractures.pop(source, None) or self._visible_fracture(label, rng)
+        if keep:
+            self._fractures[source] = found
+        return found
 
     def _visible_fracture(self, label: int, rng: np.random.Generator) -> tuple[Fracture, Block, float]:
         """A fracture of ``label`` (or of another bone of the pose's classes) that this view shows, with its break
