@@ -199,3 +199,17 @@ def test_each_normal_is_its_fractured_namesakes_twin_without_the_break(ct: CTVol
         assert difference[inside].mean() > 5 * difference[~inside].mean()
     independent = PoseRenderer(ct, 0, SynthConfig(**{**config.__dict__, "twins": False})).render(4)
     assert independent.record["twin_of"] == "" and not np.array_equal(independent.pixels, samples[4].pixels)
+
+
+def test_a_fractured_image_keeps_only_a_break_its_view_shows(ct: CTVolume) -> None:
+    # Pose 0 of seed 5 is an LAO oblique: there most clavicle breaks hide along the bone (the first candidate of
+    # each seed below scores < MIN_VISIBILITY), and the renderer draws again until one shows.
+    config = SynthConfig(poses=1, per_pose=4, seed=5, min_size=96, max_size=128, dicom=False)
+    renderer = PoseRenderer(ct, 0, config)
+    assert renderer.view == "LAO"
+    for seed in (1, 2, 3):
+        first = simulate_fracture(ct, 73, np.random.default_rng(seed), beam=renderer.projector.beam)
+        site = renderer.projector.project(first.site, first.origin)
+        assert visibility(site, renderer.bone) < MIN_VISIBILITY
+        _fracture, kept_site, seen = renderer._visible_fracture(73, np.random.default_rng(seed))
+        assert seen >= MIN_VISIBILITY and seen == visibility(kept_site, renderer.bone)
