@@ -304,6 +304,11 @@ def _progress_printer() -> Callable[[str, int, int], None]:
     help="Train a logit-map network on crops this size (fracture sites, their twins, anywhere); "
     "validate on whole images.",
 )
+@click.option(
+    "--crop-epochs",
+    type=click.IntRange(1, 1000),
+    help="With --crop: this many epochs on crops, then the rest on whole images (fine-tuning at a third of --lr).",
+)
 @click.option("--train-count", type=click.IntRange(10, 10_000_000), default=3000, show_default=True)
 @click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -328,6 +333,7 @@ def train(
     resume: bool,
     no_augment: bool,
     crop: int | None,
+    crop_epochs: int | None,
     train_count: int,
     val_count: int,
     seed: int,
@@ -343,6 +349,8 @@ def train(
     configure_logging("INFO")
     if phantom == (dataset is not None):
         raise click.UsageError("give a DATASET or --phantom (one of them)")
+    if crop_epochs is not None and crop is None:
+        raise click.BadParameter("--crop-epochs needs --crop", param_hint="--crop-epochs")
     if arch not in PRESETS:
         raise click.BadParameter(f"{arch!r}; choose from {', '.join(PRESETS)}", param_hint="--arch")
     config = TrainConfig(
@@ -357,6 +365,7 @@ def train(
         init_weights=str(init_weights) if init_weights else None,
         augment=not no_augment,
         crop=crop,
+        crop_epochs=crop_epochs,
     )
     try:
         if phantom:
@@ -372,6 +381,7 @@ def train(
                 + (f" --init-weights {shlex.quote(str(init_weights))}" if init_weights else "")
                 + (" --no-augment" if no_augment else "")
                 + (f" --crop {crop}" if crop else "")
+                + (f" --crop-epochs {crop_epochs}" if crop and crop_epochs else "")
             )
             request = TrainRequest(
                 dataset,

@@ -56,11 +56,44 @@ class TrainConfig:
     init_weights: str | None = None  # a local state dict to start from (transfer learning)
     augment: bool = True
     crop: int | None = None  # train on crops this size (px of the input): fracture sites, their twins, anywhere
+    crop_epochs: int | None = None  # with crop: this many epochs on crops, then whole images (None: crops only)
 
     @property
     def outputs(self) -> int:
         """Logits of the network: 1 (binary) or one per class."""
         return 1 if len(self.classes) == 2 else len(self.classes)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Epochs ``first``..``last`` (1-based, inclusive) trained on ``crop``-px crops (None: whole images) under
+    one one-cycle schedule peaking at ``learning_rate``."""
+
+    first: int
+    last: int
+    crop: int | None
+    learning_rate: float
+
+
+def phases(config: TrainConfig) -> list[Phase]:
+    """The run's phases: one, or with ``crop_epochs`` crops first and then whole images at a third of the
+    learning rate (fine-tuning: the crop-trained weights meet every place of whole images, where false alarms
+    come from)."""
+    if config.crop is None or config.crop_epochs is None or config.crop_epochs >= config.epochs:
+        return [Phase(1, config.epochs, config.crop, config.learning_rate)]
+    return [
+        Phase(1, config.crop_epochs, config.crop, config.learning_rate),
+        Phase(config.crop_epochs + 1, config.epochs, None, config.learning_rate / 3),
+    ]
+
+
+def _phase_of(epoch: int, plan: list[Phase]) -> Phase:
+    return next(p for p in plan if p.first <= epoch <= p.last)
+
+
+def _schedule(optimiser: torch.optim.Optimizer, phase: Phase, steps_per_epoch: int) -> Any:
+    steps = (phase.last - phase.first + 1) * steps_per_epoch
+    return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=phase.learning_rate, total_steps=steps)
 
 
 @dataclass
@@ -198,8 +231,10 @@ def train_network(
     boxes: torch.Tensor | None = None,
     partners: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Train with AdamW, class-balanced loss (BCE with pos_weight, or weighted cross-entropy), OneCycle; keep the
-    epoch with the best validation AUROC (fracture vs none) and stop after ``patience`` epochs without gain.
+    """Train with AdamW, class-balanced loss (BCE with pos_weight, or weighted cross-entropy), one-cycle schedules;
+    keep the epoch with the best validation AUROC (fracture vs none) and stop after ``patience`` epochs without gain
+    in the last phase (see ``phases``: with ``crop_epochs``, crops first, then whole images from the best crop
+    epoch's weights; an earlier phase runs all its epochs).
 
     Labels are 0/1 (binary) or class indices (multi-class). With ``checkpoint``, the state is saved after every
     epoch and a run finding one there resumes from it. ``progress(epoch, batches_done)`` is called per batch.
@@ -217,8 +252,8 @@ def train_network(
     images, labels = train
     loss_fn = _loss(labels, config, device)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    steps = config.epochs * ((len(images) + config.batch_size - 1) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate, total_steps=steps)
+    steps_per_epoch = (len(images) + config.batch_size - 1) // config.batch_size
+    plan = phases(config)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     augment = Augmentation(config.seed)
     localise = boxes is not None and config.outputs == 1 and hasattr(network, "logit_map")
@@ -232,10 +267,16 @@ def train_network(
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(network=network)
     best_auc, best_state, stale, first_epoch = -1.0, copy.deepcopy(network.state_dict()), 0, 1
+    phase = plan[0]
+    scheduler = _schedule(optimiser, phase, steps_per_epoch)
     if checkpoint is not None and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        if saved["scheduler"].get("total_steps") != steps:
-            raise ValueError(f"{checkpoint} was made with other --epochs/--batch-size or data; resume with the same")
+        phase = _phase_of(saved["epoch"], plan) if saved["epoch"] <= config.epochs else plan[-1]
+        scheduler = _schedule(optimiser, phase, steps_per_epoch)
+        if saved["scheduler"].get("total_steps") != scheduler.total_steps:
+            raise ValueError(
+                f"{checkpoint} was made with other --epochs/--crop-epochs/--batch-size or data; resume with the same"
+            )
         network.load_state_dict(saved["network"])
         optimiser.load_state_dict(saved["optimiser"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -245,7 +286,12 @@ def train_network(
         LOGGER.info("resuming from %s after epoch %d", checkpoint, saved["epoch"])
     truth = (validation[1] > 0).numpy().astype(np.int64)
     for epoch in range(first_epoch, config.epochs + 1):
-        if stale >= config.patience:
+        if _phase_of(epoch, plan) != phase:
+            phase = _phase_of(epoch, plan)
+            network.load_state_dict(best_state)  # the next phase starts from this one's best epoch
+            scheduler, stale = _schedule(optimiser, phase, steps_per_epoch), 0
+            LOGGER.info("epoch %d: %s from here", epoch, f"{phase.crop}-px crops" if phase.crop else "whole images")
+        if stale >= config.patience and phase is plan[-1]:
             break
         network.train()
         started, total = time.monotonic(), 0.0
@@ -258,7 +304,7 @@ def train_network(
                 boxes if localise else None,
                 augment if config.augment else None,
                 partners,
-                (config.crop, generator) if config.crop is not None else None,
+                (phase.crop, generator) if phase.crop is not None else None,
             )
             x = x.to(device)
             y = labels[batch_index].to(device)
@@ -297,7 +343,7 @@ def train_network(
             result.best_epoch = epoch
         else:
             stale += 1
-            if stale >= config.patience:
+            if stale >= config.patience and phase is plan[-1]:
                 LOGGER.info("early stop: no AUROC gain for %d epochs", stale)
         if checkpoint is not None:
             _save_checkpoint(

@@ -15,17 +15,20 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fracwatch.cli import cli
+from fracwatch.model import training
 from fracwatch.model.bundle import load_bundle
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom, to_stored
 from fracwatch.model.training import (
     Augmentation,
+    Phase,
     TrainConfig,
     _batch,
     _epoch_order,
     box_masks,
     localisation_loss,
+    phases,
     train_network,
 )
 from fracwatch.service.datasets import DatasetError, Item, input_boxes, read_dataset, twin_partners
@@ -277,9 +280,11 @@ def test_boxes_supervise_a_logit_map_network(phantoms: Path, tmp_path: Path) -> 
 
     # crop training: a logit-map network on 32-px crops, validated (and later used) on whole 64-px images
     crop_args = ["--out", str(tmp_path / "crop"), *FAST, "--arch", "tiny-resnet-map", "--crop", "32"]
-    cropped = CliRunner().invoke(cli, ["train", str(phantoms), *crop_args])
+    cropped = CliRunner().invoke(cli, ["train", str(phantoms), *crop_args, "--crop-epochs", "1"])
     assert cropped.exit_code == 0, cropped.output
-    assert "--crop 32" in load_bundle(tmp_path / "crop").card.training["command"]
+    assert "--crop 32 --crop-epochs 1" in load_bundle(tmp_path / "crop").card.training["command"]
+    alone = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "n"), *FAST, "--crop-epochs", "1"])
+    assert alone.exit_code != 0 and "--crop-epochs needs --crop" in alone.output
     refused = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "no"), *FAST, "--crop", "32"])
     assert refused.exit_code != 0 and "logit-map" in refused.output
     picture = str(phantoms / "images" / "p0000_i00.png")
@@ -287,6 +292,48 @@ def test_boxes_supervise_a_logit_map_network(phantoms: Path, tmp_path: Path) -> 
     scored = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", "--cam", cam_dir, picture])
     assert scored.exit_code == 0, scored.output
     assert Path(json.loads(scored.output)[0]["cam"]).is_file()
+
+
+def test_crop_epochs_then_whole_images_and_resume_across_the_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = TrainConfig(arch="tiny-resnet-map16", input_size=64, batch_size=8, epochs=3, crop=32, crop_epochs=2,
+                         learning_rate=3e-3, patience=1)  # fmt: skip
+    assert phases(config) == [Phase(1, 2, 32, 3e-3), Phase(3, 3, None, 1e-3)]
+    assert phases(replace(config, crop_epochs=None)) == [Phase(1, 3, 32, 3e-3)]
+    assert phases(replace(config, crop_epochs=3)) == [Phase(1, 3, 32, 3e-3)]
+
+    images, labels = torch.rand(16, 1, 64, 64), torch.tensor([0.0, 1.0] * 8)
+    boxes = torch.tensor([[float("nan")] * 4, [10.0, 10.0, 20.0, 20.0]] * 8)
+    seen: list[tuple[int, int]] = []  # (epoch, side of the images a training batch held)
+    sizes: list[int] = []
+    real_batch = training._batch
+
+    def batch_spy(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = real_batch(*args, **kwargs)  # type: ignore[arg-type]
+        sizes.append(out[0].shape[-1])
+        return out
+
+    monkeypatch.setattr(training, "_batch", batch_spy)
+
+    def record(epoch: int, _batch: int) -> None:
+        seen.append((epoch, sizes[-1]))
+        if epoch == 3 and interrupt:
+            raise KeyboardInterrupt
+
+    # validation without a fracture: AUROC undefined, never a gain — patience 1 would stop a one-phase run after
+    # epoch 1; the crop phase runs all its epochs and the whole-image phase starts afresh
+    validation = (images[::2], labels[::2])
+    checkpoint, interrupt = tmp_path / "ck.pt", True
+    with pytest.raises(KeyboardInterrupt):
+        train_network((images, labels), validation, config, checkpoint, record, boxes=boxes)
+    assert {e: s for e, s in seen} == {1: 32, 2: 32, 3: 64}  # crops, crops, then whole images
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 2
+    interrupt, seen[:] = False, []  # a run interrupted in the whole-image phase resumes there
+    resumed = train_network((images, labels), validation, config, checkpoint, record, boxes=boxes)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3] and {s for _e, s in seen} == {64}
+    single = train_network((images, labels), validation, replace(config, crop_epochs=None), boxes=boxes)
+    assert [h["epoch"] for h in single.history] == [1]
 
 
 def test_twins_train_side_by_side_under_one_augmentation(tmp_path: Path) -> None:
