@@ -1,10 +1,14 @@
 """AUROC against speed for a few backbones and input sizes on a synth data set (CPU or CUDA).
 
-    python bench/backbones.py DATA_DIR [--epochs 8] [--configs tiny-resnet-map:256,tiny-resnet-map:320,...]
+    python bench/backbones.py DATA_DIR [--epochs 8] [--configs tiny-resnet-map16:256:96,tiny-resnet-map:320,...]
+        [--crop-epochs N]
 
-Each configuration trains the same number of epochs on the train split with early stopping on the val split
-and is scored on the test split; it prints test AUROC, training seconds per epoch and inference images/s
-(batch 16, this machine), and the ratio of each configuration's throughput to the first one's.
+A configuration is ARCH:INPUT_SIZE[:CROP] — with CROP, a logit-map network trains on crops that size (as
+``fracwatch train --crop``; with ``--crop-epochs N``, N epochs of crops and the rest on whole images), twins
+batched together as in ``fracwatch train``. Each configuration trains the same number of epochs on the train
+split with early stopping on the val split and is scored on the test split; it prints test AUROC, training
+seconds per epoch and inference images/s (batch 16, this machine), and the ratio of each configuration's
+throughput to the first one's.
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ from fracwatch.model.metrics import auroc
 from fracwatch.model.predictor import Predictor
 from fracwatch.model.training import TrainConfig, train_network
 from fracwatch.pipeline.transforms import PreprocessConfig
-from fracwatch.service.datasets import input_boxes, load_tensors, read_dataset
+from fracwatch.service.datasets import input_boxes, load_tensors, read_dataset, twin_partners
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data", type=Path)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--configs", default="tiny-resnet-map:256,tiny-resnet-map:320,small-resnet-map:256")
+    parser.add_argument(
+        "--configs", default="tiny-resnet-map16:256:96,tiny-resnet-map16:384:144,tiny-resnet-map:256:96"
+    )
+    parser.add_argument("--crop-epochs", type=int, default=None, help="with a CROP: epochs on crops, then whole images")
     parser.add_argument("--out", type=Path, default=Path("bench-backbones.json"))
     parser.add_argument("--max-train", type=int, default=0, help="use only the first N training images (0: all)")
     args = parser.parse_args()
@@ -38,15 +45,26 @@ def main() -> None:
         parts["train"] = parts["train"][: args.max_train]
     rows = []
     for entry in args.configs.split(","):
-        arch, size = entry.split(":")
+        arch, size, *crop = entry.split(":")
         preprocess = PreprocessConfig(input_size=int(size))
         tensors = {s: load_tensors(p, preprocess) for s, p in parts.items()}
         labels = {s: torch.tensor([float(i.label) for i in p]) for s, p in parts.items()}
-        config = TrainConfig(arch=arch, input_size=int(size), epochs=args.epochs, batch_size=32)
+        config = TrainConfig(
+            arch=arch,
+            input_size=int(size),
+            epochs=args.epochs,
+            batch_size=32,
+            crop=int(crop[0]) if crop else None,
+            crop_epochs=args.crop_epochs if crop else None,
+        )
         started = time.monotonic()
         boxes = input_boxes(parts["train"], int(size))  # used by the logit-map networks, ignored by the others
         result = train_network(
-            (tensors["train"], labels["train"]), (tensors["val"], labels["val"]), config, boxes=boxes
+            (tensors["train"], labels["train"]),
+            (tensors["val"], labels["val"]),
+            config,
+            boxes=boxes,
+            partners=twin_partners(parts["train"]),
         )
         per_epoch = (time.monotonic() - started) / max(1, len(result.history))
         predictor = Predictor(result.network, "auto", batch_size=16)
@@ -61,6 +79,7 @@ def main() -> None:
             {
                 "arch": arch,
                 "input_size": int(size),
+                "crop": config.crop,
                 "parameters": parameters,
                 "test_auroc": test_auc,
                 "train_seconds_per_epoch": per_epoch,
@@ -74,7 +93,7 @@ def main() -> None:
     for row in rows:
         row["throughput_vs_first"] = row["inference_images_per_second"] / base
         print(
-            f"{row['arch']:>13} @ {row['input_size']}: AUROC {row['test_auroc']:.4f}, "
+            f"{row['arch']:>17} @ {row['input_size']} (crop {row['crop']}): AUROC {row['test_auroc']:.4f}, "
             f"{row['inference_images_per_second']:.0f} images/s ({row['throughput_vs_first']:.2f}x), "
             f"{row['train_seconds_per_epoch']:.0f} s/epoch, {row['parameters'] / 1e6:.2f} M parameters"
         )

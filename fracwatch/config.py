@@ -224,7 +224,7 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / DB_FILENAME).resolve()}"
 
 
-DEFAULT_MODEL = "fracwatch-phantom"
+DEFAULT_MODEL = "fracwatch-drr"
 
 
 def default_model_path() -> Path:

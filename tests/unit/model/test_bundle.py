@@ -11,6 +11,7 @@ import torch
 
 from fracwatch.config import load_settings
 from fracwatch.model.bundle import BundleError, load_bundle, read_card
+from tests.conftest import PHANTOM_MODEL
 
 
 @pytest.fixture
@@ -20,16 +21,32 @@ def bundle_copy(tmp_path: Path) -> Path:
     return target
 
 
-def test_shipped_bundle_loads_and_says_not_for_clinical_use() -> None:
-    bundle = load_bundle(load_settings().model_path)
+def test_default_bundle_is_the_drr_model_and_says_what_it_is() -> None:
+    path = load_settings().model_path
+    assert path.name == "fracwatch-drr"
+    bundle = load_bundle(path)
     card = bundle.card
     assert card.clinical_use is False
-    assert "NOT FOR CLINICAL USE" in card.intended_use
+    assert "NOT A CLINICAL DEVICE" in card.intended_use and "one chest CT" in card.intended_use
+    assert "fracwatch train" in card.intended_use  # retrain on your own data
     assert card.device_uid.startswith("2.25.")
     assert 0 <= card.operating_points.doubt <= card.operating_points.positive <= 1
-    assert card.training["command"].startswith("fracwatch train --phantom")
-    out = bundle.network(torch.zeros(1, 1, card.preprocessing.input_size, card.preprocessing.input_size))
+    assert card.training["command"].startswith("fracwatch train ") and "--crop-epochs" in card.training["command"]
+    test = card.metrics["evaluation_test"]  # the held-out synth test split, recorded by `evaluate --record-in-card`
+    low, high = test["auroc_ci95"]
+    assert low <= test["auroc"] <= high and test["images"] > 500
+    assert {"AP", "PA"} <= set(test["breakdown"]["view"]) and "rib" in test["breakdown"]["bone_class"]
+    assert {"sensitivity", "specificity"} <= set(test["at_doubt"]) and "specificity" in test["at_positive"]
+    size = card.preprocessing.input_size
+    out = bundle.network(torch.zeros(1, 1, size, size))
     assert out.shape == (1, 1)
+    assert sum(f.stat().st_size for f in path.iterdir()) < 30 * 2**20
+
+
+def test_phantom_bundle_the_tests_use_loads() -> None:
+    card = load_bundle(PHANTOM_MODEL).card
+    assert card.clinical_use is False and "NOT FOR CLINICAL USE" in card.intended_use
+    assert card.training["command"].startswith("fracwatch train --phantom")
 
 
 def test_tampered_weights_are_refused(bundle_copy: Path) -> None:
