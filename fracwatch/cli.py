@@ -381,7 +381,7 @@ def train(
                 + (f" --init-weights {shlex.quote(str(init_weights))}" if init_weights else "")
                 + (" --no-augment" if no_augment else "")
                 + (f" --crop {crop}" if crop else "")
-                + (f" --crop-epochs {crop_epochs}" if crop and crop_epochs else "")
+                + (f" --crop-epochs {crop_epochs}" if crop_epochs else "")
             )
             request = TrainRequest(
                 dataset,

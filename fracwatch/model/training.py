@@ -267,12 +267,12 @@ def train_network(
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(network=network)
     best_auc, best_state, stale, first_epoch = -1.0, copy.deepcopy(network.state_dict()), 0, 1
-    phase = plan[0]
+    saved = (
+        torch.load(checkpoint, map_location=device, weights_only=False) if checkpoint and checkpoint.is_file() else None
+    )
+    phase = plan[0] if saved is None else _phase_of(min(saved["epoch"], config.epochs), plan)
     scheduler = _schedule(optimiser, phase, steps_per_epoch)
-    if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        phase = _phase_of(saved["epoch"], plan) if saved["epoch"] <= config.epochs else plan[-1]
-        scheduler = _schedule(optimiser, phase, steps_per_epoch)
+    if saved is not None:
         if saved["scheduler"].get("total_steps") != scheduler.total_steps:
             raise ValueError(
                 f"{checkpoint} was made with other --epochs/--crop-epochs/--batch-size or data; resume with the same"
@@ -286,8 +286,8 @@ def train_network(
         LOGGER.info("resuming from %s after epoch %d", checkpoint, saved["epoch"])
     truth = (validation[1] > 0).numpy().astype(np.int64)
     for epoch in range(first_epoch, config.epochs + 1):
-        if _phase_of(epoch, plan) != phase:
-            phase = _phase_of(epoch, plan)
+        if (current := _phase_of(epoch, plan)) != phase:
+            phase = current
             network.load_state_dict(best_state)  # the next phase starts from this one's best epoch
             scheduler, stale = _schedule(optimiser, phase, steps_per_epoch), 0
             LOGGER.info("epoch %d: %s from here", epoch, f"{phase.crop}-px crops" if phase.crop else "whole images")
