@@ -134,6 +134,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # A map at 1/16 of the input (no max pool in the stem): finer cells, twice the detail at every layer; on
     # DRR twins it learnt the break far faster than the 1/32 map (README, "The model").
     "tiny-resnet-map16": ("monai.ResNetLogitMap", _small_resnet([1, 1, 1, 1], [16, 32, 64, 128], max_pool=False)),
+    "small-resnet-map16": (
+        "monai.ResNetLogitMap",
+        _small_resnet([1, 1, 2, 1], [24, 48, 96, 192], max_pool=False),
+    ),
     "resnet18": (
         "monai.ResNet",
         {"block": "basic", "layers": [2, 2, 2, 2], "block_inplanes": [64, 128, 256, 512], "conv1_t_stride": 2},

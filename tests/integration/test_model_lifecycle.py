@@ -191,6 +191,10 @@ def test_cross_validation_resume_and_transfer(phantoms: Path, tmp_path: Path) ->
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
     resumed = train_network((images, labels), (images[:8], labels[:8]), config, checkpoint)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
+    # the checkpoint carries every random stream (order, crops, augmentation): resuming changes nothing
+    whole = train_network((images, labels), (images[:8], labels[:8]), config)
+    for name, tensor in whole.network.state_dict().items():
+        assert torch.equal(tensor, resumed.network.state_dict()[name]), name
     with pytest.raises(ValueError, match="resume with the same"):
         train_network((images, labels), (images[:8], labels[:8]), replace(config, epochs=3), checkpoint)
 
@@ -252,14 +256,19 @@ def test_boxes_supervise_a_logit_map_network(phantoms: Path, tmp_path: Path) -> 
     masks = box_masks(boxes, 128)
     assert masks.shape == (3, 1, 128, 128) and masks[0].sum() == 128 * 64 and masks[2].sum() == 0
 
-    # augmentation moves a mask exactly as it moves the image
-    moved = 0
-    for seed in range(6):
-        image, mask = Augmentation(seed)(masks[1].clone(), masks[1])
-        assert mask is not None and set(mask.unique().tolist()) <= {0.0, 1.0}
-        assert ((image[0] > 0.5) == (mask[0] > 0.5)).float().mean() > 0.98
-        moved += not torch.equal(mask, masks[1])
-    assert moved  # some seed did move it: the agreement above is not the identity's
+    # augmentation moves a mask exactly as it moves the image, each image of a batch its own way
+    batch = masks[1:2].repeat(6, 1, 1, 1)
+    image, mask = Augmentation(0)(batch.clone(), batch)
+    assert mask is not None and mask.shape == batch.shape and set(mask.unique().tolist()) <= {0.0, 1.0}
+    for n in range(6):
+        assert ((image[n, 0] > 0.5) == (mask[n, 0] > 0.5)).float().mean() > 0.98
+    moved = {tuple(m.flatten().nonzero().flatten()[[0, -1]].tolist()) for m in mask}
+    assert len(moved) > 1  # the images were moved differently: the agreement above is not the identity's
+    # never upside down: a mark at the top stays in the top half, whatever the draw
+    top = torch.zeros(32, 1, 64, 64)
+    top[:, :, 4:10, 28:36] = 1.0
+    lifted, _ = Augmentation(1)(top)
+    assert bool((lifted[:, 0, :32].sum(dim=(1, 2)) > lifted[:, 0, 32:].sum(dim=(1, 2))).all())
 
     # the localisation loss prefers a map that is high where the box is
     cells = torch.full((2, 1, 4, 4), -4.0)
