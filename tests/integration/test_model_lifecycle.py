@@ -406,3 +406,17 @@ def test_grad_cam_shape_and_range(arch: str, outputs: int) -> None:
     assert maps.shape == (2, 96, 96) and maps.dtype == np.float32
     assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0 + 1e-6
     assert all(p.grad is None for p in network.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_crop_training_and_augmentation_run_on_cuda() -> None:
+    images, labels = torch.rand(16, 1, 64, 64), torch.tensor([0.0, 1.0] * 8)
+    boxes = torch.tensor([[float("nan")] * 4, [10.0, 10.0, 20.0, 20.0]] * 8)
+    augmented, masks = Augmentation(0)(images.cuda(), box_masks(boxes, 64).cuda())
+    assert augmented.device.type == "cuda" and masks is not None and masks.device.type == "cuda"
+    config = TrainConfig(arch="tiny-resnet-map16", input_size=64, batch_size=8, epochs=2, crop=32, crop_epochs=1,
+                         device="cuda")  # fmt: skip
+    result = train_network((images, labels), (images, labels), config, boxes=boxes)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert all(bool(torch.isfinite(p).all()) for p in result.network.parameters())
