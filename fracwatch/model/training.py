@@ -36,7 +36,6 @@ from fracwatch.model.predictor import fracture_probability, select_device
 from fracwatch.pipeline.transforms import PreprocessConfig, preprocess
 
 LOGGER = logging.getLogger(__name__)
-CHANNELS_LAST = torch.channels_last
 
 
 @dataclass(frozen=True)
@@ -211,7 +210,7 @@ def class_probabilities(
     classes, fracture = [], []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
-            x = images[start : start + batch].to(device, dtype=torch.float32, memory_format=CHANNELS_LAST)
+            x = images[start : start + batch].to(device, dtype=torch.float32, memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
                 logits = network(x).float()
             p = fracture_probability(logits)
@@ -270,7 +269,7 @@ def train_network(
     # channels_last: measured here on the CPU, a training step of tiny-resnet-map16 takes 0.7× the time (whole
     # 256-px images and 96-px crops alike); on CUDA it is what tensor cores want under autocast
     network = build_network(builder, {**params, "outputs": config.outputs}).to(device)
-    network = network.to(memory_format=CHANNELS_LAST)  # type: ignore[call-overload]
+    network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # in place, like every Module.to
     if config.init_weights:
         load_initial_weights(network, Path(config.init_weights))
     images, labels = train
@@ -341,7 +340,7 @@ def train_network(
                     loss = loss_fn(out.reshape(-1), y.float()) if config.outputs == 1 else loss_fn(out, y.long())
                 else:
                     assert boxes is not None
-                    cells = network.logit_map(x)
+                    cells = network.logit_map(x)  # type: ignore[operator]
                     known = (labels[batch_index] == 0) | ~torch.isnan(boxes[batch_index, 0])
                     loss = loss_fn(torch.amax(cells, dim=(2, 3)).reshape(-1), y.float())
                     loss = loss + localisation_loss(cells.float(), masks, known.to(device))
@@ -373,7 +372,7 @@ def train_network(
                 LOGGER.info("early stop: no AUROC gain for %d epochs", stale)
         if checkpoint is not None:
             _save_checkpoint(
-                checkpoint, epoch, network, optimiser, scheduler, (generator, augment), best_auc, best_state, stale,
+                checkpoint, epoch, network, optimiser, scheduler, generator, augment, best_auc, best_state, stale,
                 result,
             )
     network.load_state_dict(best_state)
@@ -414,7 +413,7 @@ def _batch(
         x, masks = x.to(device), None if masks is None else masks.to(device)
     if augment is not None:
         x, masks = augment(x, masks, _together(index, partners))
-    return x.contiguous(memory_format=CHANNELS_LAST), masks
+    return x.contiguous(memory_format=torch.channels_last), masks
 
 
 def _crops(
@@ -482,7 +481,8 @@ def _save_checkpoint(
     network: torch.nn.Module,
     optimiser: torch.optim.Optimizer,
     scheduler: Any,
-    generators: tuple[torch.Generator, Augmentation],
+    generator: torch.Generator,
+    augment: Augmentation,
     best_auc: float,
     best_state: dict[str, Any],
     stale: int,
@@ -495,8 +495,8 @@ def _save_checkpoint(
             "network": network.state_dict(),
             "optimiser": optimiser.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "generator": generators[0].get_state(),
-            "augmentation": generators[1].state(),
+            "generator": generator.get_state(),
+            "augmentation": augment.state(),
             "best_auc": best_auc,
             "best_state": best_state,
             "stale": stale,

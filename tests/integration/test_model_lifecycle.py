@@ -191,8 +191,10 @@ def test_cross_validation_resume_and_transfer(phantoms: Path, tmp_path: Path) ->
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
     resumed = train_network((images, labels), (images[:8], labels[:8]), config, checkpoint)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
-    # the checkpoint carries every random stream (order, crops, augmentation): resuming changes nothing
+    # the checkpoint carries every random stream (order, crops, augmentation): resuming changes nothing — epoch 2's
+    # loss (its batches, augmented) as well as the weights kept (the best epoch's, which may be epoch 1's)
     whole = train_network((images, labels), (images[:8], labels[:8]), config)
+    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
     for name, tensor in whole.network.state_dict().items():
         assert torch.equal(tensor, resumed.network.state_dict()[name]), name
     with pytest.raises(ValueError, match="resume with the same"):
