@@ -125,7 +125,8 @@ class Augmentation:
     contrast, noise — the draws of MONAI's ``RandRotate(range_x=0.17, prob=0.5)``, ``RandZoom(0.9, 1.1,
     prob=0.5)``, ``RandFlip(prob=0.5, spatial_axis=1)``, ``RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5))`` and
     ``RandGaussianNoise(prob=0.3, std=0.03)``, applied to the whole batch at once (MONAI's
-    ``AffineTransform`` layer): per image, those MONAI transforms cost more than the network's step on a crop.
+    ``AffineTransform`` layer), on the device the network trains on rather than image by image on the CPU
+    (``bench/training_step.py``).
 
     Images of one group — twins, the same scene with and without the break — get one draw: the one difference
     the batch shows between them stays the fracture. Box masks move with their images and stay binary. Seeded;
@@ -266,8 +267,8 @@ def train_network(
     torch.manual_seed(config.seed)
     device = select_device(config.device)
     builder, params = PRESETS[config.arch]
-    # channels_last: measured here on the CPU, a training step of tiny-resnet-map16 takes 0.7× the time (whole
-    # 256-px images and 96-px crops alike); on CUDA it is what tensor cores want under autocast
+    # channels_last: a tiny-resnet-map16 step on this CPU takes 0.57–0.75× the time (bench/training_step.py); on
+    # CUDA it is what tensor cores want under autocast
     network = build_network(builder, {**params, "outputs": config.outputs}).to(device)
     network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # in place, like every Module.to
     if config.init_weights:
