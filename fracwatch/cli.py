@@ -309,6 +309,14 @@ def _progress_printer() -> Callable[[str, int, int], None]:
     type=click.IntRange(1, 1000),
     help="With --crop: this many epochs on crops, then the rest on whole images (fine-tuning at a third of --lr).",
 )
+@click.option(
+    "--val-every",
+    "validate_every",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="With --crop-epochs: validate the crop phase every N epochs (and at its end); whole-image epochs always.",
+)
 @click.option("--train-count", type=click.IntRange(10, 10_000_000), default=3000, show_default=True)
 @click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -334,6 +342,7 @@ def train(
     no_augment: bool,
     crop: int | None,
     crop_epochs: int | None,
+    validate_every: int,
     train_count: int,
     val_count: int,
     seed: int,
@@ -366,6 +375,7 @@ def train(
         augment=not no_augment,
         crop=crop,
         crop_epochs=crop_epochs,
+        validate_every=validate_every,
     )
     try:
         if phantom:
@@ -382,6 +392,7 @@ def train(
                 + (" --no-augment" if no_augment else "")
                 + (f" --crop {crop}" if crop else "")
                 + (f" --crop-epochs {crop_epochs}" if crop_epochs else "")
+                + (f" --val-every {validate_every}" if validate_every > 1 else "")
             )
             request = TrainRequest(
                 dataset,

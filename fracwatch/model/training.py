@@ -57,6 +57,7 @@ class TrainConfig:
     augment: bool = True
     crop: int | None = None  # train on crops this size (px of the input): fracture sites, their twins, anywhere
     crop_epochs: int | None = None  # with crop: this many epochs on crops, then whole images (None: crops only)
+    validate_every: int = 1  # in a phase before the last, validate every this many epochs (and at its end)
 
     @property
     def outputs(self) -> int:
@@ -89,6 +90,12 @@ def phases(config: TrainConfig) -> list[Phase]:
 
 def _phase_of(epoch: int, plan: list[Phase]) -> Phase:
     return next(p for p in plan if p.first <= epoch <= p.last)
+
+
+def _validates(epoch: int, phase: Phase, plan: list[Phase], every: int) -> bool:
+    """Whether ``epoch`` ends with a validation: every epoch of the last phase (early stopping counts them), every
+    ``every``-th of an earlier one and its last (the next phase starts from its best validated epoch)."""
+    return phase is plan[-1] or epoch == phase.last or (epoch - phase.first + 1) % max(1, every) == 0
 
 
 def _schedule(optimiser: torch.optim.Optimizer, phase: Phase, steps_per_epoch: int) -> Any:
@@ -352,25 +359,26 @@ def train_network(
             total += loss.item() * len(batch_index)
             if progress is not None:
                 progress(epoch, batch_number)
-        probabilities = predict_tensors(network, validation[0], device)
-        val_auc = auroc(truth, probabilities)
-        record = {
-            "epoch": epoch,
-            "loss": total / len(images),
-            "val_auroc": val_auc,
-            "seconds": time.monotonic() - started,
-        }
+        record: dict[str, float] = {"epoch": epoch, "loss": total / len(images)}
+        if _validates(epoch, phase, plan, config.validate_every):
+            val_auc = auroc(truth, predict_tensors(network, validation[0], device))
+            record["val_auroc"] = val_auc
+            if val_auc > best_auc:
+                best_auc, best_state, stale = val_auc, copy.deepcopy(network.state_dict()), 0
+                result.best_epoch = epoch
+            else:
+                stale += 1
+        record["seconds"] = time.monotonic() - started
         result.history.append(record)
         LOGGER.info(
-            "epoch %d: loss %.4f, validation AUROC %.4f (%.0f s)", epoch, record["loss"], val_auc, record["seconds"]
+            "epoch %d: loss %.4f%s (%.0f s)",
+            epoch,
+            record["loss"],
+            f", validation AUROC {record['val_auroc']:.4f}" if "val_auroc" in record else "",
+            record["seconds"],
         )
-        if val_auc > best_auc:
-            best_auc, best_state, stale = val_auc, copy.deepcopy(network.state_dict()), 0
-            result.best_epoch = epoch
-        else:
-            stale += 1
-            if stale >= config.patience and phase is plan[-1]:
-                LOGGER.info("early stop: no AUROC gain for %d epochs", stale)
+        if stale >= config.patience and phase is plan[-1]:
+            LOGGER.info("early stop: no AUROC gain for %d epochs", stale)
         if checkpoint is not None:
             _save_checkpoint(
                 checkpoint, epoch, network, optimiser, scheduler, generator, augment, best_auc, best_state, stale,

@@ -345,6 +345,11 @@ def test_crop_epochs_then_whole_images_and_resume_across_the_switch(
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3] and {s for _e, s in seen} == {64}
     single = train_network((images, labels), validation, replace(config, crop_epochs=None), boxes=boxes)
     assert [h["epoch"] for h in single.history] == [1]
+    # --val-every 3: the crop phase validates its 3rd and its last epoch, the whole-image phase every epoch
+    sparse = replace(config, epochs=6, crop_epochs=4, validate_every=3, patience=5)
+    spaced = train_network((images, labels), validation, sparse, boxes=boxes)
+    assert [h["epoch"] for h in spaced.history] == [1, 2, 3, 4, 5, 6]
+    assert [h["epoch"] for h in spaced.history if "val_auroc" in h] == [3, 4, 5, 6]
 
 
 def test_twins_train_side_by_side_under_one_augmentation(tmp_path: Path) -> None:
