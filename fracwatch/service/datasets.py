@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,9 @@ LOGGER = logging.getLogger(__name__)
 LAYOUTS = ("manifest", "folder", "csv", "dicom")
 POSITIVE_NAMES = re.compile(r"^(fractured?|positive|abnormal|1|yes|true)$", re.IGNORECASE)
 NEGATIVE_NAMES = re.compile(r"^(non[ _-]?fractured?|not[ _]fractured?|normal|negative|0|no|false)$", re.IGNORECASE)
+# network-input pixel size bands (mm) for evaluation breakdowns: a 1-3 mm break is 2-7 px in the first, 1-3 in the last
+SPACING_BANDS = (("< 0.4 mm", 0.4), ("0.4-0.8 mm", 0.8), ("≥ 0.8 mm", math.inf))
+META_COLUMNS = ("view", "bone_class", "fov", "photometric", "bone", "pixel_spacing_mm")  # a manifest's, kept per item
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -95,7 +99,7 @@ def read_manifest(folder: Path) -> list[Item]:
                     split=row.get("split", ""),
                     group=f"pose{row.get('pose', '')}",
                     pair=_pair_key(row),
-                    meta={k: row.get(k, "") for k in ("view", "bone_class", "fov", "photometric", "bone")},
+                    meta={k: row.get(k, "") for k in META_COLUMNS},
                     **_box(row, path, f"{folder / 'manifest.csv'}:{number}"),
                 )
             )
@@ -137,6 +141,19 @@ def _box(row: dict[str, str], path: Path, where: str) -> dict[str, Any]:
     if not (0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]):
         raise DatasetError(f"{where}: box {values} is not inside the {size[0]} × {size[1]} image")
     return {"box": (x0, y0, x1, y1), "size": size}
+
+
+def input_spacing_band(item: Item, size: int) -> str:
+    """The millimetres one network-input pixel covers (``pixel_spacing_mm`` × the image's longest side / ``size``),
+    as a band — "" where the item has no spacing (not a synth manifest) or its image cannot be read."""
+    try:
+        spacing = float(item.meta.get("pixel_spacing_mm", ""))
+        with Image.open(item.path) as picture:  # reads the header only
+            longest = max(picture.size)
+    except (ValueError, OSError):
+        return ""
+    mm = spacing * longest / size
+    return next((band for band, upper in SPACING_BANDS if mm < upper), SPACING_BANDS[-1][0])
 
 
 def input_boxes(items: Sequence[Item], size: int) -> torch.Tensor:

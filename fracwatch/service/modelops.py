@@ -35,6 +35,7 @@ from fracwatch.service.datasets import (
     Item,
     assign_splits,
     input_boxes,
+    input_spacing_band,
     load_tensors,
     read_dataset,
     twin_partners,
@@ -302,6 +303,21 @@ def _breakdown(
     return out
 
 
+def twin_comparison(items: Sequence[Item], probabilities: np.ndarray) -> dict[str, Any] | None:
+    """For data with twins (a fractured synth image and the same image without the break): how often the fractured
+    one scores higher — the share of breaks the model sees itself, whatever else each image holds. None without
+    pairs."""
+    partners = twin_partners(items)
+    if partners is None:
+        return None
+    pairs = [(k, int(partners[k])) for k, item in enumerate(items) if item.label == 1 and int(partners[k]) >= 0]
+    if not pairs:
+        return None
+    above = sum(bool(probabilities[f] > probabilities[t]) for f, t in pairs)
+    ties = sum(bool(probabilities[f] == probabilities[t]) for f, t in pairs)
+    return {"pairs": len(pairs), "fractured_above_twin": above / len(pairs), "ties": ties / len(pairs)}
+
+
 def _multiclass(items: Sequence[Item], classes: np.ndarray, names: list[str], out: Path) -> dict[str, Any]:
     truth = np.array([names.index(i.class_name) if i.label == 1 and i.class_name in names else 0 for i in items])
     predicted = classes.argmax(axis=1)
@@ -339,6 +355,8 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
         items = [i for i in items if i.split == split]
     if len({i.label for i in items}) < 2:
         raise DatasetError(f"the evaluation set ({split or 'all'}) needs fractured and non-fractured images")
+    size = bundle.preprocess_config.input_size
+    items = [replace(i, meta={**i.meta, "input_mm_per_px": input_spacing_band(i, size)}) for i in items]
     images = load_tensors(
         items,
         bundle.preprocess_config,
@@ -365,7 +383,7 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
         "calibration": {"bins": table, "expected_calibration_error": expected_calibration_error(table)},
         "breakdown": {
             key: _breakdown(items, labels, probabilities, card, key)
-            for key in ("view", "bone_class", "fov")
+            for key in ("view", "bone_class", "fov", "input_mm_per_px")
             if any(i.meta.get(key) for i in items)
         },
         "plots": {},
@@ -381,6 +399,8 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     report["plots"]["confusion"] = plots.confusion_plot(
         matrix, ["no fracture", "fracture"], request.out / "confusion.png"
     ).name
+    if (twins := twin_comparison(items, probabilities)) is not None:
+        report["twins"] = twins
     if len(card.class_names) > 2:
         report["multiclass"] = _multiclass(items, classes, list(card.class_names), request.out)
     report = _finite(report)

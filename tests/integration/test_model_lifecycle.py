@@ -31,7 +31,16 @@ from fracwatch.model.training import (
     phases,
     train_network,
 )
-from fracwatch.service.datasets import DatasetError, Item, input_boxes, read_dataset, twin_partners
+from fracwatch.service.datasets import (
+    SPACING_BANDS,
+    DatasetError,
+    Item,
+    input_boxes,
+    input_spacing_band,
+    read_dataset,
+    twin_partners,
+)
+from fracwatch.service.modelops import twin_comparison
 from tests import dicomgen
 
 pytestmark = pytest.mark.timeout(300)
@@ -94,6 +103,10 @@ def test_train_one_epoch_then_predict_and_evaluate(phantoms: Path, tmp_path: Pat
         with Image.open(report_dir / picture) as image:
             assert image.width > 200 and image.height > 200
     assert report["calibration"]["bins"] and "bone_class" in report["breakdown"]
+    # phantoms: 0.2 mm pixels, 256-384 px images at a 64-px input → 0.8-1.2 mm per input pixel; no twins
+    bands = report["breakdown"]["input_mm_per_px"]
+    assert set(bands) == {"≥ 0.8 mm"} and bands["≥ 0.8 mm"]["images"] == report["images"]
+    assert "twins" not in report
 
     chosen = CliRunner().invoke(cli, ["evaluate", str(phantoms), "--model", str(model), "--out", str(tmp_path / "v"),
                                       "--split", "val", "--set-operating-points", "--doubt-sensitivity", "0.9",
@@ -367,6 +380,17 @@ def test_twins_train_side_by_side_under_one_augmentation(tmp_path: Path) -> None
     partners = twin_partners(read_dataset(folder))
     assert partners is not None and partners.tolist() == [2, 3, 0, 1, 5, 4, -1]
     assert twin_partners([Item(path=Path("a.png"), label=1)]) is None
+
+    # evaluation compares each fractured image with its own twin (pairs 0-2 and 1-3 here; 4-5 a tie)
+    items = read_dataset(folder)
+    scores = np.array([0.9, 0.2, 0.4, 0.6, 0.5, 0.5, 0.1])
+    assert twin_comparison(items, scores) == {"pairs": 3, "fractured_above_twin": 1 / 3, "ties": 1 / 3}
+    assert twin_comparison([Item(path=Path("a.png"), label=1)], scores[:1]) is None
+    # the network-input pixel size of a synth image: its spacing × its longest side / the input size
+    sized = replace(items[0], meta={**items[0].meta, "pixel_spacing_mm": "0.5"})
+    side = max(Image.open(sized.path).size)
+    assert input_spacing_band(sized, side) == "0.4-0.8 mm" and input_spacing_band(sized, side // 2) == "≥ 0.8 mm"
+    assert input_spacing_band(sized, side * 4) == SPACING_BANDS[0][0] and input_spacing_band(items[0], side) == ""
 
     # each epoch's order keeps a pair's images next to each other
     for seed in range(4):
