@@ -420,7 +420,8 @@ def _write_operating_points(bundle: Bundle, points: Any, split: str | None) -> M
 
 
 def _record(bundle: Bundle, card: ModelCard, report: dict[str, Any]) -> None:
-    keys = ["data", "images", "fractured", "auroc", "auroc_ci95", "at_doubt", "at_positive", "breakdown", "calibration"]
+    keys = ["data", "images", "fractured", "auroc", "auroc_ci95", "at_doubt", "at_positive", "breakdown"]
+    keys += ["calibration", "twins"]
     summary: dict[str, Any] = {key: report[key] for key in keys if key in report}
     if "multiclass" in report:
         summary["multiclass"] = {k: report["multiclass"][k] for k in ("classes", "accuracy", "per_class")}
