@@ -318,6 +318,48 @@ def twin_comparison(items: Sequence[Item], probabilities: np.ndarray) -> dict[st
     return {"pairs": len(pairs), "fractured_above_twin": above / len(pairs), "ties": ties / len(pairs)}
 
 
+SEEN_MARGIN = 1.0  # logits a break's cells must rise above the same cells of its twin to count as seen
+
+
+def breaks_seen(
+    network: torch.nn.Module, images: torch.Tensor, items: Sequence[Item], device: torch.device, batch: int = 32
+) -> dict[str, Any] | None:
+    """For a binary logit-map network on twin data with boxes: the share of breaks whose box's strongest map cell
+    rises more than ``SEEN_MARGIN`` logits above the same cells of the twin — detection at the break itself, apart
+    from how the image's maximum ranks. None where the network has no map or the data no boxed pairs."""
+    partners = twin_partners(items)
+    logit_map = getattr(network, "logit_map", None)
+    if partners is None or logit_map is None:
+        return None
+    boxes = input_boxes(items, images.shape[-1])
+    pairs = [
+        (k, int(partners[k]))
+        for k, item in enumerate(items)
+        if item.label == 1 and int(partners[k]) >= 0 and not bool(torch.isnan(boxes[k, 0]))
+    ]
+    if not pairs:
+        return None
+    seen = 0
+    network.eval()
+    with torch.inference_mode():
+        for start in range(0, len(pairs), batch):
+            chunk = pairs[start : start + batch]
+            index = [f for f, _ in chunk] + [t for _, t in chunk]
+            maps = logit_map(images[index].to(device, dtype=torch.float32))[:, 0].float().cpu()
+            stride = images.shape[-1] / maps.shape[-1]
+            for n, (fractured, _twin) in enumerate(chunk):
+                cells = _cells_of(boxes[fractured], stride)
+                rise = maps[n][cells].max() - maps[n + len(chunk)][cells].max()
+                seen += bool(rise > SEEN_MARGIN)
+    return {"pairs": len(pairs), "breaks_seen": seen / len(pairs), "margin_logits": SEEN_MARGIN}
+
+
+def _cells_of(box: torch.Tensor, stride: float) -> tuple[slice, slice]:
+    """The (rows, columns) of map cells an (x0, y0, x1, y1) input-pixel box reaches; at least one cell."""
+    x0, y0, x1, y1 = (float(v) / stride for v in box)
+    return slice(int(y0), max(int(y0) + 1, math.ceil(y1))), slice(int(x0), max(int(x0) + 1, math.ceil(x1)))
+
+
 def _multiclass(items: Sequence[Item], classes: np.ndarray, names: list[str], out: Path) -> dict[str, Any]:
     truth = np.array([names.index(i.class_name) if i.label == 1 and i.class_name in names else 0 for i in items])
     predicted = classes.argmax(axis=1)
@@ -401,6 +443,9 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     ).name
     if (twins := twin_comparison(items, probabilities)) is not None:
         report["twins"] = twins
+        binary = len(card.class_names) == 2
+        if binary and (seen := breaks_seen(bundle.network.to(device), images, items, device)) is not None:
+            twins["localised"] = seen
     if len(card.class_names) > 2:
         report["multiclass"] = _multiclass(items, classes, list(card.class_names), request.out)
     report = _finite(report)

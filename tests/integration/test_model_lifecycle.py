@@ -40,7 +40,7 @@ from fracwatch.service.datasets import (
     read_dataset,
     twin_partners,
 )
-from fracwatch.service.modelops import twin_comparison
+from fracwatch.service.modelops import breaks_seen, twin_comparison
 from tests import dicomgen
 
 pytestmark = pytest.mark.timeout(300)
@@ -424,6 +424,36 @@ def test_twins_train_side_by_side_under_one_augmentation(tmp_path: Path) -> None
         assert bool((out[0] == 2.0).any()) and float(masks[0].sum()) > 0 and float(masks[1:].sum()) == 0
         same_place += bool(torch.equal(torch.where(out[0] == 2.0, out[1], out[0]), out[1]))
     assert 0 < same_place < 10  # the twin is cropped where its break is, some of the time
+
+
+class Brightness(torch.nn.Module):
+    """A stand-in logit-map network: ten times each 8 × 8 cell's mean brightness."""
+
+    def logit_map(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 8) * 10.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.amax(self.logit_map(x), dim=(2, 3))
+
+
+def test_breaks_seen_counts_breaks_the_map_raises_over_their_twin() -> None:
+    images = (torch.rand(1, 1, 64, 64) * 0.1).repeat(4, 1, 1, 1)
+    images[0, 0, 16:24, 40:48] += 1.0  # pair a: the break shows in its box; pair b: fractured == twin
+    items = [
+        Item(path=Path("fa.png"), label=1, pair="a", box=(40.0, 16.0, 48.0, 24.0), size=(64, 64)),
+        Item(path=Path("fb.png"), label=1, pair="b", box=(8.0, 8.0, 16.0, 16.0), size=(64, 64)),
+        Item(path=Path("ta.png"), label=0, pair="a"),
+        Item(path=Path("tb.png"), label=0, pair="b"),
+    ]
+    cpu = torch.device("cpu")
+    assert breaks_seen(Brightness(), images, items, cpu) == {"pairs": 2, "breaks_seen": 0.5, "margin_logits": 1.0}
+    images[1, 0, 48:56, 48:56] += 1.0  # a change outside pair b's box: still not its break
+    seen = breaks_seen(Brightness(), images, items, cpu)
+    assert seen is not None and seen["breaks_seen"] == 0.5
+    assert twin_comparison(items, Brightness()(images).reshape(-1).numpy()) == {
+        "pairs": 2, "fractured_above_twin": 1.0, "ties": 0.0}  # fmt: skip  # the image maximum counts anything
+    assert breaks_seen(torch.nn.Identity(), images, items, cpu) is None  # no map
+    assert breaks_seen(Brightness(), images, [replace(i, box=None) for i in items], cpu) is None  # no boxes
 
 
 @pytest.mark.parametrize(
