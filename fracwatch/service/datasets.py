@@ -36,7 +36,8 @@ LOGGER = logging.getLogger(__name__)
 LAYOUTS = ("manifest", "folder", "csv", "dicom")
 POSITIVE_NAMES = re.compile(r"^(fractured?|positive|abnormal|1|yes|true)$", re.IGNORECASE)
 NEGATIVE_NAMES = re.compile(r"^(non[ _-]?fractured?|not[ _]fractured?|normal|negative|0|no|false)$", re.IGNORECASE)
-# network-input pixel size bands (mm) for evaluation breakdowns: a 1-3 mm break is 2-7 px in the first, 1-3 in the last
+# network-input pixel size bands (mm) for evaluation breakdowns: a 1-3 mm break spans over 2.5-7.5 px in the
+# first, 1.25-3.75 px or fewer in the last
 SPACING_BANDS = (("< 0.4 mm", 0.4), ("0.4-0.8 mm", 0.8), ("≥ 0.8 mm", math.inf))
 META_COLUMNS = ("view", "bone_class", "fov", "photometric", "bone", "pixel_spacing_mm")  # a manifest's, kept per item
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fracwatch.model import plots
 from fracwatch.model.bundle import CARD_NAME, Bundle, ModelCard, load_bundle, save_bundle
@@ -24,6 +25,7 @@ from fracwatch.model.metrics import (
 )
 from fracwatch.model.training import (
     TrainConfig,
+    box_masks,
     build_card,
     class_probabilities,
     operating_points,
@@ -303,14 +305,18 @@ def _breakdown(
     return out
 
 
-def twin_comparison(items: Sequence[Item], probabilities: np.ndarray) -> dict[str, Any] | None:
-    """For data with twins (a fractured synth image and the same image without the break): how often the fractured
-    one scores higher — the share of breaks the model sees itself, whatever else each image holds. None without
-    pairs."""
+def _twin_pairs(items: Sequence[Item]) -> list[tuple[int, int]]:
+    """(fractured, twin) positions of every fractured item that has a twin (synth ``--twins`` data)."""
     partners = twin_partners(items)
     if partners is None:
-        return None
-    pairs = [(k, int(partners[k])) for k, item in enumerate(items) if item.label == 1 and int(partners[k]) >= 0]
+        return []
+    return [(k, int(partners[k])) for k, item in enumerate(items) if item.label == 1 and int(partners[k]) >= 0]
+
+
+def twin_comparison(items: Sequence[Item], probabilities: np.ndarray) -> dict[str, Any] | None:
+    """For data with twins (a fractured synth image and the same image without the break): how often the fractured
+    one scores higher, whatever in the image makes it so. None without pairs."""
+    pairs = _twin_pairs(items)
     if not pairs:
         return None
     above = sum(bool(probabilities[f] > probabilities[t]) for f, t in pairs)
@@ -326,38 +332,29 @@ def breaks_seen(
 ) -> dict[str, Any] | None:
     """For a binary logit-map network on twin data with boxes: the share of breaks whose box's strongest map cell
     rises more than ``SEEN_MARGIN`` logits above the same cells of the twin — detection at the break itself, apart
-    from how the image's maximum ranks. None where the network has no map or the data no boxed pairs."""
-    partners = twin_partners(items)
+    from how the image's maximum ranks. The box's cells are the localisation loss's (``box_masks`` max-pooled to
+    the map). None where the network has no map or the data no boxed pairs."""
     logit_map = getattr(network, "logit_map", None)
-    if partners is None or logit_map is None:
-        return None
     boxes = input_boxes(items, images.shape[-1])
-    pairs = [
-        (k, int(partners[k]))
-        for k, item in enumerate(items)
-        if item.label == 1 and int(partners[k]) >= 0 and not bool(torch.isnan(boxes[k, 0]))
-    ]
-    if not pairs:
+    pairs = [(f, t) for f, t in _twin_pairs(items) if not bool(torch.isnan(boxes[f, 0]))]
+    if logit_map is None or not pairs:
         return None
     seen = 0
     network.eval()
     with torch.inference_mode():
         for start in range(0, len(pairs), batch):
-            chunk = pairs[start : start + batch]
-            index = [f for f, _ in chunk] + [t for _, t in chunk]
-            maps = logit_map(images[index].to(device, dtype=torch.float32))[:, 0].float().cpu()
-            stride = images.shape[-1] / maps.shape[-1]
-            for n, (fractured, _twin) in enumerate(chunk):
-                cells = _cells_of(boxes[fractured], stride)
-                rise = maps[n][cells].max() - maps[n + len(chunk)][cells].max()
-                seen += bool(rise > SEEN_MARGIN)
+            fractured, twins = (list(side) for side in zip(*pairs[start : start + batch], strict=True))
+            maps = logit_map(images[fractured + twins].to(device, dtype=torch.float32))[:, :1].float().cpu()
+            ours, theirs = maps[: len(fractured)], maps[len(fractured) :]
+            cells = F.adaptive_max_pool2d(box_masks(boxes[fractured], images.shape[-1]), maps.shape[-2:]) > 0
+            rise = _amax_where(ours, cells) - _amax_where(theirs, cells)
+            seen += int((rise > SEEN_MARGIN).sum())
     return {"pairs": len(pairs), "breaks_seen": seen / len(pairs), "margin_logits": SEEN_MARGIN}
 
 
-def _cells_of(box: torch.Tensor, stride: float) -> tuple[slice, slice]:
-    """The (rows, columns) of map cells an (x0, y0, x1, y1) input-pixel box reaches; at least one cell."""
-    x0, y0, x1, y1 = (float(v) / stride for v in box)
-    return slice(int(y0), max(int(y0) + 1, math.ceil(y1))), slice(int(x0), max(int(x0) + 1, math.ceil(x1)))
+def _amax_where(maps: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Per image, the largest of a (N, 1, h, w) map's cells where ``where`` holds (-inf where it holds nowhere)."""
+    return torch.where(where, maps, float("-inf")).amax(dim=(1, 2, 3))
 
 
 def _multiclass(items: Sequence[Item], classes: np.ndarray, names: list[str], out: Path) -> dict[str, Any]:
@@ -406,6 +403,10 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     )
     device = torch.device("cuda" if request.device != "cpu" and torch.cuda.is_available() else "cpu")
     classes, probabilities = class_probabilities(bundle.network.to(device), images, device)
+    twins = twin_comparison(items, probabilities)
+    if twins is not None and len(bundle.card.class_names) == 2:  # a multi-class map's channel 0 is "no fracture"
+        if (seen := breaks_seen(bundle.network, images, items, device)) is not None:
+            twins["localised"] = seen
     bundle.network.cpu()
     labels = np.array([i.label for i in items], dtype=np.int64)
     card = bundle.card
@@ -441,11 +442,8 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     report["plots"]["confusion"] = plots.confusion_plot(
         matrix, ["no fracture", "fracture"], request.out / "confusion.png"
     ).name
-    if (twins := twin_comparison(items, probabilities)) is not None:
+    if twins is not None:
         report["twins"] = twins
-        binary = len(card.class_names) == 2
-        if binary and (seen := breaks_seen(bundle.network.to(device), images, items, device)) is not None:
-            twins["localised"] = seen
     if len(card.class_names) > 2:
         report["multiclass"] = _multiclass(items, classes, list(card.class_names), request.out)
     report = _finite(report)

@@ -304,9 +304,11 @@ def test_boxes_supervise_a_logit_map_network(phantoms: Path, tmp_path: Path) -> 
 
     # crop training: a logit-map network on 32-px crops, validated (and later used) on whole 64-px images
     crop_args = ["--out", str(tmp_path / "crop"), *FAST, "--arch", "tiny-resnet-map", "--crop", "32"]
-    cropped = CliRunner().invoke(cli, ["train", str(phantoms), *crop_args, "--crop-epochs", "1"])
+    cropped = CliRunner().invoke(cli, ["train", str(phantoms), *crop_args, "--crop-epochs", "1", "--val-every", "2"])
     assert cropped.exit_code == 0, cropped.output
-    assert "--crop 32 --crop-epochs 1" in load_bundle(tmp_path / "crop").card.training["command"]
+    crop_card = load_bundle(tmp_path / "crop").card
+    assert "--crop 32 --crop-epochs 1 --val-every 2" in crop_card.training["command"]
+    assert crop_card.training["config"]["validate_every"] == 2
     alone = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "n"), *FAST, "--crop-epochs", "1"])
     assert alone.exit_code != 0 and "--crop-epochs needs --crop" in alone.output
     refused = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "no"), *FAST, "--crop", "32"])
