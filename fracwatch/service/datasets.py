@@ -39,7 +39,11 @@ NEGATIVE_NAMES = re.compile(r"^(non[ _-]?fractured?|not[ _]fractured?|normal|neg
 # network-input pixel size bands (mm) for evaluation breakdowns: a 1-3 mm break spans over 2.5-7.5 px in the
 # first, 1.25-3.75 px or fewer in the last
 SPACING_BANDS = (("< 0.4 mm", 0.4), ("0.4-0.8 mm", 0.8), ("≥ 0.8 mm", math.inf))
-META_COLUMNS = ("view", "bone_class", "fov", "photometric", "bone", "pixel_spacing_mm")  # a manifest's, kept per item
+# a manifest's descriptive columns, kept per item (breakdowns, evaluate's scores.csv)
+META_COLUMNS = (
+    "view", "bone_class", "fov", "photometric", "bone", "pixel_spacing_mm", "gap_mm", "shift_mm", "angle_deg",
+    "comminuted", "visibility",
+)  # fmt: skip
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 

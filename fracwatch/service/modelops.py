@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -327,11 +328,11 @@ def twin_comparison(items: Sequence[Item], probabilities: np.ndarray) -> dict[st
 SEEN_MARGIN = 1.0  # logits a break's cells must rise above the same cells of its twin to count as seen
 
 
-def breaks_seen(
+def break_rises(
     network: torch.nn.Module, images: torch.Tensor, items: Sequence[Item], device: torch.device, batch: int = 32
-) -> dict[str, Any] | None:
-    """For a binary logit-map network on twin data with boxes: the share of breaks whose box's strongest map cell
-    rises more than ``SEEN_MARGIN`` logits above the same cells of the twin — detection at the break itself, apart
+) -> dict[int, float] | None:
+    """For a binary logit-map network on twin data with boxes: per fractured item (its position), how many logits
+    its box's strongest map cell rises above the same cells of its twin — detection at the break itself, apart
     from how the image's maximum ranks. The box's cells are the localisation loss's (``box_masks`` max-pooled to
     the map). None where the network has no map or the data no boxed pairs."""
     logit_map = getattr(network, "logit_map", None)
@@ -339,7 +340,7 @@ def breaks_seen(
     pairs = [(f, t) for f, t in _twin_pairs(items) if not bool(torch.isnan(boxes[f, 0]))]
     if logit_map is None or not pairs:
         return None
-    seen = 0
+    rises: dict[int, float] = {}
     network.eval()
     with torch.inference_mode():
         for start in range(0, len(pairs), batch):
@@ -348,8 +349,38 @@ def breaks_seen(
             ours, theirs = maps[: len(fractured)], maps[len(fractured) :]
             cells = F.adaptive_max_pool2d(box_masks(boxes[fractured], images.shape[-1]), maps.shape[-2:]) > 0
             rise = _amax_where(ours, cells) - _amax_where(theirs, cells)
-            seen += int((rise > SEEN_MARGIN).sum())
-    return {"pairs": len(pairs), "breaks_seen": seen / len(pairs), "margin_logits": SEEN_MARGIN}
+            rises.update(zip(fractured, rise.tolist(), strict=True))
+    return rises
+
+
+def breaks_seen(rises: dict[int, float]) -> dict[str, Any]:
+    """The share of breaks whose cells rise more than ``SEEN_MARGIN`` logits over their twin's (``break_rises``)."""
+    seen = sum(rise > SEEN_MARGIN for rise in rises.values())
+    return {"pairs": len(rises), "breaks_seen": seen / len(rises), "margin_logits": SEEN_MARGIN}
+
+
+def write_scores(
+    path: Path, items: Sequence[Item], probabilities: np.ndarray, source: Path, rises: dict[int, float] | None
+) -> Path:
+    """One row per scored image: its file (relative to the data set), label, class, P(fracture), the manifest's
+    descriptive columns and, for boxed breaks of a logit-map network, ``break_rise_logits`` — what an engineer
+    sorts to find the misses."""
+    root = source if source.is_dir() else source.parent
+    meta_keys = [k for k in dict.fromkeys(k for i in items for k in i.meta) if any(i.meta.get(k) for i in items)]
+    columns = ["path", "label", "class", "probability", "pair", *meta_keys]
+    columns += ["break_rise_logits"] if rises else []
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for index, item in enumerate(items):
+            where = item.path.relative_to(root) if item.path.is_relative_to(root) else item.path
+            row: dict[str, Any] = {"path": str(where), "label": item.label, "class": item.class_name}
+            row |= {"probability": f"{float(probabilities[index]):.6f}", "pair": item.pair}
+            row |= {k: item.meta.get(k, "") for k in meta_keys}
+            if rises:
+                row["break_rise_logits"] = f"{rises[index]:.4f}" if index in rises else ""
+            writer.writerow(row)
+    return path
 
 
 def _amax_where(maps: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -404,9 +435,10 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     device = torch.device("cuda" if request.device != "cpu" and torch.cuda.is_available() else "cpu")
     classes, probabilities = class_probabilities(bundle.network.to(device), images, device)
     twins = twin_comparison(items, probabilities)
+    rises = None
     if twins is not None and len(bundle.card.class_names) == 2:  # a multi-class map's channel 0 is "no fracture"
-        if (seen := breaks_seen(bundle.network, images, items, device)) is not None:
-            twins["localised"] = seen
+        if (rises := break_rises(bundle.network, images, items, device)) is not None:
+            twins["localised"] = breaks_seen(rises)
     bundle.network.cpu()
     labels = np.array([i.label for i in items], dtype=np.int64)
     card = bundle.card
@@ -430,6 +462,7 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
             if any(i.meta.get(key) for i in items)
         },
         "plots": {},
+        "files": {"scores": write_scores(request.out / "scores.csv", items, probabilities, request.source, rises).name},
     }
     points = {"doubt": card.operating_points.doubt, "positive": card.operating_points.positive}
     report["plots"]["roc"] = plots.roc_plot(

@@ -40,7 +40,7 @@ from fracwatch.service.datasets import (
     read_dataset,
     twin_partners,
 )
-from fracwatch.service.modelops import breaks_seen, twin_comparison
+from fracwatch.service.modelops import break_rises, breaks_seen, twin_comparison, write_scores
 from tests import dicomgen
 
 pytestmark = pytest.mark.timeout(300)
@@ -107,6 +107,10 @@ def test_train_one_epoch_then_predict_and_evaluate(phantoms: Path, tmp_path: Pat
     bands = report["breakdown"]["input_mm_per_px"]
     assert set(bands) == {"≥ 0.8 mm"} and bands["≥ 0.8 mm"]["images"] == report["images"]
     assert "twins" not in report
+    with (report_dir / report["files"]["scores"]).open(newline="") as handle:
+        scored = list(csv.DictReader(handle))
+    assert sorted(r["path"] for r in scored) == sorted(r["image"] for r in test_rows)
+    assert all(0.0 <= float(r["probability"]) <= 1.0 for r in scored) and "break_rise_logits" not in scored[0]
 
     chosen = CliRunner().invoke(cli, ["evaluate", str(phantoms), "--model", str(model), "--out", str(tmp_path / "v"),
                                       "--split", "val", "--set-operating-points", "--doubt-sensitivity", "0.9",
@@ -438,24 +442,38 @@ class Brightness(torch.nn.Module):
         return torch.amax(self.logit_map(x), dim=(2, 3))
 
 
-def test_breaks_seen_counts_breaks_the_map_raises_over_their_twin() -> None:
+def test_breaks_seen_counts_breaks_the_map_raises_over_their_twin(tmp_path: Path) -> None:
     images = (torch.rand(1, 1, 64, 64) * 0.1).repeat(4, 1, 1, 1)
     images[0, 0, 16:24, 40:48] += 1.0  # pair a: the break shows in its box; pair b: fractured == twin
+    ap, pa = {"view": "AP"}, {"view": "PA"}
     items = [
-        Item(path=Path("fa.png"), label=1, pair="a", box=(40.0, 16.0, 48.0, 24.0), size=(64, 64)),
-        Item(path=Path("fb.png"), label=1, pair="b", box=(8.0, 8.0, 16.0, 16.0), size=(64, 64)),
-        Item(path=Path("ta.png"), label=0, pair="a"),
-        Item(path=Path("tb.png"), label=0, pair="b"),
+        Item(path=tmp_path / "fa.png", label=1, pair="a", box=(40.0, 16.0, 48.0, 24.0), size=(64, 64), meta=ap),
+        Item(path=tmp_path / "fb.png", label=1, pair="b", box=(8.0, 8.0, 16.0, 16.0), size=(64, 64), meta=pa),
+        Item(path=tmp_path / "ta.png", label=0, pair="a", meta=ap),
+        Item(path=tmp_path / "tb.png", label=0, pair="b", meta=pa),
     ]
     cpu = torch.device("cpu")
-    assert breaks_seen(Brightness(), images, items, cpu) == {"pairs": 2, "breaks_seen": 0.5, "margin_logits": 1.0}
+    rises = break_rises(Brightness(), images, items, cpu)
+    assert rises is not None and set(rises) == {0, 1} and rises[0] > 1.0 and rises[1] == 0.0
+    assert breaks_seen(rises) == {"pairs": 2, "breaks_seen": 0.5, "margin_logits": 1.0}
     images[1, 0, 48:56, 48:56] += 1.0  # a change outside pair b's box: still not its break
-    seen = breaks_seen(Brightness(), images, items, cpu)
-    assert seen is not None and seen["breaks_seen"] == 0.5
-    assert twin_comparison(items, Brightness()(images).reshape(-1).numpy()) == {
+    moved = break_rises(Brightness(), images, items, cpu)
+    assert moved is not None and breaks_seen(moved)["breaks_seen"] == 0.5
+    probabilities = Brightness()(images).reshape(-1).numpy()
+    assert twin_comparison(items, probabilities) == {
         "pairs": 2, "fractured_above_twin": 1.0, "ties": 0.0}  # fmt: skip  # the image maximum counts anything
-    assert breaks_seen(torch.nn.Identity(), images, items, cpu) is None  # no map
-    assert breaks_seen(Brightness(), images, [replace(i, box=None) for i in items], cpu) is None  # no boxes
+    assert break_rises(torch.nn.Identity(), images, items, cpu) is None  # no map
+    assert break_rises(Brightness(), images, [replace(i, box=None) for i in items], cpu) is None  # no boxes
+
+    # evaluate's per-image table: one row per image, paths relative to the data set, the rise on fractured rows
+    written = write_scores(tmp_path / "scores.csv", items, probabilities, tmp_path, moved)
+    with written.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["path"] for r in rows] == ["fa.png", "fb.png", "ta.png", "tb.png"]
+    assert [r["label"] for r in rows] == ["1", "1", "0", "0"] and [r["view"] for r in rows] == ["AP", "PA", "AP", "PA"]
+    assert [float(r["probability"]) for r in rows] == pytest.approx(probabilities.tolist(), abs=1e-6)
+    assert float(rows[0]["break_rise_logits"]) == pytest.approx(moved[0], abs=1e-4)
+    assert rows[2]["break_rise_logits"] == ""  # a twin has no break
 
 
 @pytest.mark.parametrize(
