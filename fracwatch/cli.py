@@ -675,6 +675,12 @@ def _missing(path: Path) -> Any:
     show_default=True,
     help="Each normal image is a fractured image's twin (same view, exposure, noise; no break).",
 )
+@click.option("--first-pose", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Index of the first pose (a pose's images depend on the seed and its index only).")
+@click.option("--splits", "splits", type=click.Choice(["train", "val", "test"]), multiple=True,
+              help="Render only the poses that fall in these splits (repeatable; default: all).")
+@click.option("--append", is_flag=True,
+              help="Add the poses to the set already in --out (same seed and image settings; new poses only).")
 def synth(
     out: Path,
     ct_path: Path | None,
@@ -688,11 +694,17 @@ def synth(
     no_dicom: bool,
     phantom: bool,
     twins: bool,
+    first_pose: int,
+    splits: tuple[str, ...],
+    append: bool,
 ) -> None:
-    """Render synthetic radiographs (DRRs from a CT with simulated fractures): PNG, manifest.csv, DICOM DX."""
+    """Render synthetic radiographs (DRRs from a CT with simulated fractures): PNG, manifest.csv, DICOM DX.
+
+    More training data beside a fixed validation and test split: render the set once, then add poses with
+    ``--append --first-pose N --splits train`` (same seed and sizes)."""
     from fracwatch.synth.ct import load_ct
     from fracwatch.synth.phantoms import render_phantoms
-    from fracwatch.synth.render import SynthConfig, render_dataset
+    from fracwatch.synth.render import SynthConfig, render_dataset, rendered_poses
 
     configure_logging("WARNING")
     config = SynthConfig(
@@ -704,17 +716,23 @@ def synth(
         max_size=max(size),
         dicom=not no_dicom,
         twins=twins,
+        first_pose=first_pose,
+        splits=splits or ("train", "val", "test"),
     )
+    count = len(rendered_poses(config))
+    if phantom and (first_pose or splits or append):
+        raise click.UsageError("--first-pose, --splits and --append apply to DRRs, not --phantom")
     try:
         if phantom:
             manifest = render_phantoms(out, config)
         else:
             volume = load_ct(ct_path, labels, structures)
-            with click.progressbar(length=poses, label="rendering poses", file=sys.stderr) as bar:
-                manifest = render_dataset(volume, out, config, progress=lambda n: bar.update(1))
+            with click.progressbar(length=count, label="rendering poses", file=sys.stderr) as bar:
+                manifest = render_dataset(volume, out, config, progress=lambda n: bar.update(1), append=append)
     except FracwatchError as exc:
         _fail(exc)
-    click.echo(f"wrote {poses * per_pose} images; manifest {manifest}")
+    images = (poses if phantom else count) * per_pose
+    click.echo(f"wrote {images} images ({'appended to' if append else 'manifest'} {manifest})")
 
 
 @cli.group("token")

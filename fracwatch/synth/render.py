@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,8 @@ class SynthConfig:
     dicom: bool = True
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    first_pose: int = 0  # poses first_pose .. first_pose + poses - 1 (each pose's draws depend on its index only)
+    splits: tuple[str, ...] = ("train", "val", "test")  # render only the poses that fall in these splits
 
 
 @dataclass(frozen=True)
@@ -280,40 +283,93 @@ def _expose(line: torch.Tensor, shape: tuple[int, int], spacing_mm: float, rng: 
     return np.rint(shown * 4095).astype(np.uint16)
 
 
-def render_dataset(ct: CTVolume, out: Path, config: SynthConfig, progress: Callable[[int], None] | None = None) -> Path:
-    """Render ``config.poses × config.per_pose`` images into ``out``; return the manifest CSV's path."""
+def render_dataset(
+    ct: CTVolume,
+    out: Path,
+    config: SynthConfig,
+    progress: Callable[[int], None] | None = None,
+    append: bool = False,
+) -> Path:
+    """Render ``config.poses × config.per_pose`` images into ``out``; return the manifest CSV's path.
+
+    ``append`` adds the poses to an existing set rendered with the same seed and image settings (more training
+    poses beside a fixed validation and test split): its rows go after the manifest's, its configuration into
+    ``synth.json``'s ``appended`` list; a pose already in the manifest is refused.
+    """
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     manifest = out / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
+    description = _appendable(out, ct, config) if append else _describe(ct, config)
+    with manifest.open("a" if append else "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_FIELDS)
-        writer.writeheader()
-        for pose_index, samples in enumerate(iter_poses(ct, config)):
+        if not append:
+            writer.writeheader()
+        for done, (pose_index, samples) in enumerate(iter_poses(ct, config), start=1):
             for sample in samples:
-                name = f"p{pose_index:04d}_i{sample.record['index']:02d}"
-                record = dict(sample.record)
-                displayed = sample.pixels  # PNG: MONOCHROME2 appearance, 16-bit
-                Image.fromarray(displayed).save(out / "images" / f"{name}.png")
-                record["image"] = f"images/{name}.png"
-                record["photometric"] = sample.photometric
-                record["dicom"] = ""
-                if config.dicom:
-                    stored = 4095 - sample.pixels if sample.photometric == "MONOCHROME1" else sample.pixels
-                    written = write_dx(out / "dicom", name, stored, sample.photometric, record, config.seed)
-                    record.update(written)
-                writer.writerow(record)
+                writer.writerow(_write_sample(out, pose_index, sample, config))
+            handle.flush()
             if progress is not None:
-                progress(pose_index + 1)
-    (out / "synth.json").write_text(_describe(ct, config))
+                progress(done)
+    (out / "synth.json").write_text(json.dumps(description, indent=2))
     return manifest
 
 
-def iter_poses(ct: CTVolume, config: SynthConfig) -> Iterator[list[Sample]]:
-    """The samples of each pose in turn."""
-    for pose_index in range(config.poses):
+def _write_sample(out: Path, pose_index: int, sample: Sample, config: SynthConfig) -> dict[str, object]:
+    """Write one sample's PNG (and DICOM); return its manifest row."""
+    name = f"p{pose_index:04d}_i{sample.record['index']:02d}"
+    record = dict(sample.record)
+    Image.fromarray(sample.pixels).save(out / "images" / f"{name}.png")  # MONOCHROME2 appearance, 16-bit
+    record["image"] = f"images/{name}.png"
+    record["photometric"] = sample.photometric
+    record["dicom"] = ""
+    if config.dicom:
+        stored = 4095 - sample.pixels if sample.photometric == "MONOCHROME1" else sample.pixels
+        record.update(write_dx(out / "dicom", name, stored, sample.photometric, record, config.seed))
+    return record
+
+
+def rendered_poses(config: SynthConfig) -> list[int]:
+    """The pose indices ``config`` renders: its range, less the poses of splits it leaves out."""
+    span = range(config.first_pose, config.first_pose + config.poses)
+    return [pose for pose in span if split_of(pose, config) in config.splits]
+
+
+def iter_poses(ct: CTVolume, config: SynthConfig) -> Iterator[tuple[int, list[Sample]]]:
+    """Each rendered pose's index and samples in turn."""
+    for pose_index in rendered_poses(config):
         renderer = PoseRenderer(ct, pose_index, config)
-        yield [renderer.render(i) for i in range(config.per_pose)]
+        yield pose_index, [renderer.render(i) for i in range(config.per_pose)]
 
 
-def _describe(ct: CTVolume, config: SynthConfig) -> str:
-    return json.dumps({"ct": ct.source, "spacing_mm": ct.spacing, "config": asdict(config)}, indent=2)
+# what an appended render may change; everything else must match the set it joins
+APPEND_MAY_DIFFER = ("poses", "first_pose", "splits", "dicom")
+
+
+def _appendable(out: Path, ct: CTVolume, config: SynthConfig) -> dict[str, Any]:
+    """The existing set's description with ``config`` added, or a SynthError saying why they do not belong
+    together."""
+    described, manifest = out / "synth.json", out / "manifest.csv"
+    if not described.is_file() or not manifest.is_file():
+        raise SynthError(f"--append: {out} holds no rendered set (synth.json and manifest.csv)")
+    existing = json.loads(described.read_text())
+    ours = _describe(ct, config)
+    if existing.get("ct") != ours["ct"]:
+        raise SynthError(f"--append: {out} was rendered from {existing.get('ct')}, not {ours['ct']}")
+    theirs = existing.get("config", {})
+    differ = [k for k, v in ours["config"].items() if k not in APPEND_MAY_DIFFER and theirs.get(k, v) != v]
+    if differ:
+        raise SynthError(f"--append: {out} was rendered with other settings ({', '.join(sorted(differ))})")
+    with manifest.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames != list(MANIFEST_FIELDS):
+            raise SynthError(f"--append: {manifest} has other columns than this version writes")
+        present = {int(row["pose"]) for row in reader}
+    overlap = sorted(present & set(rendered_poses(config)))
+    if overlap:
+        raise SynthError(f"--append: poses {overlap[0]}..{overlap[-1]} ({len(overlap)}) are already in {manifest}")
+    existing["appended"] = [*existing.get("appended", []), ours["config"]]
+    return existing
+
+
+def _describe(ct: CTVolume, config: SynthConfig) -> dict[str, Any]:
+    return json.loads(json.dumps({"ct": ct.source, "spacing_mm": ct.spacing, "config": asdict(config)}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -145,6 +146,38 @@ def test_synth_command_writes_pngs_manifest_and_dicom(ct_files: tuple[Path, Path
         assert float(ds.ImagerPixelSpacing[0]) == pytest.approx(float(row["pixel_spacing_mm"]), rel=1e-4)
     missing = CliRunner().invoke(cli, ["synth", "--out", str(tmp_path / "x"), "--ct", str(ct_path)])
     assert missing.exit_code == 1 and "both --ct and --labels" in missing.output
+
+
+def test_more_training_poses_append_to_a_set_as_if_rendered_with_it(
+    ct_files: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    ct_path, labels_path, names = ct_files
+    common = ["--ct", str(ct_path), "--labels", str(labels_path), "--structures", str(names), "--per-pose", "2",
+              "--size", "64", "80", "--seed", "3", "--no-dicom"]  # fmt: skip
+    whole, grown = tmp_path / "whole", tmp_path / "grown"
+    assert CliRunner().invoke(cli, ["synth", "--out", str(whole), "--poses", "12", *common]).exit_code == 0
+    assert CliRunner().invoke(cli, ["synth", "--out", str(grown), "--poses", "4", *common]).exit_code == 0
+    more = ["synth", "--out", str(grown), "--append", "--first-pose", "4", "--poses", "8", "--splits", "train"]
+    result = CliRunner().invoke(cli, [*more, *common])
+    assert result.exit_code == 0, result.output
+    by_image = {r["image"]: r for r in csv.DictReader((whole / "manifest.csv").open())}
+    rows = list(csv.DictReader((grown / "manifest.csv").open()))
+    added = [r for r in rows if int(r["pose"]) >= 4]
+    expected = [r for r in by_image.values() if int(r["pose"]) >= 4 and r["split"] == "train"]
+    assert added and len(added) == len(expected) and len(rows) == 8 + len(added)
+    for row in rows:  # every row and image is what rendering all poses at once gave
+        assert row == by_image[row["image"]]
+        pixels = [np.asarray(Image.open(folder / row["image"])) for folder in (grown, whole)]
+        assert np.array_equal(*pixels)
+    described = json.loads((grown / "synth.json").read_text())
+    assert described["config"]["poses"] == 4 and described["appended"][0]["first_pose"] == 4
+    again = CliRunner().invoke(cli, [*more, *common])
+    assert again.exit_code == 1 and "already in" in again.output
+    other = ["synth", "--out", str(grown), "--append", "--first-pose", "20", "--poses", "2",
+             *common[:8], "--size", "64", "96", "--seed", "3", "--no-dicom"]  # fmt: skip
+    refused = CliRunner().invoke(cli, other)
+    assert refused.exit_code == 1 and "other settings (max_size)" in refused.output
+    assert len(list(csv.DictReader((grown / "manifest.csv").open()))) == len(rows)  # nothing written when refused
 
 
 def test_the_beam_is_what_one_detector_point_sees() -> None:
