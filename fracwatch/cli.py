@@ -719,9 +719,9 @@ def synth(
         first_pose=first_pose,
         splits=splits or ("train", "val", "test"),
     )
-    count = len(rendered_poses(config))
     if phantom and (first_pose or splits or append):
         raise click.UsageError("--first-pose, --splits and --append apply to DRRs, not --phantom")
+    count = poses if phantom else len(rendered_poses(config))
     try:
         if phantom:
             manifest = render_phantoms(out, config)
@@ -731,8 +731,7 @@ def synth(
                 manifest = render_dataset(volume, out, config, progress=lambda n: bar.update(1), append=append)
     except FracwatchError as exc:
         _fail(exc)
-    images = (poses if phantom else count) * per_pose
-    click.echo(f"wrote {images} images ({'appended to' if append else 'manifest'} {manifest})")
+    click.echo(f"wrote {count * per_pose} images ({'appended to' if append else 'manifest'} {manifest})")
 
 
 @cli.group("token")

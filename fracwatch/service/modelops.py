@@ -435,10 +435,10 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     device = torch.device("cuda" if request.device != "cpu" and torch.cuda.is_available() else "cpu")
     classes, probabilities = class_probabilities(bundle.network.to(device), images, device)
     twins = twin_comparison(items, probabilities)
-    rises = None
-    if twins is not None and len(bundle.card.class_names) == 2:  # a multi-class map's channel 0 is "no fracture"
-        if (rises := break_rises(bundle.network, images, items, device)) is not None:
-            twins["localised"] = breaks_seen(rises)
+    binary = len(bundle.card.class_names) == 2  # a multi-class map's channel 0 is "no fracture"
+    rises = break_rises(bundle.network, images, items, device) if twins is not None and binary else None
+    if twins is not None and rises is not None:
+        twins["localised"] = breaks_seen(rises)
     bundle.network.cpu()
     labels = np.array([i.label for i in items], dtype=np.int64)
     card = bundle.card

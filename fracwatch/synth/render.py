@@ -356,7 +356,7 @@ def _appendable(out: Path, ct: CTVolume, config: SynthConfig) -> dict[str, Any]:
     if existing.get("ct") != ours["ct"]:
         raise SynthError(f"--append: {out} was rendered from {existing.get('ct')}, not {ours['ct']}")
     theirs = existing.get("config", {})
-    differ = [k for k, v in ours["config"].items() if k not in APPEND_MAY_DIFFER and theirs.get(k, v) != v]
+    differ = [k for k, v in ours["config"].items() if k not in APPEND_MAY_DIFFER and theirs.get(k) != v]
     if differ:
         raise SynthError(f"--append: {out} was rendered with other settings ({', '.join(sorted(differ))})")
     with manifest.open(newline="") as handle:
@@ -372,4 +372,5 @@ def _appendable(out: Path, ct: CTVolume, config: SynthConfig) -> dict[str, Any]:
 
 
 def _describe(ct: CTVolume, config: SynthConfig) -> dict[str, Any]:
+    """synth.json's content, in JSON's own types (tuples as lists) so it compares equal to a file read back."""
     return json.loads(json.dumps({"ct": ct.source, "spacing_mm": ct.spacing, "config": asdict(config)}))
