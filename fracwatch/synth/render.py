@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -300,16 +302,21 @@ def render_dataset(
     (out / "images").mkdir(exist_ok=True)
     manifest = out / "manifest.csv"
     description = _appendable(out, ct, config) if append else _describe(ct, config)
-    with manifest.open("a" if append else "w", newline="") as handle:
+    # Rows go to a working copy that replaces the manifest only once every pose is written: an interrupted run
+    # leaves the set as it was (its images are rewritten, identically, by the run repeated).
+    working = out / "manifest.csv.part"
+    if append:
+        shutil.copyfile(manifest, working)
+    with working.open("a" if append else "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_FIELDS)
         if not append:
             writer.writeheader()
         for done, (pose_index, samples) in enumerate(iter_poses(ct, config), start=1):
             for sample in samples:
                 writer.writerow(_write_sample(out, pose_index, sample, config))
-            handle.flush()
             if progress is not None:
                 progress(done)
+    os.replace(working, manifest)
     (out / "synth.json").write_text(json.dumps(description, indent=2))
     return manifest
 

@@ -19,7 +19,7 @@ from fracwatch.cli import cli
 from fracwatch.synth.ct import CTVolume, load_ct
 from fracwatch.synth.fracture import ACROSS_BEAM, simulate_fracture
 from fracwatch.synth.projector import Pose, Projector, paste
-from fracwatch.synth.render import MIN_VISIBILITY, PoseRenderer, SynthConfig, visibility
+from fracwatch.synth.render import MIN_VISIBILITY, PoseRenderer, SynthConfig, render_dataset, visibility
 
 STRUCTURES = {69: "humerus_left", 73: "clavicula_left", 92: "rib_left_1", 93: "rib_left_2", 94: "rib_left_3"}
 
@@ -179,6 +179,28 @@ def test_more_training_poses_append_to_a_set_as_if_rendered_with_it(
     assert refused.exit_code == 1 and "other settings (max_size)" in refused.output
     assert len(list(csv.DictReader((grown / "manifest.csv").open()))) == len(rows)  # nothing written when refused
 
+
+
+def test_an_interrupted_render_leaves_the_set_as_it_was(ct: CTVolume, tmp_path: Path) -> None:
+    config = SynthConfig(poses=2, per_pose=2, min_size=64, max_size=80, seed=3, dicom=False)
+    out = tmp_path / "set"
+    render_dataset(ct, out, config)
+    before = ((out / "manifest.csv").read_bytes(), (out / "synth.json").read_bytes())
+
+    def interrupt(done: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    more = SynthConfig(poses=3, per_pose=2, min_size=64, max_size=80, seed=3, dicom=False, first_pose=2)
+    with pytest.raises(KeyboardInterrupt):
+        render_dataset(ct, out, more, progress=interrupt, append=True)
+    assert ((out / "manifest.csv").read_bytes(), (out / "synth.json").read_bytes()) == before
+    render_dataset(ct, out, more, append=True)  # the same append, repeated, goes through
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert sorted({int(r["pose"]) for r in rows}) == [0, 1, 2, 3, 4] and not (out / "manifest.csv.part").exists()
+    with pytest.raises(KeyboardInterrupt):
+        render_dataset(ct, out, config, progress=interrupt)  # a fresh render over it, interrupted, keeps it too
+    assert len(list(csv.DictReader((out / "manifest.csv").open()))) == len(rows)
 
 def test_the_beam_is_what_one_detector_point_sees() -> None:
     projector = Projector((40, 50, 60), Pose(math.radians(35), math.radians(-8)))
