@@ -507,6 +507,31 @@ def evaluate(
 
 
 @cli.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Folder for the ensemble bundle."
+)
+@click.option("--version", "version", required=True, help="The ensemble's version (its card's).")
+@click.option("--name", help="The ensemble's name (default: the first bundle's).")
+def ensemble(bundles: tuple[Path, ...], out: Path, version: str, name: str | None) -> None:
+    """Combine two or more logit-map BUNDLES (same preprocessing and classes) into one bundle that averages their
+    fracture maps. Then choose its operating points: fracwatch evaluate DATA --model OUT --split val
+    --set-operating-points."""
+    from fracwatch.model.ensemble import combine_bundles
+
+    configure_logging("WARNING")
+    if out.exists() and any(out.iterdir()):
+        _fail(FracwatchError(f"{out} is not empty: the ensemble goes into a new folder"))
+    try:
+        card = combine_bundles(list(bundles), out, version, name)
+    except FracwatchError as exc:
+        _fail(exc)
+    members = ", ".join(f"{m['name']} {m['version']}" for m in card.training["members"])
+    click.echo(f"{card.name} {card.version} ({members}) in {out}; Device UID {card.device_uid}")
+    click.echo("operating points are the first member's: choose the ensemble's with evaluate --set-operating-points")
+
+
+@cli.command()
 @settings_options
 @click.option("--since", help="Scored on or after this date/time (UTC).")
 @click.option("--until", help="Scored before this date/time (UTC).")

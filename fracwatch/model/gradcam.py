@@ -26,8 +26,12 @@ def last_conv_layer(network: torch.nn.Module) -> str:
 def grad_cam(network: torch.nn.Module, inputs: torch.Tensor, target_layer: str | None = None) -> np.ndarray:
     """Heatmaps in [0, 1], shape (N, S, S), for preprocessed inputs (N, 1, S, S), on the CPU in float32.
 
-    Runs with gradients (Grad-CAM needs them), on a copy-free eval-mode network; parameters are not changed.
+    Runs with gradients (Grad-CAM needs them), on a copy-free eval-mode network; parameters are not changed. An
+    ensemble (``members``) is explained by the mean of its members' heatmaps, each for its own logit.
     """
+    members = getattr(network, "members", None)
+    if members is not None and target_layer is None:
+        return np.mean([grad_cam(member, inputs) for member in members], axis=0).astype(np.float32)
     network = network.eval()
     layer = target_layer or last_conv_layer(network)
     cam = GradCAM(nn_module=network, target_layers=layer)

@@ -53,6 +53,37 @@ def _monai_resnet_logit_map(params: dict[str, Any]) -> torch.nn.Module:
     return ResNetLogitMap(outputs=params.pop("outputs", 1), **params)
 
 
+class LogitMapEnsemble(torch.nn.Module):
+    """Logit-map networks of the same input and map stride whose maps are averaged cell by cell: the image's logit
+    is the mean map's maximum, so the members must agree on where a break is for it to count. Members trained
+    apart make different mistakes on detail views (README, "The model"); their mean ranks better than any one."""
+
+    def __init__(self, members: list[torch.nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ArchitectureError("an ensemble needs at least two members")
+        if not all(hasattr(m, "logit_map") for m in members):
+            raise ArchitectureError("ensemble members must be logit-map networks (--arch *-map*)")
+        self.members = torch.nn.ModuleList(members)
+
+    def logit_map(self, x: torch.Tensor) -> torch.Tensor:
+        maps = [member.logit_map(x) for member in self.members]  # type: ignore[operator]
+        if any(m.shape != maps[0].shape for m in maps):
+            raise ArchitectureError(f"ensemble members' maps differ in shape: {[tuple(m.shape) for m in maps]}")
+        return torch.stack(maps).mean(dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.amax(self.logit_map(x), dim=(2, 3))
+
+
+def _logit_map_ensemble(params: dict[str, Any]) -> torch.nn.Module:
+    outputs = {"outputs": params.pop("outputs")} if "outputs" in params else {}
+    members = params.pop("members", None)
+    if not isinstance(members, list) or params:
+        raise ArchitectureError("an ensemble's params are {'members': [{'name': ..., 'params': {...}}, ...]} only")
+    return LogitMapEnsemble([build_network(m["name"], {**m.get("params", {}), **outputs}) for m in members])
+
+
 def _monai_densenet121(params: dict[str, Any]) -> torch.nn.Module:
     return nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=params.pop("outputs", 1), **params)
 
@@ -102,6 +133,7 @@ BUILDERS: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
     "monai.ResNet": _monai_resnet,
     "monai.ResNetMaxPool": _monai_resnet_maxpool,
     "monai.ResNetLogitMap": _monai_resnet_logit_map,
+    "fracwatch.LogitMapEnsemble": _logit_map_ensemble,
     "monai.DenseNet121": _monai_densenet121,
     "monai.EfficientNetBN": _monai_efficientnet,
     "torchvision.resnet18": _torchvision("resnet18"),

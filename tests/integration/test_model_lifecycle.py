@@ -476,6 +476,55 @@ def test_breaks_seen_counts_breaks_the_map_raises_over_their_twin(tmp_path: Path
     assert rows[2]["break_rise_logits"] == ""  # a twin has no break
 
 
+def test_an_ensemble_of_logit_map_bundles_is_a_bundle_that_averages_their_maps(phantoms: Path, tmp_path: Path) -> None:
+    bundles = []
+    for seed, arch in ((1, "tiny-resnet-map16"), (2, "tiny-resnet-map16"), (3, "tiny-resnet")):
+        out = tmp_path / f"m{seed}"
+        args = ["train", str(phantoms), "--out", str(out), *FAST, "--arch", arch, "--seed", str(seed)]
+        assert CliRunner().invoke(cli, args).exit_code == 0
+        bundles.append(out)
+    joined = tmp_path / "ensemble"
+    made = CliRunner().invoke(cli, ["ensemble", str(bundles[0]), str(bundles[1]), "--out", str(joined),
+                                    "--version", "2.0.0"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    ensemble, first, second = (load_bundle(p) for p in (joined, bundles[0], bundles[1]))
+    card = ensemble.card
+    assert card.version == "2.0.0" and card.name == first.card.name and card.device_uid != first.card.device_uid
+    assert [m["device_uid"] for m in card.training["members"]] == [first.card.device_uid, second.card.device_uid]
+    assert card.operating_points == first.card.operating_points and "--set-operating-points" in made.output
+    inputs = torch.rand(3, 1, 64, 64)
+    with torch.inference_mode():
+        by_hand = torch.amax((first.network.logit_map(inputs) + second.network.logit_map(inputs)) / 2, dim=(2, 3))
+        assert torch.allclose(ensemble.network(inputs), by_hand, atol=1e-5)
+        assert not torch.allclose(ensemble.network(inputs), first.network(inputs), atol=1e-3)
+    maps = grad_cam(ensemble.network, inputs)
+    assert maps.shape == (3, 64, 64) and float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0 + 1e-6
+
+    files = [str(phantoms / r["image"]) for r in list(csv.DictReader((phantoms / "manifest.csv").open()))[:2]]
+    predicted = CliRunner().invoke(cli, ["predict", "--model", str(joined), "--json", "--cam", str(tmp_path / "cam"),
+                                         *files])  # fmt: skip
+    assert predicted.exit_code == 0, predicted.output
+    assert all(a["model_version"] == "2.0.0" and Path(a["cam"]).is_file() for a in json.loads(predicted.output))
+    chosen = CliRunner().invoke(cli, ["evaluate", str(phantoms), "--model", str(joined), "--out", str(tmp_path / "v"),
+                                      "--split", "val", "--set-operating-points", "--bootstrap", "100"])  # fmt: skip
+    assert chosen.exit_code == 0, chosen.output
+    assert load_bundle(joined).card.metrics["operating_points_chosen_on"] == "val"
+
+    refusals = {
+        "a plain network": ([bundles[0], bundles[2]], "logit-map"),
+        "one bundle": ([bundles[0]], "at least two"),
+        "an ensemble": ([joined, bundles[1]], "ensemble already"),
+    }
+    for number, (members, reason) in enumerate(refusals.values()):
+        out = tmp_path / f"refused{number}"
+        refused = CliRunner().invoke(cli, ["ensemble", *map(str, members), "--out", str(out), "--version", "1"])
+        assert refused.exit_code == 1 and reason in refused.output and not out.exists(), (reason, refused.output)
+    occupied = CliRunner().invoke(cli, ["ensemble", str(bundles[0]), str(bundles[1]), "--out", str(joined),
+                                        "--version", "3"])  # fmt: skip
+    assert occupied.exit_code == 1 and "not empty" in occupied.output
+    assert load_bundle(joined).card.version == "2.0.0"
+
+
 @pytest.mark.parametrize(
     ("arch", "outputs"), [("tiny-resnet", 1), ("tiny-resnet", 3), ("tiny-resnet-max", 1), ("tiny-resnet-map", 1)]
 )

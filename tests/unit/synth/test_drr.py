@@ -180,7 +180,6 @@ def test_more_training_poses_append_to_a_set_as_if_rendered_with_it(
     assert len(list(csv.DictReader((grown / "manifest.csv").open()))) == len(rows)  # nothing written when refused
 
 
-
 def test_an_interrupted_render_leaves_the_set_as_it_was(ct: CTVolume, tmp_path: Path) -> None:
     config = SynthConfig(poses=2, per_pose=2, min_size=64, max_size=80, seed=3, dicom=False)
     out = tmp_path / "set"
@@ -201,6 +200,7 @@ def test_an_interrupted_render_leaves_the_set_as_it_was(ct: CTVolume, tmp_path: 
     with pytest.raises(KeyboardInterrupt):
         render_dataset(ct, out, config, progress=interrupt)  # a fresh render over it, interrupted, keeps it too
     assert len(list(csv.DictReader((out / "manifest.csv").open()))) == len(rows)
+
 
 def test_the_beam_is_what_one_detector_point_sees() -> None:
     projector = Projector((40, 50, 60), Pose(math.radians(35), math.radians(-8)))
