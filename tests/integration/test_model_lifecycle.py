@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -510,7 +511,13 @@ def test_an_ensemble_of_logit_map_bundles_is_a_bundle_that_averages_their_maps(p
     assert chosen.exit_code == 0, chosen.output
     assert load_bundle(joined).card.metrics["operating_points_chosen_on"] == "val"
 
+    resized = tmp_path / "resized"  # the same weights told to read a 96-px input: not the same input
+    shutil.copytree(bundles[1], resized)
+    resized_card = json.loads((resized / "model.json").read_text())
+    resized_card["preprocessing"]["input_size"] = 96
+    (resized / "model.json").write_text(json.dumps(resized_card))
     refusals = {
+        "other preprocessing": ([bundles[0], resized], "preprocesses otherwise"),
         "a plain network": ([bundles[0], bundles[2]], "logit-map"),
         "one bundle": ([bundles[0]], "at least two"),
         "an ensemble": ([joined, bundles[1]], "ensemble already"),
