@@ -520,15 +520,13 @@ def ensemble(bundles: tuple[Path, ...], out: Path, version: str, name: str | Non
     from fracwatch.model.ensemble import combine_bundles
 
     configure_logging("WARNING")
-    if out.exists() and any(out.iterdir()):
-        _fail(FracwatchError(f"{out} is not empty: the ensemble goes into a new folder"))
     try:
         card = combine_bundles(list(bundles), out, version, name)
     except FracwatchError as exc:
         _fail(exc)
     members = ", ".join(f"{m['name']} {m['version']}" for m in card.training["members"])
     click.echo(f"{card.name} {card.version} ({members}) in {out}; Device UID {card.device_uid}")
-    click.echo("operating points are the first member's: choose the ensemble's with evaluate --set-operating-points")
+    click.echo(card.training["operating_points"])
 
 
 @cli.command()

@@ -36,9 +36,7 @@ POINTS_NOTE = (
 
 
 def _members(paths: Sequence[Path]) -> list[Bundle]:
-    if len(paths) < 2:
-        raise BundleError("an ensemble needs at least two bundles")
-    bundles = [load_bundle(path) for path in paths]
+    bundles = [load_bundle(path) for path in paths]  # how many, and of which kind: LogitMapEnsemble checks
     first = bundles[0].card
     for bundle in bundles:
         card = bundle.card
@@ -58,7 +56,9 @@ def _check_maps(network: LogitMapEnsemble, input_size: int) -> None:
 
 
 def combine_bundles(paths: Sequence[Path], out: Path, version: str, name: str | None = None) -> ModelCard:
-    """Write the ensemble of the bundles at ``paths`` to ``out``; return its card."""
+    """Write the ensemble of the bundles at ``paths`` to ``out`` (a new or empty folder); return its card."""
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"{out} is not empty: the ensemble goes into a new folder")
     bundles = _members(paths)
     first = bundles[0].card
     try:
@@ -81,7 +81,10 @@ def combine_bundles(paths: Sequence[Path], out: Path, version: str, name: str | 
         weights=Weights(sha256="0" * 64),
         created=datetime.now(UTC),
         training={
-            "command": f"fracwatch ensemble {' '.join(str(p) for p in paths)} --out {out} --version {version}",
+            "command": " ".join(
+                ["fracwatch ensemble", *map(str, paths), "--out", str(out), "--version", version]
+                + (["--name", name] if name else [])
+            ),
             "operating_points": POINTS_NOTE,
             "members": [_member_record(b) for b in bundles],
         },

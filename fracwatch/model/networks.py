@@ -55,8 +55,9 @@ def _monai_resnet_logit_map(params: dict[str, Any]) -> torch.nn.Module:
 
 class LogitMapEnsemble(torch.nn.Module):
     """Logit-map networks of the same input and map stride whose maps are averaged cell by cell: the image's logit
-    is the mean map's maximum, so the members must agree on where a break is for it to count. Members trained
-    apart make different mistakes on detail views (README, "The model"); their mean ranks better than any one."""
+    is the mean map's maximum, so the members must agree on where a break is for it to count. Whether the mean
+    ranks better than its members is a question for validation data (README, "The model": on the synth set, not
+    clearly); scoring costs one member's time per member."""
 
     def __init__(self, members: list[torch.nn.Module]) -> None:
         super().__init__()

@@ -486,11 +486,13 @@ def test_an_ensemble_of_logit_map_bundles_is_a_bundle_that_averages_their_maps(p
         bundles.append(out)
     joined = tmp_path / "ensemble"
     made = CliRunner().invoke(cli, ["ensemble", str(bundles[0]), str(bundles[1]), "--out", str(joined),
-                                    "--version", "2.0.0"])  # fmt: skip
+                                    "--version", "2.0.0", "--name", "joint"])  # fmt: skip
     assert made.exit_code == 0, made.output
     ensemble, first, second = (load_bundle(p) for p in (joined, bundles[0], bundles[1]))
     card = ensemble.card
-    assert card.version == "2.0.0" and card.name == first.card.name and card.device_uid != first.card.device_uid
+    assert card.version == "2.0.0" and card.name == "joint" and card.device_uid != first.card.device_uid
+    assert card.training["command"] == (f"fracwatch ensemble {bundles[0]} {bundles[1]} --out {joined} "
+                                        "--version 2.0.0 --name joint")  # fmt: skip
     assert [m["device_uid"] for m in card.training["members"]] == [first.card.device_uid, second.card.device_uid]
     assert card.operating_points == first.card.operating_points and "--set-operating-points" in made.output
     inputs = torch.rand(3, 1, 64, 64)
