@@ -704,6 +704,8 @@ def _missing(path: Path) -> Any:
               help="Render only the poses that fall in these splits (repeatable; default: all).")
 @click.option("--append", is_flag=True,
               help="Add the poses to the set already in --out (same seed and image settings; new poses only).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Render poses in this many processes (one thread each); the output is the same.")
 def synth(
     out: Path,
     ct_path: Path | None,
@@ -720,6 +722,7 @@ def synth(
     first_pose: int,
     splits: tuple[str, ...],
     append: bool,
+    workers: int,
 ) -> None:
     """Render synthetic radiographs (DRRs from a CT with simulated fractures): PNG, manifest.csv, DICOM DX.
 
@@ -751,7 +754,9 @@ def synth(
         else:
             volume = load_ct(ct_path, labels, structures)
             with click.progressbar(length=count, label="rendering poses", file=sys.stderr) as bar:
-                manifest = render_dataset(volume, out, config, progress=lambda n: bar.update(1), append=append)
+                manifest = render_dataset(
+                    volume, out, config, progress=lambda n: bar.update(1), append=append, workers=workers
+                )
     except FracwatchError as exc:
         _fail(exc)
     click.echo(f"wrote {count * per_pose} images ({'appended to' if append else 'manifest'} {manifest})")

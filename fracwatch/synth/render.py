@@ -11,9 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -291,13 +294,18 @@ def render_dataset(
     config: SynthConfig,
     progress: Callable[[int], None] | None = None,
     append: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Render ``config.poses × config.per_pose`` images into ``out``; return the manifest CSV's path.
 
     ``append`` adds the poses to an existing set rendered with the same seed and image settings (more training
     poses beside a fixed validation and test split): its rows go after the manifest's, its configuration into
-    ``synth.json``'s ``appended`` list; a pose already in the manifest is refused.
+    ``synth.json``'s ``appended`` list; a pose already in the manifest is refused. ``workers`` > 1 renders poses
+    in that many processes; the files and manifest are the same as one process writes (a pose's images depend on
+    the seed and its index only, and rows are written in pose order).
     """
+    if workers < 1:
+        raise SynthError(f"workers must be at least 1, not {workers}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     manifest = out / "manifest.csv"
@@ -311,14 +319,53 @@ def render_dataset(
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_FIELDS)
         if not append:
             writer.writeheader()
-        for done, (pose_index, samples) in enumerate(iter_poses(ct, config), start=1):
-            for sample in samples:
-                writer.writerow(_write_sample(out, pose_index, sample, config))
-            if progress is not None:
-                progress(done)
+        with _pose_writer(ct, out, config, workers) as write_pose:
+            for done, rows in enumerate(write_pose(rendered_poses(config)), start=1):
+                writer.writerows(rows)
+                if progress is not None:
+                    progress(done)
     os.replace(working, manifest)
     (out / "synth.json").write_text(json.dumps(description, indent=2))
     return manifest
+
+
+PoseWriter = Callable[[list[int]], Iterator[list[dict[str, object]]]]
+
+
+@contextmanager
+def _pose_writer(ct: CTVolume, out: Path, config: SynthConfig, workers: int) -> Iterator[PoseWriter]:
+    """A function that renders and writes the given poses, yielding each pose's manifest rows in pose order: in
+    this process, or in ``workers`` spawned processes (fork is unsafe once torch has started its threads) that
+    each receive the CT once and render with one thread."""
+    if workers == 1:
+        yield lambda poses: (_write_pose(ct, out, config, pose) for pose in poses)
+        return
+    context = multiprocessing.get_context("spawn")
+    arguments = (ct, out, config)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=arguments) as pool:
+        try:
+            yield lambda poses: pool.map(_worker_pose, poses)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(ct: CTVolume, out: Path, config: SynthConfig) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(ct=ct, out=out, config=config)
+
+
+def _worker_pose(pose_index: int) -> list[dict[str, object]]:
+    return _write_pose(_WORKER["ct"], _WORKER["out"], _WORKER["config"], pose_index)
+
+
+def _write_pose(ct: CTVolume, out: Path, config: SynthConfig, pose_index: int) -> list[dict[str, object]]:
+    """Render one pose's images, write their files, return their manifest rows."""
+    renderer = PoseRenderer(ct, pose_index, config)
+    return [_write_sample(out, pose_index, renderer.render(i), config) for i in range(config.per_pose)]
 
 
 def _write_sample(out: Path, pose_index: int, sample: Sample, config: SynthConfig) -> dict[str, object]:
@@ -339,13 +386,6 @@ def rendered_poses(config: SynthConfig) -> list[int]:
     """The pose indices ``config`` renders: its range, less the poses of splits it leaves out."""
     span = range(config.first_pose, config.first_pose + config.poses)
     return [pose for pose in span if split_of(pose, config) in config.splits]
-
-
-def iter_poses(ct: CTVolume, config: SynthConfig) -> Iterator[tuple[int, list[Sample]]]:
-    """Each rendered pose's index and samples in turn."""
-    for pose_index in rendered_poses(config):
-        renderer = PoseRenderer(ct, pose_index, config)
-        yield pose_index, [renderer.render(i) for i in range(config.per_pose)]
 
 
 # what an appended render may change; everything else must match the set it joins

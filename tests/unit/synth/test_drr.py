@@ -16,7 +16,7 @@ from PIL import Image
 from pydicom import dcmread
 
 from fracwatch.cli import cli
-from fracwatch.synth.ct import CTVolume, load_ct
+from fracwatch.synth.ct import CTVolume, SynthError, load_ct
 from fracwatch.synth.fracture import ACROSS_BEAM, simulate_fracture
 from fracwatch.synth.projector import Pose, Projector, paste
 from fracwatch.synth.render import MIN_VISIBILITY, PoseRenderer, SynthConfig, render_dataset, visibility
@@ -200,6 +200,27 @@ def test_an_interrupted_render_leaves_the_set_as_it_was(ct: CTVolume, tmp_path: 
     with pytest.raises(KeyboardInterrupt):
         render_dataset(ct, out, config, progress=interrupt)  # a fresh render over it, interrupted, keeps it too
     assert len(list(csv.DictReader((out / "manifest.csv").open()))) == len(rows)
+
+
+def test_rendering_in_worker_processes_writes_the_same_set(ct: CTVolume, tmp_path: Path) -> None:
+    config = SynthConfig(poses=3, per_pose=2, min_size=64, max_size=80, seed=5, dicom=False)
+    alone = render_dataset(ct, tmp_path / "one", config)
+    together = render_dataset(ct, tmp_path / "two", config, workers=2)
+    assert alone.read_bytes() == together.read_bytes()
+    rows = list(csv.DictReader(alone.open()))
+    assert [int(r["pose"]) for r in rows] == [0, 0, 1, 1, 2, 2]
+    for row in rows:
+        assert (tmp_path / "one" / row["image"]).read_bytes() == (tmp_path / "two" / row["image"]).read_bytes()
+    with pytest.raises(SynthError, match="at least 1"):
+        render_dataset(ct, tmp_path / "none", config, workers=0)
+
+    def interrupt(done: int) -> None:
+        raise KeyboardInterrupt
+
+    more = SynthConfig(poses=4, per_pose=2, min_size=64, max_size=80, seed=5, dicom=False, first_pose=3)
+    with pytest.raises(KeyboardInterrupt):  # the pool stops and the set stays as it was
+        render_dataset(ct, tmp_path / "two", more, progress=interrupt, append=True, workers=2)
+    assert together.read_bytes() == alone.read_bytes()
 
 
 def test_the_beam_is_what_one_detector_point_sees() -> None:
