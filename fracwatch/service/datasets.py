@@ -153,12 +153,16 @@ def input_spacing_band(item: Item, size: int) -> str:
     as a band — "" where the item has no spacing (not a synth manifest) or its image cannot be read."""
     try:
         spacing = float(item.meta.get("pixel_spacing_mm", ""))
-        with Image.open(item.path) as picture:  # reads the header only
-            longest = max(picture.size)
+        longest = max(item.size) if item.size is not None else _longest_side(item.path)
     except (ValueError, OSError):
         return ""
     mm = spacing * longest / size
     return next((band for band, upper in SPACING_BANDS if mm < upper), SPACING_BANDS[-1][0])
+
+
+def _longest_side(path: Path) -> int:
+    with Image.open(path) as picture:  # reads the header only
+        return max(picture.size)
 
 
 def input_boxes(items: Sequence[Item], size: int) -> torch.Tensor:

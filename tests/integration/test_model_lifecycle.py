@@ -398,6 +398,8 @@ def test_twins_train_side_by_side_under_one_augmentation(tmp_path: Path) -> None
     side = max(Image.open(sized.path).size)
     assert input_spacing_band(sized, side) == "0.4-0.8 mm" and input_spacing_band(sized, side // 2) == "≥ 0.8 mm"
     assert input_spacing_band(sized, side * 4) == SPACING_BANDS[0][0] and input_spacing_band(items[0], side) == ""
+    known = replace(sized, path=Path("not-read.png"), size=(2 * side, 10))  # a boxed item's size is known already
+    assert input_spacing_band(known, side) == "≥ 0.8 mm"
 
     # each epoch's order keeps a pair's images next to each other
     for seed in range(4):
