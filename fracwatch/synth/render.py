@@ -309,6 +309,7 @@ def render_dataset(
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     manifest = out / "manifest.csv"
+    _finish_pending(out)
     description = _appendable(out, ct, config) if append else _describe(ct, config)
     # Rows go to a working copy that replaces the manifest only once every pose is written: an interrupted run
     # leaves the set as it was (its images are rewritten, identically, by the run repeated).
@@ -324,9 +325,33 @@ def render_dataset(
                 writer.writerows(rows)
                 if progress is not None:
                     progress(done)
+    pending = out / "synth.json.part"  # written first: the manifest and its description are replaced together
+    pending.write_text(json.dumps(description, indent=2))
     os.replace(working, manifest)
-    (out / "synth.json").write_text(json.dumps(description, indent=2))
+    os.replace(pending, out / "synth.json")
     return manifest
+
+
+def _finish_pending(out: Path) -> None:
+    """Complete a run stopped between replacing the manifest and its description: ``synth.json.part`` becomes
+    ``synth.json`` when the manifest holds exactly the poses it describes, and is dropped otherwise (the run that
+    wrote it never replaced the manifest)."""
+    pending, manifest = out / "synth.json.part", out / "manifest.csv"
+    if not pending.is_file():
+        return
+    try:
+        described = json.loads(pending.read_text())
+        configs = [described["config"], *described.get("appended", [])]
+        poses = {pose for c in configs for pose in rendered_poses(SynthConfig(**c))}
+    except (ValueError, KeyError, TypeError):  # not a description this version wrote
+        pending.unlink()
+        return
+    if manifest.is_file():
+        with manifest.open(newline="") as handle:
+            if {int(row["pose"]) for row in csv.DictReader(handle)} == poses:
+                os.replace(pending, out / "synth.json")
+                return
+    pending.unlink()
 
 
 PoseWriter = Callable[[list[int]], Iterator[list[dict[str, object]]]]

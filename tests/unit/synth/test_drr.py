@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+from dataclasses import asdict
+from dataclasses import replace as replace_config
 from pathlib import Path
 
 import nibabel as nib
@@ -200,6 +203,35 @@ def test_an_interrupted_render_leaves_the_set_as_it_was(ct: CTVolume, tmp_path: 
     with pytest.raises(KeyboardInterrupt):
         render_dataset(ct, out, config, progress=interrupt)  # a fresh render over it, interrupted, keeps it too
     assert len(list(csv.DictReader((out / "manifest.csv").open()))) == len(rows)
+
+
+def test_a_run_stopped_between_manifest_and_description_is_completed(
+    ct: CTVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = SynthConfig(poses=2, per_pose=2, min_size=64, max_size=80, seed=3, dicom=False)
+    out = tmp_path / "set"
+    render_dataset(ct, out, config)
+    replace = os.replace
+
+    def stop_before_description(source: Path, target: Path) -> None:
+        if Path(target).name == "synth.json":
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    more = SynthConfig(poses=2, per_pose=2, min_size=64, max_size=80, seed=3, dicom=False, first_pose=2)
+    monkeypatch.setattr("fracwatch.synth.render.os.replace", stop_before_description)
+    with pytest.raises(KeyboardInterrupt):
+        render_dataset(ct, out, more, append=True)
+    monkeypatch.setattr("fracwatch.synth.render.os.replace", replace)
+    assert "appended" not in json.loads((out / "synth.json").read_text()) and (out / "synth.json.part").is_file()
+    with pytest.raises(SynthError, match="already in"):  # the next run completes the description first
+        render_dataset(ct, out, more, append=True)
+    assert json.loads((out / "synth.json").read_text())["appended"][0]["first_pose"] == 2
+    assert not (out / "synth.json.part").exists()
+    (out / "synth.json.part").write_text(json.dumps({"config": asdict(config)}))  # describes fewer poses: dropped
+    render_dataset(ct, out, replace_config(more, first_pose=4), append=True)
+    described = json.loads((out / "synth.json").read_text())
+    assert [c["first_pose"] for c in described["appended"]] == [2, 4] and not (out / "synth.json.part").exists()
 
 
 def test_rendering_in_worker_processes_writes_the_same_set(ct: CTVolume, tmp_path: Path) -> None:
