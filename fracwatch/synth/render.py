@@ -320,8 +320,8 @@ def render_dataset(
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_FIELDS)
         if not append:
             writer.writeheader()
-        with _pose_writer(ct, out, config, workers) as write_pose:
-            for done, rows in enumerate(write_pose(rendered_poses(config)), start=1):
+        with _written_poses(ct, out, config, workers) as rows_by_pose:
+            for done, rows in enumerate(rows_by_pose, start=1):
                 writer.writerows(rows)
                 if progress is not None:
                     progress(done)
@@ -333,43 +333,34 @@ def render_dataset(
 
 
 def _finish_pending(out: Path) -> None:
-    """Complete a run stopped between replacing the manifest and its description: ``synth.json.part`` becomes
-    ``synth.json`` when the manifest holds exactly the poses it describes, and is dropped otherwise (the run that
-    wrote it never replaced the manifest)."""
-    pending, manifest = out / "synth.json.part", out / "manifest.csv"
+    """Complete a run stopped between replacing the manifest and its description. The working manifest is gone
+    only once it has replaced the manifest, so a ``synth.json.part`` without it is the manifest's description
+    (kept), and one beside it belongs to a run that never replaced the manifest (dropped)."""
+    pending = out / "synth.json.part"
     if not pending.is_file():
         return
-    try:
-        described = json.loads(pending.read_text())
-        configs = [described["config"], *described.get("appended", [])]
-        poses = {pose for c in configs for pose in rendered_poses(SynthConfig(**c))}
-    except (ValueError, KeyError, TypeError):  # not a description this version wrote
+    if (out / "manifest.csv.part").exists():
         pending.unlink()
-        return
-    if manifest.is_file():
-        with manifest.open(newline="") as handle:
-            if {int(row["pose"]) for row in csv.DictReader(handle)} == poses:
-                os.replace(pending, out / "synth.json")
-                return
-    pending.unlink()
-
-
-PoseWriter = Callable[[list[int]], Iterator[list[dict[str, object]]]]
+    else:
+        os.replace(pending, out / "synth.json")
 
 
 @contextmanager
-def _pose_writer(ct: CTVolume, out: Path, config: SynthConfig, workers: int) -> Iterator[PoseWriter]:
-    """A function that renders and writes the given poses, yielding each pose's manifest rows in pose order: in
-    this process, or in ``workers`` spawned processes (fork is unsafe once torch has started its threads) that
-    each receive the CT once and render with one thread."""
+def _written_poses(
+    ct: CTVolume, out: Path, config: SynthConfig, workers: int
+) -> Iterator[Iterator[list[dict[str, object]]]]:
+    """Each rendered pose's manifest rows in pose order, its files written: in this process, or in ``workers``
+    spawned processes (fork is unsafe once torch has started its threads) that each receive the CT once and
+    render with one thread; leaving the block early stops the pool."""
+    poses = rendered_poses(config)
     if workers == 1:
-        yield lambda poses: (_write_pose(ct, out, config, pose) for pose in poses)
+        yield (_write_pose(ct, out, config, pose) for pose in poses)
         return
     context = multiprocessing.get_context("spawn")
     arguments = (ct, out, config)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=arguments) as pool:
         try:
-            yield lambda poses: pool.map(_worker_pose, poses)
+            yield pool.map(_worker_pose, poses)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import multiprocessing
 import os
-from dataclasses import asdict
+from collections.abc import Callable
 from dataclasses import replace as replace_config
 from pathlib import Path
 
@@ -213,22 +214,30 @@ def test_a_run_stopped_between_manifest_and_description_is_completed(
     render_dataset(ct, out, config)
     replace = os.replace
 
-    def stop_before_description(source: Path, target: Path) -> None:
-        if Path(target).name == "synth.json":
-            raise KeyboardInterrupt
-        replace(source, target)
+    def stop_before(name: str) -> Callable[[Path, Path], None]:
+        def replacing(source: Path, target: Path) -> None:
+            if Path(target).name == name:
+                raise KeyboardInterrupt
+            replace(source, target)
 
+        return replacing
+
+    before = ((out / "manifest.csv").read_bytes(), (out / "synth.json").read_bytes())
     more = SynthConfig(poses=2, per_pose=2, min_size=64, max_size=80, seed=3, dicom=False, first_pose=2)
-    monkeypatch.setattr("fracwatch.synth.render.os.replace", stop_before_description)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr("fracwatch.synth.render.os.replace", stop_before("manifest.csv"))
+    with pytest.raises(KeyboardInterrupt):  # stopped with the description written, the manifest not replaced
+        render_dataset(ct, out, more, append=True)
+    assert (out / "synth.json.part").is_file() and (out / "manifest.csv.part").is_file()
+    monkeypatch.setattr("fracwatch.synth.render.os.replace", stop_before("synth.json"))
+    with pytest.raises(KeyboardInterrupt):  # the next run drops that description; this one stops after the manifest
         render_dataset(ct, out, more, append=True)
     monkeypatch.setattr("fracwatch.synth.render.os.replace", replace)
+    assert (out / "synth.json").read_bytes() == before[1] and (out / "manifest.csv").read_bytes() != before[0]
     assert "appended" not in json.loads((out / "synth.json").read_text()) and (out / "synth.json.part").is_file()
     with pytest.raises(SynthError, match="already in"):  # the next run completes the description first
         render_dataset(ct, out, more, append=True)
     assert json.loads((out / "synth.json").read_text())["appended"][0]["first_pose"] == 2
     assert not (out / "synth.json.part").exists()
-    (out / "synth.json.part").write_text(json.dumps({"config": asdict(config)}))  # describes fewer poses: dropped
     render_dataset(ct, out, replace_config(more, first_pose=4), append=True)
     described = json.loads((out / "synth.json").read_text())
     assert [c["first_pose"] for c in described["appended"]] == [2, 4] and not (out / "synth.json.part").exists()
@@ -252,7 +261,7 @@ def test_rendering_in_worker_processes_writes_the_same_set(ct: CTVolume, tmp_pat
     more = SynthConfig(poses=4, per_pose=2, min_size=64, max_size=80, seed=5, dicom=False, first_pose=3)
     with pytest.raises(KeyboardInterrupt):  # the pool stops and the set stays as it was
         render_dataset(ct, tmp_path / "two", more, progress=interrupt, append=True, workers=2)
-    assert together.read_bytes() == alone.read_bytes()
+    assert together.read_bytes() == alone.read_bytes() and not multiprocessing.active_children()
 
 
 def test_the_beam_is_what_one_detector_point_sees() -> None:
