@@ -252,6 +252,17 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float) 
     click.echo(f"C-ECHO {called_ae}@{host}:{port}: success")
 
 
+# train and evaluate: the images are decoded and preprocessed before any training or scoring starts
+LOAD_WORKERS = click.option(
+    "--workers",
+    "load_workers",
+    type=click.IntRange(0, 64),
+    default=0,
+    show_default=True,
+    help="Processes that decode and preprocess the images (0: this one); the same tensors either way.",
+)
+
+
 def _progress_printer() -> Callable[[str, int, int], None]:
     """A progress line per stage on stderr (a bar when stderr is a terminal)."""
     state: dict[str, Any] = {"stage": None, "bar": None}
@@ -321,6 +332,7 @@ def _progress_printer() -> Callable[[str, int, int], None]:
 @click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--version", "model_version", default="0.1.0", show_default=True, help="Model version for the card.")
+@LOAD_WORKERS
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def train(
     dataset: Path | None,
@@ -348,6 +360,7 @@ def train(
     seed: int,
     model_version: str,
     device: str,
+    load_workers: int,
 ) -> None:
     """Train a model on DATASET (synth folder, class folders, CSV, or DICOM + --labels) or --phantom; write a
     bundle (weights + model card filled from the run)."""
@@ -406,6 +419,7 @@ def train(
                 model_version,
                 resume=resume,
                 command=command,
+                load_workers=load_workers,
             )
             card = train_from_dataset(request, _progress_printer())
     except (FracwatchError, ValueError) as exc:
@@ -448,6 +462,7 @@ def train(
 @click.option("--record-in-card", is_flag=True, help="Store the evaluation summary in the bundle's model card.")
 @click.option("--bootstrap", type=click.IntRange(100, 100000), default=1000, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@LOAD_WORKERS
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def evaluate(
     dataset: Path,
@@ -462,6 +477,7 @@ def evaluate(
     record_in_card: bool,
     bootstrap: int,
     device: str,
+    load_workers: int,
     as_json: bool,
 ) -> None:
     """Evaluate a bundle on a labelled DATASET: AUROC with a bootstrap CI, sensitivity/specificity at both
@@ -482,6 +498,7 @@ def evaluate(
         positive_specificity,
         bootstrap,
         device,
+        load_workers,
     )
     try:
         report = evaluate_bundle(request, _progress_printer())

@@ -286,18 +286,44 @@ def assign_splits(items: Sequence[Item], val_fraction: float, seed: int) -> list
     return out
 
 
+class _Preprocessed(torch.utils.data.Dataset[tuple[torch.Tensor | None, str]]):
+    """Items through the daemon's pipeline, one by one: (the first frame's input or None, the error or "")."""
+
+    def __init__(self, items: Sequence[Item], config: PreprocessConfig) -> None:
+        self.items, self.config = items, config
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str]:
+        loaded = load_file(self.items[index].path, self.config)
+        if loaded.error is not None or not loaded.inputs:
+            return None, loaded.error or "no image"
+        return loaded.inputs[0].to(torch.float16), ""
+
+
 def load_tensors(
     items: Sequence[Item],
     config: PreprocessConfig,
     progress: Callable[[int], None] | None = None,
+    workers: int = 0,
 ) -> torch.Tensor:
-    """Preprocessed (N, 1, S, S) float16 tensors, first frame of each image, through the daemon's pipeline."""
+    """Preprocessed (N, 1, S, S) float16 tensors, first frame of each image, through the daemon's pipeline —
+    in this process, or decoded by ``workers`` DataLoader processes (one thread each; the same tensors, in order).
+    An unreadable image stops the load with a ``DatasetError`` naming its file."""
+    if workers < 0:
+        raise DatasetError(f"workers must be 0 (this process) or more, not {workers}")
     images = torch.empty((len(items), 1, config.input_size, config.input_size), dtype=torch.float16)
-    for index, item in enumerate(items):
-        loaded = load_file(item.path, config)
-        if loaded.error is not None or not loaded.inputs:
-            raise DatasetError(f"{item.path}: {loaded.error or 'no image'}")
-        images[index] = loaded.inputs[0].to(torch.float16)
+    loader = torch.utils.data.DataLoader(
+        _Preprocessed(items, config), batch_size=16, num_workers=workers, collate_fn=list
+    )
+    done = 0
+    for batch in loader:
+        for image, error in batch:
+            if image is None:
+                raise DatasetError(f"{items[done].path}: {error}")
+            images[done] = image
+            done += 1
         if progress is not None:
-            progress(index + 1)
+            progress(done)
     return images

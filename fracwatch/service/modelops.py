@@ -76,6 +76,7 @@ class TrainRequest:
     name: str | None = None
     resume: bool = False
     command: str = ""  # the command line that reproduces the run, for the model card
+    load_workers: int = 0  # processes that decode and preprocess the images (0: this process)
 
 
 def _classes(items: Sequence[Item], task: str) -> tuple[str, ...]:
@@ -94,8 +95,12 @@ def _targets(items: Sequence[Item], classes: tuple[str, ...]) -> torch.Tensor:
     return torch.tensor([index.get(i.class_name, 0) if i.label == 1 else 0 for i in items], dtype=torch.long)
 
 
-def _load(items: Sequence[Item], config: PreprocessConfig, progress: Progress | None, stage: str) -> torch.Tensor:
-    return load_tensors(items, config, progress=(lambda n: progress(stage, n, len(items))) if progress else None)
+def _load(
+    items: Sequence[Item], config: PreprocessConfig, progress: Progress | None, stage: str, workers: int
+) -> torch.Tensor:
+    return load_tensors(
+        items, config, progress=(lambda n: progress(stage, n, len(items))) if progress else None, workers=workers
+    )
 
 
 def _boxes(items: Sequence[Item], size: int) -> torch.Tensor | None:
@@ -175,8 +180,8 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
         if len({i.label for i in part}) < 2:
             raise DatasetError(f"the {name} split needs fractured and non-fractured images")
     preprocess = PreprocessConfig(input_size=config.input_size)
-    train_images = _load(train_items, preprocess, progress, "loading training images")
-    val_images = _load(val_items, preprocess, progress, "loading validation images")
+    train_images = _load(train_items, preprocess, progress, "loading training images", request.load_workers)
+    val_images = _load(val_items, preprocess, progress, "loading validation images", request.load_workers)
     train_targets, val_targets = _targets(train_items, classes), _targets(val_items, classes)
     boxes = _boxes(train_items + val_items, config.input_size)
     request.out.mkdir(parents=True, exist_ok=True)
@@ -263,6 +268,7 @@ class EvaluateRequest:
     positive_specificity: float = 0.95
     bootstrap: int = 1000
     device: str = "auto"
+    load_workers: int = 0  # processes that decode and preprocess the images (0: this process)
 
 
 def _binary_summary(labels: np.ndarray, probabilities: np.ndarray, card: ModelCard, resamples: int) -> dict[str, Any]:
@@ -431,6 +437,7 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
         items,
         bundle.preprocess_config,
         progress=(lambda n: progress("scoring", n, len(items))) if progress else None,
+        workers=request.load_workers,
     )
     device = torch.device("cuda" if request.device != "cpu" and torch.cuda.is_available() else "cpu")
     classes, probabilities = class_probabilities(bundle.network.to(device), images, device)

@@ -32,12 +32,14 @@ from fracwatch.model.training import (
     phases,
     train_network,
 )
+from fracwatch.pipeline.transforms import PreprocessConfig
 from fracwatch.service.datasets import (
     SPACING_BANDS,
     DatasetError,
     Item,
     input_boxes,
     input_spacing_band,
+    load_tensors,
     read_dataset,
     twin_partners,
 )
@@ -169,9 +171,35 @@ def test_every_dataset_layout_loads(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="do not exist"):
         read_dataset(gone)
 
-    trained = CliRunner().invoke(cli, ["train", str(kaggle), "--out", str(tmp_path / "m"), *FAST])
+    trained = CliRunner().invoke(cli, ["train", str(kaggle), "--out", str(tmp_path / "m"), *FAST, "--workers", "2"])
     assert trained.exit_code == 0, trained.output  # the Kaggle train/val folders are used as given
     assert load_bundle(tmp_path / "m").card.metrics["validation_size"] == 2
+
+
+def test_images_load_the_same_in_worker_processes(phantoms: Path, tmp_path: Path) -> None:
+    items = read_dataset(phantoms)[:40]
+    config = PreprocessConfig(input_size=64)
+    seen: list[int] = []
+    alone = load_tensors(items, config)
+    together = load_tensors(items, config, progress=seen.append, workers=2)
+    assert together.shape == (40, 1, 64, 64) and together.dtype == torch.float16
+    assert torch.equal(alone, together) and seen[-1] == 40 and seen == sorted(seen)
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    with pytest.raises(DatasetError, match=r"broken\.png"):
+        load_tensors([*items[:20], replace(items[0], path=broken), *items[20:]], config, workers=2)
+    with pytest.raises(DatasetError, match="workers"):
+        load_tensors(items, config, workers=-1)
+
+    reports = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"eval-{workers}"
+        command = ["evaluate", str(phantoms), "--model", "models/fracwatch-phantom", "--out", str(out)]
+        evaluated = CliRunner().invoke(cli, [*command, "--bootstrap", "100", "--workers", workers])
+        assert evaluated.exit_code == 0, evaluated.output
+        reports.append(json.loads((out / "report.json").read_text()))
+    assert reports[0]["auroc"] == reports[1]["auroc"] and reports[0]["images"] == reports[1]["images"] > 0
 
 
 def test_cross_validation_resume_and_transfer(phantoms: Path, tmp_path: Path) -> None:
