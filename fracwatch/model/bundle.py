@@ -93,6 +93,21 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def weights_provenance(path: Path) -> dict[str, str]:
+    """Where a run's initial weights came from, for its model card: the file and its sha256 and, when the file is
+    a bundle's own verified weights, that bundle's name, version and Device UID (a fine-tuned model's lineage)."""
+    record = {"file": str(path), "sha256": sha256_of(path)}
+    if not (path.parent / CARD_NAME).is_file():
+        return record
+    try:
+        card = read_card(path.parent)
+    except BundleError:
+        return record
+    if card.weights.file == path.name and card.weights.sha256 == record["sha256"]:
+        record |= {"bundle": card.name, "version": card.version, "device_uid": card.device_uid}
+    return record
+
+
 class Bundle:
     """A loaded, verified bundle: the card and the network in eval mode on the CPU."""
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fracwatch.model import plots
-from fracwatch.model.bundle import CARD_NAME, Bundle, ModelCard, load_bundle, save_bundle
+from fracwatch.model.bundle import CARD_NAME, Bundle, ModelCard, load_bundle, save_bundle, weights_provenance
 from fracwatch.model.metrics import (
     at_threshold,
     auroc,
@@ -225,6 +225,8 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
         "seed": config.seed,
         "task": request.task,
     }
+    if config.init_weights:
+        training["initial_weights"] = weights_provenance(Path(config.init_weights))
     if cv is not None:
         training["cross_validation"] = cv
     synthetic = (request.source / "synth.json").is_file()

@@ -17,7 +17,7 @@ from PIL import Image
 
 from fracwatch.cli import cli
 from fracwatch.model import training
-from fracwatch.model.bundle import load_bundle
+from fracwatch.model.bundle import load_bundle, sha256_of
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom, to_stored
@@ -217,6 +217,17 @@ def test_cross_validation_resume_and_transfer(phantoms: Path, tmp_path: Path) ->
     transfer = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "t"), *FAST,
                                         "--init-weights", str(weights)])  # fmt: skip
     assert transfer.exit_code == 0, transfer.output
+    assert load_bundle(tmp_path / "t").card.training["initial_weights"] == {"file": str(weights),
+                                                                             "sha256": sha256_of(weights)}  # fmt: skip
+    # from a bundle's own weights file: the card names the bundle it was fine-tuned from
+    tuned = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "t2"), *FAST,
+                                     "--init-weights", str(model / "weights.pt")])  # fmt: skip
+    assert tuned.exit_code == 0, tuned.output
+    parent = load_bundle(model).card
+    lineage = load_bundle(tmp_path / "t2").card.training["initial_weights"]
+    assert (lineage["bundle"], lineage["version"], lineage["device_uid"]) == (parent.name, parent.version,
+                                                                              parent.device_uid)  # fmt: skip
+    assert lineage["sha256"] == parent.weights.sha256
     wrong = tmp_path / "wrong.pt"
     torch.save({"nothing": torch.zeros(3)}, wrong)
     refused = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "w"), *FAST,
