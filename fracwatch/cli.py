@@ -306,7 +306,11 @@ def _progress_printer() -> Callable[[str, int, int], None]:
 @click.option("--patience", type=click.IntRange(1, 1000), default=6, show_default=True, help="Early stopping.")
 @click.option("--folds", type=click.IntRange(1, 20), default=1, show_default=True, help="K-fold cross-validation.")
 @click.option("--val-fraction", type=click.FloatRange(0.05, 0.5), default=0.15, show_default=True)
-@click.option("--init-weights", type=click.Path(path_type=Path, dir_okay=False), help="Local state dict to start from.")
+@click.option(
+    "--init-weights",
+    type=click.Path(path_type=Path, exists=True),
+    help="Local state dict, or a model bundle folder (its verified weights), to start from.",
+)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--no-augment", is_flag=True, help="Train without augmentation.")
 @click.option(

@@ -96,6 +96,7 @@ def sha256_of(path: Path) -> str:
 def weights_provenance(path: Path) -> dict[str, str]:
     """Where a run's initial weights came from, for its model card: the file and its sha256 and, when the file is
     a bundle's own verified weights, that bundle's name, version and Device UID (a fine-tuned model's lineage)."""
+    path = initial_weights_file(path)
     record = {"file": str(path), "sha256": sha256_of(path)}
     if not (path.parent / CARD_NAME).is_file():
         return record
@@ -146,8 +147,9 @@ def read_card(path: Path) -> ModelCard:
         raise BundleError(f"{card_path} is incomplete or invalid: {problems}") from exc
 
 
-def load_bundle(path: Path) -> Bundle:
-    """Load and verify the bundle at ``path``; raises :class:`BundleError` with the reason."""
+def verified_weights(path: Path) -> tuple[ModelCard, Path]:
+    """The card of the bundle at ``path`` and its weights file, whose sha256 matches the card's; raises
+    :class:`BundleError` with the reason."""
     card = read_card(path)
     weights = path / card.weights.file
     if not weights.is_file():
@@ -158,6 +160,17 @@ def load_bundle(path: Path) -> Bundle:
             f"weights {weights.name} do not match the model card (sha256 {actual[:12]}…, card says "
             f"{card.weights.sha256[:12]}…): refusing a mismatched bundle"
         )
+    return card, weights
+
+
+def initial_weights_file(path: Path) -> Path:
+    """``--init-weights``: a state dict file as given, or a bundle folder's own verified weights file."""
+    return verified_weights(path)[1] if path.is_dir() else path
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Load and verify the bundle at ``path``; raises :class:`BundleError` with the reason."""
+    card, weights = verified_weights(path)
     network = build_network(card.architecture.name, card.architecture.params)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)

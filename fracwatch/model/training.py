@@ -26,6 +26,7 @@ from fracwatch.model.bundle import (
     OperatingPoints,
     Preprocessing,
     Weights,
+    initial_weights_file,
     new_device_uid,
     save_bundle,
 )
@@ -233,7 +234,9 @@ def class_probabilities(
 
 
 def load_initial_weights(network: torch.nn.Module, path: Path) -> int:
-    """Copy every tensor of a local state dict whose name and shape fit (the head may differ); return how many."""
+    """Copy every tensor of a local state dict (a file, or a bundle folder's verified weights) whose name and shape
+    fit (the head may differ); return how many."""
+    path = initial_weights_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

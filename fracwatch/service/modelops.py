@@ -167,6 +167,8 @@ def cross_validate(
 
 def train_from_dataset(request: TrainRequest, progress: Progress | None = None) -> ModelCard:
     """Read the data set, optionally cross-validate, train on its train split, write the bundle."""
+    # a bundle's weights are verified before minutes go into loading images
+    initial = weights_provenance(Path(request.config.init_weights)) if request.config.init_weights else None
     items = assign_splits(
         read_dataset(request.source, request.layout, request.labels_csv), request.val_fraction, request.config.seed
     )
@@ -225,8 +227,8 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
         "seed": config.seed,
         "task": request.task,
     }
-    if config.init_weights:
-        training["initial_weights"] = weights_provenance(Path(config.init_weights))
+    if initial is not None:
+        training["initial_weights"] = initial
     if cv is not None:
         training["cross_validation"] = cv
     synthetic = (request.source / "synth.json").is_file()

@@ -219,15 +219,22 @@ def test_cross_validation_resume_and_transfer(phantoms: Path, tmp_path: Path) ->
     assert transfer.exit_code == 0, transfer.output
     assert load_bundle(tmp_path / "t").card.training["initial_weights"] == {"file": str(weights),
                                                                              "sha256": sha256_of(weights)}  # fmt: skip
-    # from a bundle's own weights file: the card names the bundle it was fine-tuned from
-    tuned = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "t2"), *FAST,
-                                     "--init-weights", str(model / "weights.pt")])  # fmt: skip
-    assert tuned.exit_code == 0, tuned.output
+    # from a bundle (its folder or its own weights file): the card names the bundle it was fine-tuned from
     parent = load_bundle(model).card
-    lineage = load_bundle(tmp_path / "t2").card.training["initial_weights"]
-    assert (lineage["bundle"], lineage["version"], lineage["device_uid"]) == (parent.name, parent.version,
-                                                                              parent.device_uid)  # fmt: skip
-    assert lineage["sha256"] == parent.weights.sha256
+    for n, start in enumerate((model, model / "weights.pt")):
+        tuned = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / f"t{n}"), *FAST,
+                                         "--init-weights", str(start)])  # fmt: skip
+        assert tuned.exit_code == 0, tuned.output
+        lineage = load_bundle(tmp_path / f"t{n}").card.training["initial_weights"]
+        assert lineage == {"file": str(model / "weights.pt"), "sha256": parent.weights.sha256, "bundle": parent.name,
+                           "version": parent.version, "device_uid": parent.device_uid}  # fmt: skip
+    tampered = tmp_path / "tampered"
+    shutil.copytree(model, tampered)
+    (tampered / "weights.pt").write_bytes((tampered / "weights.pt").read_bytes() + b"x")
+    refused = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "w0"), *FAST,
+                                       "--init-weights", str(tampered)])  # fmt: skip
+    assert refused.exit_code == 1 and "do not match the model card" in refused.output
+    assert not (tmp_path / "w0").exists()  # refused before anything was loaded or written
     wrong = tmp_path / "wrong.pt"
     torch.save({"nothing": torch.zeros(3)}, wrong)
     refused = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "w"), *FAST,
