@@ -235,6 +235,9 @@ def test_cross_validation_resume_and_transfer(phantoms: Path, tmp_path: Path) ->
                                        "--init-weights", str(tampered)])  # fmt: skip
     assert refused.exit_code == 1 and "do not match the model card" in refused.output
     assert not (tmp_path / "w0").exists()  # refused before anything was loaded or written
+    missing = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "w1"), *FAST,
+                                       "--init-weights", str(tmp_path / "nowhere.pt")])  # fmt: skip
+    assert missing.exit_code == 2 and "does not exist" in missing.output
     wrong = tmp_path / "wrong.pt"
     torch.save({"nothing": torch.zeros(3)}, wrong)
     refused = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(tmp_path / "w"), *FAST,
