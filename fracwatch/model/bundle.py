@@ -98,10 +98,8 @@ def weights_provenance(path: Path) -> dict[str, str]:
     a bundle's own verified weights, that bundle's name, version and Device UID (a fine-tuned model's lineage)."""
     path = initial_weights_file(path)
     record = {"file": str(path), "sha256": sha256_of(path)}
-    if not (path.parent / CARD_NAME).is_file():
-        return record
     try:
-        card = read_card(path.parent)
+        card = read_card(path.parent)  # no card there: a plain state dict file
     except BundleError:
         return record
     if card.weights.file == path.name and card.weights.sha256 == record["sha256"]:

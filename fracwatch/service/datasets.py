@@ -310,9 +310,7 @@ def load_tensors(
 ) -> torch.Tensor:
     """Preprocessed (N, 1, S, S) float16 tensors, first frame of each image, through the daemon's pipeline —
     in this process, or decoded by ``workers`` DataLoader processes (one thread each; the same tensors, in order).
-    An unreadable image stops the load with a ``DatasetError`` naming its file."""
-    if workers < 0:
-        raise DatasetError(f"workers must be 0 (this process) or more, not {workers}")
+    An unreadable image stops the load with a ``DatasetError`` naming its file; DataLoader refuses ``workers < 0``."""
     images = torch.empty((len(items), 1, config.input_size, config.input_size), dtype=torch.float16)
     loader = torch.utils.data.DataLoader(
         _Preprocessed(items, config), batch_size=16, num_workers=workers, collate_fn=list

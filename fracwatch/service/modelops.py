@@ -437,12 +437,7 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
         raise DatasetError(f"the evaluation set ({split or 'all'}) needs fractured and non-fractured images")
     size = bundle.preprocess_config.input_size
     items = [replace(i, meta={**i.meta, "input_mm_per_px": input_spacing_band(i, size)}) for i in items]
-    images = load_tensors(
-        items,
-        bundle.preprocess_config,
-        progress=(lambda n: progress("scoring", n, len(items))) if progress else None,
-        workers=request.load_workers,
-    )
+    images = _load(items, bundle.preprocess_config, progress, "scoring", request.load_workers)
     device = torch.device("cuda" if request.device != "cpu" and torch.cuda.is_available() else "cpu")
     classes, probabilities = class_probabilities(bundle.network.to(device), images, device)
     twins = twin_comparison(items, probabilities)

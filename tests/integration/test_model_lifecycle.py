@@ -189,7 +189,7 @@ def test_images_load_the_same_in_worker_processes(phantoms: Path, tmp_path: Path
     broken.write_bytes(b"not a picture")
     with pytest.raises(DatasetError, match=r"broken\.png"):
         load_tensors([*items[:20], replace(items[0], path=broken), *items[20:]], config, workers=2)
-    with pytest.raises(DatasetError, match="workers"):
+    with pytest.raises(ValueError, match="num_workers"):
         load_tensors(items, config, workers=-1)
 
     reports = []
