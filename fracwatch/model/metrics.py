@@ -31,8 +31,10 @@ def threshold_for_specificity(labels: np.ndarray, probabilities: np.ndarray, spe
     if len(negatives) == 0:
         return 0.5
     index = int(np.ceil(specificity * len(negatives))) - 1
-    value = float(negatives[min(max(index, 0), len(negatives) - 1)])
-    return float(np.nextafter(value, 1.0))
+    value = negatives[min(max(index, 0), len(negatives) - 1)]
+    # The next value up in the scores' own precision: a float64 step above a float32 score rounds back onto it when
+    # float32 scores are compared with the threshold, and that negative would count as positive.
+    return float(np.nextafter(value, np.asarray(np.inf, dtype=negatives.dtype)))
 
 
 @dataclass(frozen=True)
