@@ -452,7 +452,8 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
         config = TrainConfig(
             doubt_sensitivity=request.doubt_sensitivity, positive_specificity=request.positive_specificity
         )
-        card = _write_operating_points(bundle, operating_points(labels, probabilities, config), split)
+        chosen = operating_points(labels, probabilities, config)
+        card = _write_operating_points(bundle, chosen, split, labels, probabilities)
     request.out.mkdir(parents=True, exist_ok=True)
     summary = _binary_summary(labels, probabilities, card, request.bootstrap)
     table = calibration_bins(labels, probabilities)
@@ -492,10 +493,17 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     return report
 
 
-def _write_operating_points(bundle: Bundle, points: Any, split: str | None) -> ModelCard:
-    """Store operating points chosen on these (validation) data in the bundle's card; weights are unchanged."""
+def _write_operating_points(
+    bundle: Bundle, points: Any, split: str | None, labels: np.ndarray, probabilities: np.ndarray
+) -> ModelCard:
+    """Store operating points chosen on these (validation) data in the bundle's card; weights are unchanged.
+
+    The card's ``at_doubt`` / ``at_positive`` describe the points in force, so they are recounted on the same data.
+    """
     card = bundle.card.model_copy(update={"operating_points": points})
     card.metrics["operating_points_chosen_on"] = split or "all"
+    card.metrics["at_doubt"] = asdict(at_threshold(labels, probabilities, points.doubt))
+    card.metrics["at_positive"] = asdict(at_threshold(labels, probabilities, points.positive))
     (bundle.path / CARD_NAME).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
     LOGGER.info("operating points written to %s: doubt %.4f, positive %.4f", bundle.path, points.doubt, points.positive)
     return card

@@ -124,6 +124,8 @@ def test_train_one_epoch_then_predict_and_evaluate(phantoms: Path, tmp_path: Pat
     assert updated.operating_points.model_dump() == val["operating_points"]
     assert val["at_doubt"]["sensitivity"] >= 0.9
     assert updated.metrics["operating_points_chosen_on"] == "val" and "evaluation_val" in updated.metrics
+    # The card's figures at its operating points are those of the points now in force, not training's.
+    assert updated.metrics["at_doubt"] == val["at_doubt"] and updated.metrics["at_positive"] == val["at_positive"]
 
 
 def test_every_dataset_layout_loads(tmp_path: Path) -> None:
