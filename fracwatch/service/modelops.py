@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from fracwatch.model import plots
-from fracwatch.model.bundle import CARD_NAME, Bundle, ModelCard, load_bundle, save_bundle, weights_provenance
+from fracwatch.model.bundle import (
+    CARD_NAME,
+    Bundle,
+    ModelCard,
+    OperatingPoints,
+    load_bundle,
+    save_bundle,
+    weights_provenance,
+)
 from fracwatch.model.metrics import (
     at_threshold,
     auroc,
@@ -494,7 +502,7 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
 
 
 def _write_operating_points(
-    bundle: Bundle, points: Any, split: str | None, labels: np.ndarray, probabilities: np.ndarray
+    bundle: Bundle, points: OperatingPoints, split: str | None, labels: np.ndarray, probabilities: np.ndarray
 ) -> ModelCard:
     """Store operating points chosen on these (validation) data in the bundle's card; weights are unchanged.
 
