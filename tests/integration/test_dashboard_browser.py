@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.uid import generate_uid
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
@@ -71,7 +72,9 @@ def test_sign_in_filter_open_study_and_upload(
     complete(daemon, clock)
     token = create_token(daemon.settings, "dr-browser", "viewer")
     base = f"http://127.0.0.1:{daemon.settings.http_port}"
-    wait = WebDriverWait(browser, 30)
+    # The page replaces parts of itself (feedback list, polling); chromedriver then reports a node it was reading as
+    # "not belonging to the document" — a generic WebDriverException, not a stale element: the wait retries it.
+    wait = WebDriverWait(browser, 30, ignored_exceptions=[WebDriverException])
 
     browser.get(f"{base}/")  # not signed in: sent to the sign-in page
     wait.until(expected_conditions.presence_of_element_located((By.ID, "token")))
