@@ -532,6 +532,14 @@ def operating_points(labels: np.ndarray, probabilities: np.ndarray, config: Trai
     return OperatingPoints(doubt=min(doubt, positive), positive=max(doubt, positive))
 
 
+def at_operating_points(labels: np.ndarray, probabilities: np.ndarray, points: OperatingPoints) -> dict[str, Any]:
+    """The card's and the report's ``at_doubt`` / ``at_positive``: confusion and rates at each operating point."""
+    return {
+        "at_doubt": asdict(at_threshold(labels, probabilities, points.doubt)),
+        "at_positive": asdict(at_threshold(labels, probabilities, points.positive)),
+    }
+
+
 def build_card(
     name: str,
     version: str,
@@ -551,8 +559,7 @@ def build_card(
     metrics = {
         "validation_auroc": auroc(validation_labels, probabilities),
         "validation_size": len(validation_labels),
-        "at_doubt": asdict(at_threshold(validation_labels, probabilities, points.doubt)),
-        "at_positive": asdict(at_threshold(validation_labels, probabilities, points.positive)),
+        **at_operating_points(validation_labels, probabilities, points),
         "history": result.history,
         "best_epoch": result.best_epoch,
     }

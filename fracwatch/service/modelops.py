@@ -7,7 +7,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from fracwatch.model.metrics import (
 )
 from fracwatch.model.training import (
     TrainConfig,
+    at_operating_points,
     box_masks,
     build_card,
     class_probabilities,
@@ -292,8 +293,7 @@ def _binary_summary(labels: np.ndarray, probabilities: np.ndarray, card: ModelCa
         "fractured": int(labels.sum()),
         "auroc": auc,
         "auroc_ci95": [low, high],
-        "at_doubt": asdict(at_threshold(labels, probabilities, points.doubt)),
-        "at_positive": asdict(at_threshold(labels, probabilities, points.positive)),
+        **at_operating_points(labels, probabilities, points),
     }
 
 
@@ -510,8 +510,7 @@ def _write_operating_points(
     """
     card = bundle.card.model_copy(update={"operating_points": points})
     card.metrics["operating_points_chosen_on"] = split or "all"
-    card.metrics["at_doubt"] = asdict(at_threshold(labels, probabilities, points.doubt))
-    card.metrics["at_positive"] = asdict(at_threshold(labels, probabilities, points.positive))
+    card.metrics.update(at_operating_points(labels, probabilities, points))
     (bundle.path / CARD_NAME).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
     LOGGER.info("operating points written to %s: doubt %.4f, positive %.4f", bundle.path, points.doubt, points.positive)
     return card
