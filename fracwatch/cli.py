@@ -466,6 +466,12 @@ def train(
 @click.option("--record-in-card", is_flag=True, help="Store the evaluation summary in the bundle's model card.")
 @click.option("--bootstrap", type=click.IntRange(100, 100000), default=1000, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--tile-spacing-mm",
+    type=click.FloatRange(min=0),
+    help="Score images of known pixel spacing as tiles no coarser than this many mm per input pixel (0: whole "
+    "images), instead of the bundle's setting; with --set-operating-points it is written into the bundle too.",
+)
 @LOAD_WORKERS
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def evaluate(
@@ -481,6 +487,7 @@ def evaluate(
     record_in_card: bool,
     bootstrap: int,
     device: str,
+    tile_spacing_mm: float | None,
     load_workers: int,
     as_json: bool,
 ) -> None:
@@ -503,6 +510,7 @@ def evaluate(
         bootstrap,
         device,
         load_workers,
+        tile_spacing_mm,
     )
     try:
         report = evaluate_bundle(request, _progress_printer())
@@ -678,7 +686,7 @@ def predict(files: tuple[Path, ...], model: Path | None, device: str, as_json: b
                 "file": str(path),
                 "probability": probability,
                 "category": bundle.category(probability) if probability is not None else "error",
-                "frames": len(image.inputs),
+                "frames": image.frames,
                 "error": image.error,
                 "model": bundle.card.name,
                 "model_version": bundle.card.version,

@@ -33,7 +33,8 @@ class DecodedImage:
     pixel_spacing: tuple[float, float] | None
 
 
-def _spacing(ds: Dataset) -> tuple[float, float] | None:
+def header_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """(row, column) millimetres per pixel: Pixel Spacing, else Imager Pixel Spacing; None when neither is usable."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
         if value is not None and len(value) == 2:
@@ -89,7 +90,7 @@ def decode_dataset(ds: Dataset, target_longest: int | None = None) -> DecodedIma
         out = np.negative(out)
     if not np.isfinite(out).all():
         raise PixelDataError("pixel values are not finite after the LUTs")
-    spacing = _spacing(ds)
+    spacing = header_spacing(ds)
     if spacing is not None and factor > 1:
         spacing = (spacing[0] * factor, spacing[1] * factor)
     return DecodedImage(frames=out, pixel_spacing=spacing)

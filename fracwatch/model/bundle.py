@@ -37,9 +37,13 @@ class Preprocessing(BaseModel):
     percentile_low: float = Field(ge=0, lt=50)
     percentile_high: float = Field(gt=50, le=100)
     downsample_to: float = Field(default=2.0, ge=1.0)
+    # images with a known pixel spacing are scored as tiles no coarser than this (transforms.tile_grid)
+    tile_spacing_mm: float | None = Field(default=None, gt=0)
+    max_tiles: int = Field(default=9, ge=1, le=64)
+    tile_overlap: float = Field(default=0.25, ge=0, lt=1)
 
     def config(self) -> PreprocessConfig:
-        return PreprocessConfig(self.input_size, self.percentile_low, self.percentile_high, self.downsample_to)
+        return PreprocessConfig(**self.model_dump())
 
 
 class OperatingPoints(BaseModel):

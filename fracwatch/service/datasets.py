@@ -28,7 +28,7 @@ from pydicom.errors import InvalidDicomError
 
 from fracwatch.errors import FracwatchError
 from fracwatch.pipeline.pictures import PICTURE_SUFFIXES
-from fracwatch.pipeline.transforms import PreprocessConfig, content_box
+from fracwatch.pipeline.transforms import PreprocessConfig, TileGrid, content_box, tile_grid
 from fracwatch.service.scoring import load_file
 
 LOGGER = logging.getLogger(__name__)
@@ -148,25 +148,33 @@ def _box(row: dict[str, str], path: Path, where: str) -> dict[str, Any]:
     return {"box": (x0, y0, x1, y1), "size": size}
 
 
-def input_spacing_band(item: Item, size: int) -> str:
-    """The millimetres one network-input pixel covers (``pixel_spacing_mm`` × the image's longest side / ``size``),
-    as a band — "" where the item has no spacing (not a synth manifest) or its image cannot be read."""
+def input_spacing_band(item: Item, config: PreprocessConfig) -> str:
+    """The millimetres one network-input pixel covers (``pixel_spacing_mm`` × the image's longest side over the
+    input's, or over its tile canvas's where ``config`` tiles it), as a band — "" where the item has no spacing
+    (not a synth manifest) or its image cannot be read."""
+    spacing = item_spacing(item)
     try:
-        spacing = float(item.meta.get("pixel_spacing_mm", ""))
-        longest = max(item.size) if item.size is not None else _longest_side(item.path)
-    except (ValueError, OSError):
+        shape = _shape(item)
+    except OSError:
         return ""
-    mm = spacing * longest / size
+    if spacing is None:
+        return ""
+    grid = tile_grid(shape, spacing, config)
+    mm = spacing * max(shape) / (max(grid.canvas) if grid is not None else config.input_size)
     return next((band for band, upper in SPACING_BANDS if mm < upper), SPACING_BANDS[-1][0])
 
 
-def _longest_side(path: Path) -> int:
-    with Image.open(path) as picture:  # reads the header only
-        return max(picture.size)
+def _shape(item: Item) -> tuple[int, int]:
+    """(rows, cols) of an item's image: from the manifest's box columns, else the picture's header."""
+    if item.size is not None:
+        return item.size[1], item.size[0]
+    with Image.open(item.path) as picture:  # reads the header only
+        return picture.size[1], picture.size[0]
 
 
 def input_boxes(items: Sequence[Item], size: int) -> torch.Tensor:
-    """(N, 4) boxes (x0, y0, x1, y1) in network-input pixels (``preprocess``'s resize and pad), NaN where none."""
+    """(N, 4) boxes (x0, y0, x1, y1) in whole-image network-input pixels (``preprocess``'s resize and pad), NaN
+    where none."""
     boxes = torch.full((len(items), 4), float("nan"))
     for index, item in enumerate(items):
         if item.box is None or item.size is None:
@@ -177,6 +185,25 @@ def input_boxes(items: Sequence[Item], size: int) -> torch.Tensor:
         sx, sy = cols / width, rows / height
         boxes[index] = torch.tensor([left + x0 * sx, top + y0 * sy, left + x1 * sx, top + y1 * sy])
     return boxes
+
+
+def box_tile(item: Item, grid: TileGrid) -> tuple[int, tuple[float, float, float, float]]:
+    """The tile of ``grid`` that holds an item's box best (its centre farthest inside) and the box in that
+    tile's input pixels (clipped to it)."""
+    assert item.box is not None and item.size is not None
+    scale = grid.scale((item.size[1], item.size[0]))
+    x0, y0, x1, y1 = (value * scale for value in item.box)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+
+    def inside(origin: tuple[int, int]) -> float:
+        top, left = origin
+        return min(cx - left, left + grid.size - cx, cy - top, top + grid.size - cy)
+
+    best = max(range(len(grid.origins)), key=lambda k: inside(grid.origins[k]))
+    top, left = grid.origins[best]
+    box = (x0 - left, y0 - top, x1 - left, y1 - top)
+    x0, y0, x1, y1 = (min(max(value, 0.0), float(grid.size)) for value in box)
+    return best, (x0, y0, x1, y1)
 
 
 def read_folder(root: Path) -> list[Item]:
@@ -286,8 +313,41 @@ def assign_splits(items: Sequence[Item], val_fraction: float, seed: int) -> list
     return out
 
 
-class _Preprocessed(torch.utils.data.Dataset[tuple[torch.Tensor | None, str]]):
-    """Items through the daemon's pipeline, one by one: (the first frame's input or None, the error or "")."""
+def item_spacing(item: Item) -> float | None:
+    """A picture's millimetres per pixel from its manifest row (synth), else None (a DICOM file's comes from its
+    header when it is loaded)."""
+    try:
+        spacing = float(item.meta.get("pixel_spacing_mm", ""))
+    except ValueError:
+        return None
+    return spacing if spacing > 0 else None
+
+
+@dataclass(frozen=True)
+class LoadedInputs:
+    """The network inputs of a list of items: ``images`` (M, 1, S, S) float16, ``owners`` (M,) the item each
+    belongs to (ascending; one input per item, or its tiles), ``grids`` the tile grid per item (None: whole)."""
+
+    images: torch.Tensor
+    owners: torch.Tensor
+    grids: list[TileGrid | None]
+
+    def first(self) -> torch.Tensor:
+        """(N,) position of each item's first input in ``images``."""
+        counts = torch.bincount(self.owners, minlength=len(self.grids))
+        return torch.cumsum(counts, 0) - counts
+
+    def per_item_max(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(per-item maximum of a per-input value, the input that holds it)."""
+        best = np.full(len(self.grids), -1, dtype=np.int64)
+        for index, owner in enumerate(self.owners.tolist()):
+            if best[owner] < 0 or values[index] > values[best[owner]]:
+                best[owner] = index
+        return values[best], best
+
+
+class _Preprocessed(torch.utils.data.Dataset[tuple[list[torch.Tensor], TileGrid | None, str]]):
+    """Items through the daemon's pipeline, one by one: (the first frame's inputs, its tile grid, the error)."""
 
     def __init__(self, items: Sequence[Item], config: PreprocessConfig) -> None:
         self.items, self.config = items, config
@@ -295,11 +355,42 @@ class _Preprocessed(torch.utils.data.Dataset[tuple[torch.Tensor | None, str]]):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str]:
-        loaded = load_file(self.items[index].path, self.config)
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], TileGrid | None, str]:
+        item = self.items[index]
+        loaded = load_file(item.path, self.config, item_spacing(item))
         if loaded.error is not None or not loaded.inputs:
-            return None, loaded.error or "no image"
-        return loaded.inputs[0].to(torch.float16), ""
+            return [], None, loaded.error or "no image"
+        return [tensor.to(torch.float16) for tensor in loaded.display_inputs], loaded.grid, ""
+
+
+def load_inputs(
+    items: Sequence[Item],
+    config: PreprocessConfig,
+    progress: Callable[[int], None] | None = None,
+    workers: int = 0,
+) -> LoadedInputs:
+    """Every item's network inputs (first frame; its tiles where ``config`` tiles it) through the daemon's
+    pipeline — in this process, or decoded by ``workers`` DataLoader processes (one thread each; the same
+    tensors, in order). An unreadable image stops the load with a ``DatasetError`` naming its file; DataLoader
+    refuses ``workers < 0``."""
+    loader = torch.utils.data.DataLoader(
+        _Preprocessed(items, config), batch_size=16, num_workers=workers, collate_fn=list
+    )
+    chunks: list[torch.Tensor] = []
+    owners: list[int] = []
+    grids: list[TileGrid | None] = []
+    for batch in loader:
+        for inputs, grid, error in batch:
+            if error:
+                raise DatasetError(f"{items[len(grids)].path}: {error}")
+            owners.extend([len(grids)] * len(inputs))
+            chunks.extend(inputs)
+            grids.append(grid)
+        if progress is not None:
+            progress(len(grids))
+    size = config.input_size
+    images = torch.stack(chunks) if chunks else torch.empty((0, 1, size, size), dtype=torch.float16)
+    return LoadedInputs(images, torch.tensor(owners, dtype=torch.long), grids)
 
 
 def load_tensors(
@@ -308,20 +399,6 @@ def load_tensors(
     progress: Callable[[int], None] | None = None,
     workers: int = 0,
 ) -> torch.Tensor:
-    """Preprocessed (N, 1, S, S) float16 tensors, first frame of each image, through the daemon's pipeline —
-    in this process, or decoded by ``workers`` DataLoader processes (one thread each; the same tensors, in order).
-    An unreadable image stops the load with a ``DatasetError`` naming its file; DataLoader refuses ``workers < 0``."""
-    images = torch.empty((len(items), 1, config.input_size, config.input_size), dtype=torch.float16)
-    loader = torch.utils.data.DataLoader(
-        _Preprocessed(items, config), batch_size=16, num_workers=workers, collate_fn=list
-    )
-    done = 0
-    for batch in loader:
-        for image, error in batch:
-            if image is None:
-                raise DatasetError(f"{items[done].path}: {error}")
-            images[done] = image
-            done += 1
-        if progress is not None:
-            progress(done)
-    return images
+    """Preprocessed (N, 1, S, S) float16 whole-image inputs, one per item (``load_inputs`` without tiles: what
+    training's tensors are)."""
+    return load_inputs(items, replace(config, tile_spacing_mm=None), progress, workers).images

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fracwatch.errors import FracwatchError
 from fracwatch.model import plots
 from fracwatch.model.bundle import (
     CARD_NAME,
@@ -45,9 +46,12 @@ from fracwatch.pipeline.transforms import PreprocessConfig
 from fracwatch.service.datasets import (
     DatasetError,
     Item,
+    LoadedInputs,
     assign_splits,
+    box_tile,
     input_boxes,
     input_spacing_band,
+    load_inputs,
     load_tensors,
     read_dataset,
     twin_partners,
@@ -282,6 +286,9 @@ class EvaluateRequest:
     bootstrap: int = 1000
     device: str = "auto"
     load_workers: int = 0  # processes that decode and preprocess the images (0: this process)
+    # score with tiles at this spacing (0: whole images) instead of the bundle's; with set_operating_points it is
+    # stored with the points, which hold only for the scoring they were chosen with
+    tile_spacing_mm: float | None = None
 
 
 def _binary_summary(labels: np.ndarray, probabilities: np.ndarray, card: ModelCard, resamples: int) -> dict[str, Any]:
@@ -347,14 +354,20 @@ SEEN_MARGIN = 1.0  # logits a break's cells must rise above the same cells of it
 
 
 def break_rises(
-    network: torch.nn.Module, images: torch.Tensor, items: Sequence[Item], device: torch.device, batch: int = 32
+    network: torch.nn.Module,
+    images: torch.Tensor,
+    items: Sequence[Item],
+    device: torch.device,
+    boxes: torch.Tensor | None = None,
+    batch: int = 32,
 ) -> dict[int, float] | None:
     """For a binary logit-map network on twin data with boxes: per fractured item (its position), how many logits
     its box's strongest map cell rises above the same cells of its twin — detection at the break itself, apart
     from how the image's maximum ranks. The box's cells are the localisation loss's (``box_masks`` max-pooled to
-    the map). None where the network has no map or the data no boxed pairs."""
+    the map). ``images`` holds one input per item, ``boxes`` the breaks in its pixels (default: whole-image
+    inputs' ``input_boxes``). None where the network has no map or the data no boxed pairs."""
     logit_map = getattr(network, "logit_map", None)
-    boxes = input_boxes(items, images.shape[-1])
+    boxes = input_boxes(items, images.shape[-1]) if boxes is None else boxes
     pairs = [(f, t) for f, t in _twin_pairs(items) if not bool(torch.isnan(boxes[f, 0]))]
     if logit_map is None or not pairs:
         return None
@@ -369,6 +382,21 @@ def break_rises(
             rise = _amax_where(ours, cells) - _amax_where(theirs, cells)
             rises.update(zip(fractured, rise.tolist(), strict=True))
     return rises
+
+
+def break_inputs(items: Sequence[Item], loaded: LoadedInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One input per item for ``break_rises`` and the breaks' boxes in its pixels: the whole-image input, or the
+    tile that holds the box best — the same tile of the fractured image's twin (same pose, same grid)."""
+    first, counts = loaded.first(), torch.bincount(loaded.owners, minlength=len(items))
+    offsets = torch.zeros(len(items), dtype=torch.long)
+    boxes = input_boxes(items, loaded.images.shape[-1])
+    for index, (item, grid) in enumerate(zip(items, loaded.grids, strict=True)):
+        if grid is not None and item.box is not None and item.size is not None:
+            tile, box = box_tile(item, grid)
+            offsets[index], boxes[index] = tile, torch.tensor(box)
+    for fractured, twin in _twin_pairs(items):
+        offsets[twin] = min(int(offsets[fractured]), int(counts[twin]) - 1)
+    return loaded.images[first + offsets], boxes
 
 
 def breaks_seen(rises: dict[int, float]) -> dict[str, Any]:
@@ -436,21 +464,34 @@ def _multiclass(items: Sequence[Item], classes: np.ndarray, names: list[str], ou
 
 def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) -> dict[str, Any]:
     """Score a labelled data set with a bundle; write report.json and ROC/PR/calibration/confusion plots."""
-    bundle = load_bundle(request.bundle)
+    stored = load_bundle(request.bundle)
+    bundle = _with_tiles(stored, request.tile_spacing_mm)
+    if request.record_in_card and not request.set_operating_points and bundle.card != stored.card:
+        raise FracwatchError(
+            "--record-in-card with another --tile-spacing-mm than the bundle's would record results its operating "
+            "points were not chosen for; choose them too (--set-operating-points on validation data) first"
+        )
     items = read_dataset(request.source, request.layout, request.labels_csv)
     split = request.split or ("test" if any(i.split == "test" for i in items) else None)
     if split is not None:
         items = [i for i in items if i.split == split]
     if len({i.label for i in items}) < 2:
         raise DatasetError(f"the evaluation set ({split or 'all'}) needs fractured and non-fractured images")
-    size = bundle.preprocess_config.input_size
-    items = [replace(i, meta={**i.meta, "input_mm_per_px": input_spacing_band(i, size)}) for i in items]
-    images = _load(items, bundle.preprocess_config, progress, "scoring", request.load_workers)
+    preprocess = bundle.preprocess_config
+    items = [replace(i, meta={**i.meta, "input_mm_per_px": input_spacing_band(i, preprocess)}) for i in items]
+    loaded = load_inputs(
+        items, preprocess, (lambda n: progress("scoring", n, len(items))) if progress else None, request.load_workers
+    )
     device = torch.device("cuda" if request.device != "cpu" and torch.cuda.is_available() else "cpu")
-    classes, probabilities = class_probabilities(bundle.network.to(device), images, device)
+    per_input_classes, per_input = class_probabilities(bundle.network.to(device), loaded.images, device)
+    probabilities, strongest = loaded.per_item_max(per_input)  # an image scores as its strongest tile
+    classes = per_input_classes[strongest]
     twins = twin_comparison(items, probabilities)
     binary = len(bundle.card.class_names) == 2  # a multi-class map's channel 0 is "no fracture"
-    rises = break_rises(bundle.network, images, items, device) if twins is not None and binary else None
+    rises = None
+    if twins is not None and binary:
+        inputs, boxes = break_inputs(items, loaded)
+        rises = break_rises(bundle.network, inputs, items, device, boxes)
     if twins is not None and rises is not None:
         twins["localised"] = breaks_seen(rises)
     bundle.network.cpu()
@@ -501,10 +542,19 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     return report
 
 
+def _with_tiles(bundle: Bundle, tile_spacing_mm: float | None) -> Bundle:
+    """The bundle as it scores with ``tile_spacing_mm`` (0: whole images; None: as its card says)."""
+    if tile_spacing_mm is None:
+        return bundle
+    preprocessing = bundle.card.preprocessing.model_copy(update={"tile_spacing_mm": tile_spacing_mm or None})
+    return Bundle(bundle.path, bundle.card.model_copy(update={"preprocessing": preprocessing}), bundle.network)
+
+
 def _write_operating_points(
     bundle: Bundle, points: OperatingPoints, split: str | None, labels: np.ndarray, probabilities: np.ndarray
 ) -> ModelCard:
-    """Store operating points chosen on these (validation) data in the bundle's card; weights are unchanged.
+    """Store operating points chosen on these (validation) data in the bundle's card, with the preprocessing they
+    were chosen with (its tile spacing); weights are unchanged.
 
     The card's ``at_doubt`` / ``at_positive`` describe the points in force, so they are recounted on the same data.
     """

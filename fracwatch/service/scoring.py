@@ -24,14 +24,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fracwatch import __version__
 from fracwatch.dicom.header import PIXEL_TAGS
-from fracwatch.dicom.pixels import PixelDataError, decode_dataset
+from fracwatch.dicom.pixels import PixelDataError, decode_dataset, header_spacing
 from fracwatch.dicom.spool import Spool
 from fracwatch.errors import FracwatchError
 from fracwatch.model.bundle import Bundle
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.predictor import Predictor
 from fracwatch.pipeline.pictures import PICTURE_SUFFIXES, PictureError, load_picture
-from fracwatch.pipeline.transforms import PreprocessConfig, content_box, preprocess
+from fracwatch.pipeline.transforms import (
+    PreprocessConfig,
+    TileGrid,
+    content_box,
+    decode_target,
+    network_inputs,
+    stitch_tiles,
+    tile_grid,
+)
 from fracwatch.report.overlay import OverlayImage, build_kos, build_overlay, render
 from fracwatch.report.sr import AlgorithmIdentity, ScoredImage, build_sr, shallow_copy
 from fracwatch.service.lifecycle import Clock, claim, utc_now
@@ -45,34 +53,56 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass
 class LoadedImage:
-    """One image ready for the network: its frames preprocessed, its header kept for the SR, its first
-    decoded frame kept for overlays."""
+    """One image ready for the network: its frames' inputs (whole-image inputs, or tiles where the model's
+    ``tile_spacing_mm`` asks for them), its header kept for the SR, its first decoded frame kept for overlays
+    with the tiles it was cut into (``grid``; None: one whole-image input per frame)."""
 
     inputs: list[torch.Tensor] = field(default_factory=list)
     header: Dataset | None = None
     error: str | None = None
     display: np.ndarray | None = None
+    frames: int = 0
+    grid: TileGrid | None = None
+
+    @property
+    def display_inputs(self) -> list[torch.Tensor]:
+        """The first frame's inputs (what its overlay explains)."""
+        return self.inputs[: len(self.grid.origins) if self.grid is not None else 1]
+
+
+def mean_spacing(spacing: tuple[float, float] | None) -> float | None:
+    """One millimetres-per-pixel figure for a (row, column) spacing (they differ only on unusual detectors)."""
+    return None if spacing is None else (spacing[0] + spacing[1]) / 2
+
+
+def _inputs(frames: Sequence[np.ndarray], config: PreprocessConfig, spacing_mm: float | None) -> LoadedImage:
+    inputs = [tensor for frame in frames for tensor in network_inputs(frame, config, spacing_mm)]
+    grid = tile_grid(frames[0].shape, spacing_mm, config)
+    return LoadedImage(inputs=inputs, display=frames[0], frames=len(frames), grid=grid)
 
 
 def load_dicom(ds: Dataset, config: PreprocessConfig) -> LoadedImage:
     """Decode and preprocess every frame of a DICOM image; errors are captured, never raised."""
     try:
-        decoded = decode_dataset(ds, target_longest=int(config.input_size * config.downsample_to))
-        inputs = [preprocess(frame, config) for frame in decoded.frames]
-    except (PixelDataError, ValueError) as exc:
+        shape = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+        target = decode_target(shape, mean_spacing(header_spacing(ds)), config)
+        decoded = decode_dataset(ds, target_longest=target)
+        loaded = _inputs(list(decoded.frames), config, mean_spacing(decoded.pixel_spacing))
+    except (PixelDataError, ValueError, TypeError) as exc:
         return LoadedImage(error=str(exc))
     except Exception as exc:  # a decoder failing in an unexpected way must not stop the study
         return LoadedImage(error=f"cannot decode pixel data: {exc!r}")
-    header = shallow_copy(ds, without=PIXEL_TAGS)
-    return LoadedImage(inputs=inputs, header=header, display=decoded.frames[0])
+    loaded.header = shallow_copy(ds, without=PIXEL_TAGS)
+    return loaded
 
 
-def load_file(path: Path, config: PreprocessConfig) -> LoadedImage:
-    """A DICOM file or a picture (PNG, JPEG, TIFF, BMP), preprocessed with ``config`` (a bundle's)."""
+def load_file(path: Path, config: PreprocessConfig, spacing_mm: float | None = None) -> LoadedImage:
+    """A DICOM file or a picture (PNG, JPEG, TIFF, BMP), preprocessed with ``config`` (a bundle's). A picture's
+    pixel spacing is ``spacing_mm`` where the caller knows it (a synth manifest, ``predict --pixel-spacing``);
+    a DICOM file's comes from its header."""
     if path.suffix.lower() in PICTURE_SUFFIXES:
         try:
-            picture = load_picture(path)
-            return LoadedImage(inputs=[preprocess(picture, config)], display=picture)
+            return _inputs([load_picture(path)], config, spacing_mm)
         except (PictureError, ValueError) as exc:
             return LoadedImage(error=str(exc))
     try:
@@ -83,7 +113,7 @@ def load_file(path: Path, config: PreprocessConfig) -> LoadedImage:
 
 
 def score_loaded(images: Sequence[LoadedImage], predictor: Predictor) -> list[float | None]:
-    """Probability per image (max over its frames), None where loading failed; one batched pass."""
+    """Probability per image (max over its frames and tiles), None where loading failed; one batched pass."""
     inputs = [tensor for image in images for tensor in image.inputs]
     probabilities = predictor.predict(inputs)
     out: list[float | None] = []
@@ -104,27 +134,39 @@ def algorithm_identity(bundle: Bundle) -> AlgorithmIdentity:
     return AlgorithmIdentity(card.name, card.version, card.device_uid, __version__)
 
 
+def _heatmap(image: LoadedImage, maps: np.ndarray, size: int) -> np.ndarray:
+    """The first frame's heat map over its field of view: the tiles' maps stitched on the canvas, or the
+    whole-image input's map cropped to the image inside the padding."""
+    assert image.display is not None
+    if image.grid is not None:
+        return stitch_tiles(image.grid, maps)
+    top, left, height, width = content_box(image.display.shape, size)
+    return maps[0][top : top + height, left : left + width]
+
+
 def overlay_images(
     images: Sequence[LoadedImage], probabilities: Sequence[float], predictor: Predictor, bundle: Bundle
 ) -> list[OverlayImage]:
-    """Grad-CAM of each scored image's first frame (one batched pass), cropped to the image inside the padded
-    network input, paired with the image's probability and category."""
-    inputs = torch.stack([image.inputs[0] for image in images]).to(predictor.device)
+    """Grad-CAM of each scored image's first frame (one batched pass over its inputs), mapped back onto the
+    image, paired with the image's probability and category."""
+    counts = [len(image.display_inputs) for image in images]
+    inputs = torch.stack([tensor for image in images for tensor in image.display_inputs]).to(predictor.device)
     heatmaps = grad_cam(predictor.network, inputs)
     size = bundle.preprocess_config.input_size
     overlays = []
-    for image, heatmap, probability in zip(images, heatmaps, probabilities, strict=True):
+    cursor = 0
+    for image, count, probability in zip(images, counts, probabilities, strict=True):
         assert image.display is not None
-        top, left, height, width = content_box(image.display.shape, size)
         overlays.append(
             OverlayImage(
                 header=image.header if image.header is not None else Dataset(),
                 display=image.display,
-                heatmap=heatmap[top : top + height, left : left + width],
+                heatmap=_heatmap(image, heatmaps[cursor : cursor + count], size),
                 probability=probability,
                 category=bundle.category(probability),
             )
         )
+        cursor += count
     return overlays
 
 
@@ -240,7 +282,7 @@ class StudyScorer:
                 scores.append(ImageScore(ref.id, None, None, image.error or "not scored"))
                 continue
             category = bundle.category(probability)
-            scores.append(ImageScore(ref.id, probability, category, None, frames=len(image.inputs)))
+            scores.append(ImageScore(ref.id, probability, category, None, frames=image.frames))
             assert image.header is not None
             scored.append(ScoredImage(image.header, probability, category))
         study_probability = max((s.probability for s in scored), default=None)

@@ -127,6 +127,24 @@ def test_train_one_epoch_then_predict_and_evaluate(phantoms: Path, tmp_path: Pat
     # The card's figures at its operating points are those of the points now in force, not training's.
     assert updated.metrics["at_doubt"] == val["at_doubt"] and updated.metrics["at_positive"] == val["at_positive"]
 
+    # Tiles: phantoms at 0.8-1.2 mm per whole-image input pixel, scored as 64-px tiles at 0.5 mm; the tile
+    # spacing is chosen with the operating points and stored with them.
+    tiled = CliRunner().invoke(cli, ["evaluate", str(phantoms), "--model", str(model), "--out", str(tmp_path / "t"),
+                                     "--split", "val", "--set-operating-points", "--tile-spacing-mm", "0.5",
+                                     "--bootstrap", "100"])  # fmt: skip
+    assert tiled.exit_code == 0, tiled.output
+    tiled_report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert tiled_report["images"] == val["images"] and set(tiled_report["breakdown"]["input_mm_per_px"]) == {
+        "0.4-0.8 mm"
+    }
+    retiled = load_bundle(model).card
+    assert retiled.preprocessing.tile_spacing_mm == 0.5
+    assert retiled.operating_points.model_dump() == tiled_report["operating_points"]
+    refused = CliRunner().invoke(cli, ["evaluate", str(phantoms), "--model", str(model), "--out", str(tmp_path / "r"),
+                                       "--tile-spacing-mm", "0", "--record-in-card"])  # fmt: skip
+    assert refused.exit_code != 0 and "--set-operating-points" in refused.output
+    assert load_bundle(model).card == retiled  # nothing written
+
 
 def test_every_dataset_layout_loads(tmp_path: Path) -> None:
     fracatlas = tmp_path / "FracAtlas" / "images"
@@ -447,10 +465,15 @@ def test_twins_train_side_by_side_under_one_augmentation(tmp_path: Path) -> None
     # the network-input pixel size of a synth image: its spacing × its longest side / the input size
     sized = replace(items[0], meta={**items[0].meta, "pixel_spacing_mm": "0.5"})
     side = max(Image.open(sized.path).size)
-    assert input_spacing_band(sized, side) == "0.4-0.8 mm" and input_spacing_band(sized, side // 2) == "≥ 0.8 mm"
-    assert input_spacing_band(sized, side * 4) == SPACING_BANDS[0][0] and input_spacing_band(items[0], side) == ""
+    band = lambda item, size, tiles=None: input_spacing_band(  # noqa: E731
+        item, PreprocessConfig(input_size=size, tile_spacing_mm=tiles)
+    )
+    assert band(sized, side) == "0.4-0.8 mm" and band(sized, side // 2) == "≥ 0.8 mm"
+    assert band(sized, side * 4) == SPACING_BANDS[0][0] and band(items[0], side) == ""
     known = replace(sized, path=Path("not-read.png"), size=(2 * side, 10))  # a boxed item's size is known already
-    assert input_spacing_band(known, side) == "≥ 0.8 mm"
+    assert band(known, side) == "≥ 0.8 mm"
+    # tiled, an input pixel covers the tile spacing: the whole image's 1 mm becomes tiles' 0.6 mm
+    assert band(sized, side // 2, 0.6) == "0.4-0.8 mm" and band(sized, side, 0.6) == "0.4-0.8 mm"
 
     # each epoch's order keeps a pair's images next to each other
     for seed in range(4):

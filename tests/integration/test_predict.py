@@ -51,3 +51,44 @@ def test_predict_reports_unreadable_files(tmp_path: Path) -> None:
     rows = json.loads(result.output)
     assert [row["category"] for row in rows] == ["error", "error"]
     assert all(row["probability"] is None and row["error"] for row in rows)
+
+
+def test_a_bundle_that_tiles_scores_a_dicom_image_as_its_strongest_tile(tmp_path: Path) -> None:
+    """With ``tile_spacing_mm`` in the card, a DICOM image of known spacing is scored as tiles at that spacing
+    (its header's Imager Pixel Spacing, 0.15 mm here); the Grad-CAM overlay covers the whole image."""
+    import shutil
+
+    import torch
+
+    from fracwatch.model.bundle import load_bundle
+    from fracwatch.pipeline.transforms import network_inputs, tile_grid
+    from fracwatch.service.scoring import load_file
+
+    model = tmp_path / "tiled"
+    shutil.copytree(PHANTOM_MODEL, model)
+    card = json.loads((model / "model.json").read_text())
+    card["preprocessing"]["tile_spacing_mm"] = 0.15  # the card is not under the weights' checksum
+    (model / "model.json").write_text(json.dumps(card))
+    phantom = render_phantom(78, True)
+    ds = dicomgen.image(dicomgen.StudyIds(), rows=phantom.image.shape[0], columns=phantom.image.shape[1])
+    ds.PixelData = to_stored(phantom.image).tobytes()
+    path = dicomgen.save(ds, tmp_path / "fractured.dcm")
+
+    bundle = load_bundle(model)
+    config = bundle.preprocess_config
+    grid = tile_grid(phantom.image.shape, 0.15, config)
+    assert grid is not None and len(grid.origins) > 1
+    loaded = load_file(path, config)
+    assert loaded.frames == 1 and loaded.grid == grid and len(loaded.inputs) == len(grid.origins)
+
+    result = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", "--cam", str(tmp_path / "c"),
+                                      str(path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert row["frames"] == 1 and row["error"] is None
+    with torch.inference_mode():
+        tiles = torch.stack(network_inputs(loaded.display, config, 0.15))
+        strongest = float(torch.sigmoid(bundle.network(tiles)).max())
+    assert abs(row["probability"] - strongest) < 1e-5
+    with Image.open(row["cam"]) as cam:
+        assert cam.size[0] == phantom.image.shape[1]  # the overlay is drawn on the whole image, caption below
