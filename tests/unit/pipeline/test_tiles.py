@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_tiles_cover_the_canvas_at_most_max_tiles_at_the_finest_spacing_allowed(
     assert mm <= 0.63 + 1e-6 or len(grid.origins) >= TILED.max_tiles - 3  # coarsened only to keep the count
     # neighbours overlap by at least a quarter tile, so a break near an edge lies whole inside one of them
     tops = sorted({top for top, _ in grid.origins})
-    assert all(b - a <= 256 * 0.75 + 1 for a, b in zip(tops, tops[1:], strict=False))
+    assert all(b - a <= 256 * 0.75 + 1 for a, b in itertools.pairwise(tops))
 
 
 def test_a_large_detector_image_is_coarsened_to_max_tiles() -> None:
