@@ -332,6 +332,12 @@ def _progress_printer() -> Callable[[str, int, int], None]:
     show_default=True,
     help="With --crop-epochs: validate the crop phase every N epochs (and at its end); whole-image epochs always.",
 )
+@click.option(
+    "--tile-spacing-mm",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Images of known pixel spacing coarser than this many mm per input pixel (whole chests) are scored as "
+    "tiles at it: trained on the tile holding the fracture, validated on all; stored in the bundle.",
+)
 @click.option("--train-count", type=click.IntRange(10, 10_000_000), default=3000, show_default=True)
 @click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -359,6 +365,7 @@ def train(
     crop: int | None,
     crop_epochs: int | None,
     validate_every: int,
+    tile_spacing_mm: float | None,
     train_count: int,
     val_count: int,
     seed: int,
@@ -393,6 +400,7 @@ def train(
         crop=crop,
         crop_epochs=crop_epochs,
         validate_every=validate_every,
+        tile_spacing_mm=tile_spacing_mm,
     )
     try:
         if phantom:
@@ -410,6 +418,7 @@ def train(
                 + (f" --crop {crop}" if crop else "")
                 + (f" --crop-epochs {crop_epochs}" if crop_epochs else "")
                 + (f" --val-every {validate_every}" if validate_every > 1 else "")
+                + (f" --tile-spacing-mm {tile_spacing_mm:g}" if tile_spacing_mm else "")
             )
             request = TrainRequest(
                 dataset,

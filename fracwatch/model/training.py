@@ -59,6 +59,9 @@ class TrainConfig:
     crop: int | None = None  # train on crops this size (px of the input): fracture sites, their twins, anywhere
     crop_epochs: int | None = None  # with crop: this many epochs on crops, then whole images (None: crops only)
     validate_every: int = 1  # in a phase before the last, validate every this many epochs (and at its end)
+    # images of known spacing are scored as tiles no coarser than this (mm per input pixel; transforms.tile_grid):
+    # training sees each as its tile that holds the fracture, validation scores all of them
+    tile_spacing_mm: float | None = None
 
     @property
     def outputs(self) -> int:
@@ -261,6 +264,7 @@ def train_network(
     progress: Callable[[int, int], None] | None = None,
     boxes: torch.Tensor | None = None,
     partners: torch.Tensor | None = None,
+    validation_owners: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train with AdamW, class-balanced loss (BCE with pos_weight, or weighted cross-entropy), one-cycle schedules;
     keep the epoch with the best validation AUROC (fracture vs none) and stop after ``patience`` epochs without gain
@@ -273,6 +277,8 @@ def train_network(
     binary network with a logit map (``networks.ResNetLogitMap``); other networks ignore them. ``partners``
     (N,) — each image's twin (the same image without the fracture), -1 where none — puts twins in the same batch
     under the same spatial augmentation: the one difference the batch shows between them is the fracture.
+    ``validation_owners`` (M,): the validation item each of M inputs belongs to (an image's tiles), which then
+    scores as its strongest input; None: one input per item.
     """
     torch.manual_seed(config.seed)
     device = select_device(config.device)
@@ -364,7 +370,7 @@ def train_network(
                 progress(epoch, batch_number)
         record: dict[str, float] = {"epoch": epoch, "loss": total / len(images)}
         if _validates(epoch, phase, plan, config.validate_every):
-            val_auc = auroc(truth, predict_tensors(network, validation[0], device))
+            val_auc = auroc(truth, strongest(predict_tensors(network, validation[0], device), validation_owners))
             record["val_auroc"] = val_auc
             if val_auc > best_auc:
                 best_auc, best_state, stale = val_auc, copy.deepcopy(network.state_dict()), 0
@@ -389,8 +395,19 @@ def train_network(
             )
     network.load_state_dict(best_state)
     result.network = network.cpu().eval()
-    result.validation_probabilities = predict_tensors(result.network, validation[0], torch.device("cpu"))
+    scores = predict_tensors(result.network, validation[0], torch.device("cpu"))
+    result.validation_probabilities = strongest(scores, validation_owners)
     return result
+
+
+def strongest(values: np.ndarray, owners: torch.Tensor | None) -> np.ndarray:
+    """Per item, the largest of its inputs' ``values`` (``owners``: each input's item, every item present; None:
+    one input per item)."""
+    if owners is None:
+        return values
+    out = np.full(int(owners.max()) + 1, -np.inf, dtype=np.asarray(values).dtype)
+    np.maximum.at(out, owners.numpy(), values)
+    return out
 
 
 def _epoch_order(count: int, partners: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
@@ -568,7 +585,12 @@ def build_card(
         version=version,
         device_uid=new_device_uid(),
         architecture=Architecture(name=builder, params=params),
-        preprocessing=Preprocessing(input_size=config.input_size, percentile_low=0.5, percentile_high=99.5),
+        preprocessing=Preprocessing(
+            input_size=config.input_size,
+            percentile_low=0.5,
+            percentile_high=99.5,
+            tile_spacing_mm=config.tile_spacing_mm,
+        ),
         class_names=list(config.classes),
         operating_points=points,
         weights=Weights(sha256="0" * 64),

@@ -206,6 +206,39 @@ def box_tile(item: Item, grid: TileGrid) -> tuple[int, tuple[float, float, float
     return best, (x0, y0, x1, y1)
 
 
+def chosen_tiles(items: Sequence[Item], config: PreprocessConfig) -> tuple[list[TileGrid | None], list[int | None]]:
+    """Per item, its tile grid under ``config`` (None: one whole-image input) and, where one input per item is
+    wanted (training, breaks seen), the tile that stands for it: the one that holds its fracture's box best, the
+    same tile for the fractured image's twin (same pose, same grid). None where no box says which (no grid, or a
+    data set without boxes): such an item stands as its whole image. From headers; no pixels read."""
+    grids: list[TileGrid | None] = []
+    for item in items:
+        spacing = item_spacing(item)
+        grids.append(tile_grid(_shape(item), spacing, config) if spacing is not None else None)
+    tiles: list[int | None] = [None] * len(items)
+    for index, (item, grid) in enumerate(zip(items, grids, strict=True)):
+        if grid is not None and item.box is not None and item.size is not None:
+            tiles[index] = box_tile(item, grid)[0]
+    partners = twin_partners(items)
+    for index, item in enumerate(items):
+        twin = int(partners[index]) if partners is not None else -1
+        tile = tiles[index]
+        if item.label == 1 and twin >= 0 and tile is not None and (grid := grids[twin]) is not None:
+            tiles[twin] = min(tile, len(grid.origins) - 1)
+    return grids, tiles
+
+
+def chosen_boxes(
+    items: Sequence[Item], grids: Sequence[TileGrid | None], tiles: Sequence[int | None], size: int
+) -> torch.Tensor:
+    """(N, 4) fracture boxes in the pixels of each item's chosen input (``chosen_tiles``), NaN where none."""
+    boxes = input_boxes(items, size)
+    for index, (item, grid, tile) in enumerate(zip(items, grids, tiles, strict=True)):
+        if grid is not None and tile is not None and item.box is not None and item.size is not None:
+            boxes[index] = torch.tensor(box_tile(item, grid)[1])
+    return boxes
+
+
 def read_folder(root: Path) -> list[Item]:
     """Class subfolders (FracAtlas, Kaggle and alike); a ``train``/``val``/``test`` parent becomes the split."""
     items = []
@@ -349,18 +382,24 @@ class LoadedInputs:
 class _Preprocessed(torch.utils.data.Dataset[tuple[list[torch.Tensor], TileGrid | None, str]]):
     """Items through the daemon's pipeline, one by one: (the first frame's inputs, its tile grid, the error)."""
 
-    def __init__(self, items: Sequence[Item], config: PreprocessConfig) -> None:
-        self.items, self.config = items, config
+    def __init__(self, items: Sequence[Item], config: PreprocessConfig, tiles: Sequence[int | None] | None) -> None:
+        self.items, self.config, self.tiles = items, config, tiles
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], TileGrid | None, str]:
         item = self.items[index]
-        loaded = load_file(item.path, self.config, item_spacing(item))
+        tile = self.tiles[index] if self.tiles is not None else None
+        whole = self.tiles is not None and tile is None
+        loaded = load_file(item.path, replace(self.config, tile_spacing_mm=None) if whole else self.config,
+                           item_spacing(item))  # fmt: skip
         if loaded.error is not None or not loaded.inputs:
             return [], None, loaded.error or "no image"
-        return [tensor.to(torch.float16) for tensor in loaded.display_inputs], loaded.grid, ""
+        inputs = loaded.display_inputs
+        if tile is not None:
+            inputs = [inputs[min(tile, len(inputs) - 1)]]
+        return [tensor.to(torch.float16) for tensor in inputs], loaded.grid, ""
 
 
 def load_inputs(
@@ -368,13 +407,15 @@ def load_inputs(
     config: PreprocessConfig,
     progress: Callable[[int], None] | None = None,
     workers: int = 0,
+    tiles: Sequence[int | None] | None = None,
 ) -> LoadedInputs:
-    """Every item's network inputs (first frame; its tiles where ``config`` tiles it) through the daemon's
-    pipeline — in this process, or decoded by ``workers`` DataLoader processes (one thread each; the same
-    tensors, in order). An unreadable image stops the load with a ``DatasetError`` naming its file; DataLoader
-    refuses ``workers < 0``."""
+    """Every item's network inputs (first frame; its tiles where ``config`` tiles it — or, with ``tiles``, its
+    ``tiles[i]``-th tile only, its whole image where that is None)
+    through the daemon's pipeline — in this process, or decoded by ``workers`` DataLoader processes (one thread
+    each; the same tensors, in order). An unreadable image stops the load with a ``DatasetError`` naming its
+    file; DataLoader refuses ``workers < 0``."""
     loader = torch.utils.data.DataLoader(
-        _Preprocessed(items, config), batch_size=16, num_workers=workers, collate_fn=list
+        _Preprocessed(items, config, tiles), batch_size=16, num_workers=workers, collate_fn=list
     )
     chunks: list[torch.Tensor] = []
     owners: list[int] = []
@@ -399,6 +440,7 @@ def load_tensors(
     progress: Callable[[int], None] | None = None,
     workers: int = 0,
 ) -> torch.Tensor:
-    """Preprocessed (N, 1, S, S) float16 whole-image inputs, one per item (``load_inputs`` without tiles: what
-    training's tensors are)."""
-    return load_inputs(items, replace(config, tile_spacing_mm=None), progress, workers).images
+    """Preprocessed (N, 1, S, S) float16 inputs, one per item: its chosen tile where ``config`` tiles it and a box
+    says which (``chosen_tiles``), else its whole image — what training's tensors are."""
+    tiles = chosen_tiles(items, config)[1] if config.tile_spacing_mm is not None else [None] * len(items)
+    return load_inputs(items, config, progress, workers, tiles).images

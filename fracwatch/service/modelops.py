@@ -48,7 +48,8 @@ from fracwatch.service.datasets import (
     Item,
     LoadedInputs,
     assign_splits,
-    box_tile,
+    chosen_boxes,
+    chosen_tiles,
     input_boxes,
     input_spacing_band,
     load_inputs,
@@ -116,13 +117,18 @@ def _load(
     )
 
 
-def _boxes(items: Sequence[Item], size: int) -> torch.Tensor | None:
-    """The fractures' boxes in input pixels (NaN where none), or None when no item has one."""
+def _boxes(items: Sequence[Item], config: PreprocessConfig) -> torch.Tensor | None:
+    """The fractures' boxes in the pixels of each item's training input (its whole image or its chosen tile),
+    NaN where none, or None when no item has one."""
     if not any(i.box is not None for i in items):
         return None
-    boxes = input_boxes(items, size)
+    grids, tiles = chosen_tiles(items, config)
+    boxes = chosen_boxes(items, grids, tiles, config.input_size)
     LOGGER.info(
-        "%d of %d fractured images carry a box", int((~torch.isnan(boxes[:, 0])).sum()), sum(i.label for i in items)
+        "%d of %d fractured images carry a box; %d tiled images stand as their fracture's tile",
+        int((~torch.isnan(boxes[:, 0])).sum()),
+        sum(i.label for i in items),
+        sum(t is not None for t in tiles),
     )
     return boxes
 
@@ -194,15 +200,26 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
     for name, part in (("training", train_items), ("validation", val_items)):
         if len({i.label for i in part}) < 2:
             raise DatasetError(f"the {name} split needs fractured and non-fractured images")
-    preprocess = PreprocessConfig(input_size=config.input_size)
+    preprocess = PreprocessConfig(input_size=config.input_size, tile_spacing_mm=config.tile_spacing_mm)
     train_images = _load(train_items, preprocess, progress, "loading training images", request.load_workers)
-    val_images = _load(val_items, preprocess, progress, "loading validation images", request.load_workers)
+    # validation scores an image as the daemon does: all its tiles, the strongest counts
+    validation = load_inputs(
+        val_items,
+        preprocess,
+        (lambda n: progress("loading validation images", n, len(val_items))) if progress else None,
+        request.load_workers,
+    )
     train_targets, val_targets = _targets(train_items, classes), _targets(val_items, classes)
-    boxes = _boxes(train_items + val_items, config.input_size)
+    boxes = _boxes(train_items + val_items, preprocess)
     request.out.mkdir(parents=True, exist_ok=True)
     cv = None
     if request.folds > 1:
         pool = train_items + val_items
+        val_images = (
+            validation.images
+            if len(validation.images) == len(val_items)
+            else _load(val_items, preprocess, progress, "loading validation images as folds", request.load_workers)
+        )
         cv = cross_validate(
             pool,
             torch.cat([train_images, val_images]),
@@ -223,12 +240,13 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
 
     result = train_network(
         (train_images, train_targets),
-        (val_images, val_targets),
+        (validation.images, val_targets),
         config,
         checkpoint,
         batches,
         boxes=boxes[: len(train_items)] if boxes is not None else None,
         partners=twin_partners(train_items),
+        validation_owners=validation.owners if len(validation.images) != len(val_items) else None,
     )
     counts = {
         split: {"images": len(part), "fractured": sum(i.label for i in part)}
@@ -384,19 +402,14 @@ def break_rises(
     return rises
 
 
-def break_inputs(items: Sequence[Item], loaded: LoadedInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """One input per item for ``break_rises`` and the breaks' boxes in its pixels: the whole-image input, or the
-    tile that holds the box best — the same tile of the fractured image's twin (same pose, same grid)."""
-    first, counts = loaded.first(), torch.bincount(loaded.owners, minlength=len(items))
-    offsets = torch.zeros(len(items), dtype=torch.long)
-    boxes = input_boxes(items, loaded.images.shape[-1])
-    for index, (item, grid) in enumerate(zip(items, loaded.grids, strict=True)):
-        if grid is not None and item.box is not None and item.size is not None:
-            tile, box = box_tile(item, grid)
-            offsets[index], boxes[index] = tile, torch.tensor(box)
-    for fractured, twin in _twin_pairs(items):
-        offsets[twin] = min(int(offsets[fractured]), int(counts[twin]) - 1)
-    return loaded.images[first + offsets], boxes
+def break_inputs(
+    items: Sequence[Item], loaded: LoadedInputs, config: PreprocessConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One input per item for ``break_rises`` and the breaks' boxes in its pixels: its chosen tile where it was
+    tiled (``chosen_tiles``: the one holding the box best, the same for its twin), else its first input."""
+    grids, tiles = chosen_tiles(items, config)
+    offsets = torch.tensor([tile or 0 for tile in tiles], dtype=torch.long)
+    return loaded.images[loaded.first() + offsets], chosen_boxes(items, grids, tiles, config.input_size)
 
 
 def breaks_seen(rises: dict[int, float]) -> dict[str, Any]:
@@ -490,7 +503,7 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     binary = len(bundle.card.class_names) == 2  # a multi-class map's channel 0 is "no fracture"
     rises = None
     if twins is not None and binary:
-        inputs, boxes = break_inputs(items, loaded)
+        inputs, boxes = break_inputs(items, loaded, preprocess)
         rises = break_rises(bundle.network, inputs, items, device, boxes)
     if twins is not None and rises is not None:
         twins["localised"] = breaks_seen(rises)

@@ -37,8 +37,11 @@ from fracwatch.service.datasets import (
     SPACING_BANDS,
     DatasetError,
     Item,
+    chosen_boxes,
+    chosen_tiles,
     input_boxes,
     input_spacing_band,
+    load_inputs,
     load_tensors,
     read_dataset,
     twin_partners,
@@ -635,3 +638,46 @@ def test_crop_training_and_augmentation_run_on_cuda() -> None:
     result = train_network((images, labels), (images, labels), config, boxes=boxes)
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert all(bool(torch.isfinite(p).all()) for p in result.network.parameters())
+
+
+def test_a_tiled_image_trains_as_its_fracture_tile_and_its_twin_as_the_same_tile(
+    phantoms: Path, tmp_path: Path
+) -> None:
+    """Whole-chest-like images (320 mm at 1 mm per pixel) under a 0.5 mm tile spacing: training sees the tile
+    that holds the break, and the twin's same tile; validation scores every tile; the card keeps the spacing."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(0.4, 0.05, (256, 320)).clip(0, 1)
+    broken = base.copy()
+    broken[200:212, 250:262] = 1.0  # the "break": bottom right, far from the first tiles
+    folder = tmp_path / "wide"
+    (folder / "images").mkdir(parents=True)
+    for name, pixels in (("f.png", broken), ("t.png", base)):
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(folder / "images" / name)
+    fields = ["image", "label", "split", "pose", "index", "twin_of", "x0", "y0", "x1", "y1", "pixel_spacing_mm"]
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(fields)
+        writer.writerow(["images/f.png", 1, "train", 0, 0, "", 250, 200, 262, 212, "1.0"])
+        writer.writerow(["images/t.png", 0, "train", 0, 1, 0, "", "", "", "", "1.0"])
+    items = read_dataset(folder)
+    config = PreprocessConfig(input_size=64, tile_spacing_mm=0.5)
+    grids, tiles = chosen_tiles(items, config)
+    assert grids[0] is not None and grids[0] == grids[1] and len(grids[0].origins) > 1
+    assert tiles[0] is not None and tiles[0] > 0 and tiles[1] == tiles[0]
+    boxes = chosen_boxes(items, grids, tiles, 64)
+    assert bool((boxes[0] >= 0).all() and (boxes[0] <= 64).all()) and bool(torch.isnan(boxes[1]).all())
+    x0, y0, x1, y1 = (int(v) for v in boxes[0])
+    training = load_tensors(items, config)
+    assert training.shape == (2, 1, 64, 64)
+    assert float(training[0, 0, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].mean()) > 0.95  # the break is in its tile
+    assert float(training[1, 0, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].mean()) < 0.9  # the twin's same tile has none
+    everything = load_inputs(items, config)
+    assert len(everything.images) == 2 * len(grids[0].origins) and everything.owners.tolist()[0] == 0
+
+    model = tmp_path / "model"
+    trained = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(model), *FAST, "--arch",
+                                       "tiny-resnet-map", "--tile-spacing-mm", "0.5"])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    card = load_bundle(model).card
+    assert card.preprocessing.tile_spacing_mm == 0.5 and "--tile-spacing-mm 0.5" in card.training["command"]
+    assert 0.0 <= card.metrics["validation_auroc"] <= 1.0
