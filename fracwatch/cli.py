@@ -670,7 +670,20 @@ def resend(config_file: Path | None, study_uid: str, **overrides: Any) -> None:
     type=click.Path(path_type=Path, file_okay=False),
     help="Write a Grad-CAM overlay PNG per scored file into this directory.",
 )
-def predict(files: tuple[Path, ...], model: Path | None, device: str, as_json: bool, cam_dir: Path | None) -> None:
+@click.option(
+    "--pixel-spacing",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Millimetres per pixel of the PNG/JPEG files (DICOM files' come from their headers): a bundle that tiles "
+    "then scores them as the daemon scores DICOM images of that spacing.",
+)
+def predict(
+    files: tuple[Path, ...],
+    model: Path | None,
+    device: str,
+    as_json: bool,
+    cam_dir: Path | None,
+    pixel_spacing: float | None,
+) -> None:
     """Score PNG, JPEG or DICOM files with the daemon's pipeline."""
     from fracwatch.model.bundle import load_bundle
     from fracwatch.model.predictor import Predictor
@@ -683,7 +696,8 @@ def predict(files: tuple[Path, ...], model: Path | None, device: str, as_json: b
         predictor = Predictor(bundle.network, device)
     except (FracwatchError, ValueError) as exc:
         _fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))
-    loaded = [load_file(path, bundle.preprocess_config) if path.is_file() else _missing(path) for path in files]
+    config = bundle.preprocess_config
+    loaded = [load_file(path, config, pixel_spacing) if path.is_file() else _missing(path) for path in files]
     probabilities = score_loaded(loaded, predictor)
     cams: list[Path | None] = [None] * len(files)
     if cam_dir is not None:

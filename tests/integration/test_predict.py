@@ -92,3 +92,12 @@ def test_a_bundle_that_tiles_scores_a_dicom_image_as_its_strongest_tile(tmp_path
     assert abs(row["probability"] - strongest) < 1e-5
     with Image.open(row["cam"]) as cam:
         assert cam.size[0] == phantom.image.shape[1]  # the overlay is drawn on the whole image, caption below
+
+    # a picture of the same pixels: one whole-image input, unless --pixel-spacing says how fine it is
+    png = picture(tmp_path / "same.png", True, 78)
+    plain, spaced = (
+        json.loads(CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", *extra, str(png)]).output)[0]
+        for extra in ([], ["--pixel-spacing", "0.15"])
+    )
+    assert plain["frames"] == spaced["frames"] == 1 and plain["probability"] != spaced["probability"]
+    assert abs(spaced["probability"] - row["probability"]) < 0.05  # 8-bit picture against 16-bit DICOM
