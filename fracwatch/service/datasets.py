@@ -421,16 +421,21 @@ def load_inputs(
     owners: list[int] = []
     grids: list[TileGrid | None] = []
     for batch in loader:
+        received: list[torch.Tensor] = []
         for inputs, grid, error in batch:
             if error:
                 raise DatasetError(f"{items[len(grids)].path}: {error}")
             owners.extend([len(grids)] * len(inputs))
-            chunks.extend(inputs)
+            received.extend(inputs)
             grids.append(grid)
+        if received:
+            # one copy per batch into this process's memory: a worker's tensors arrive in shared memory, one file
+            # descriptor each, and tens of thousands kept alive exhaust the process's descriptors
+            chunks.append(torch.stack(received))
         if progress is not None:
             progress(len(grids))
     size = config.input_size
-    images = torch.stack(chunks) if chunks else torch.empty((0, 1, size, size), dtype=torch.float16)
+    images = torch.cat(chunks) if chunks else torch.empty((0, 1, size, size), dtype=torch.float16)
     return LoadedInputs(images, torch.tensor(owners, dtype=torch.long), grids)
 
 
