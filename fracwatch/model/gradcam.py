@@ -23,8 +23,19 @@ def last_conv_layer(network: torch.nn.Module) -> str:
     return name
 
 
+def _unit_range(maps: torch.Tensor) -> torch.Tensor:
+    """Each (1, H, W) map scaled to [0, 1], strongest evidence 1; a flat map (no evidence anywhere) all 0.
+
+    Not MONAI's ``default_normalizer``: it maps (min, max) to (1, 0) — it flips the map, so the evidence would be
+    the coolest place on the overlay."""
+    low = maps.amin(dim=(1, 2, 3), keepdim=True)
+    span = maps.amax(dim=(1, 2, 3), keepdim=True) - low
+    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-12), torch.zeros_like(maps))
+
+
 def grad_cam(network: torch.nn.Module, inputs: torch.Tensor, target_layer: str | None = None) -> np.ndarray:
-    """Heatmaps in [0, 1], shape (N, S, S), for preprocessed inputs (N, 1, S, S), on the CPU in float32.
+    """Heatmaps in [0, 1], shape (N, S, S), for preprocessed inputs (N, 1, S, S), on the CPU in float32: 1 where
+    the evidence for the explained class is strongest.
 
     Runs with gradients (Grad-CAM needs them), on a copy-free eval-mode network; parameters are not changed. An
     ensemble (``members``) is explained by the mean of its members' heatmaps, each for its own logit.
@@ -34,7 +45,7 @@ def grad_cam(network: torch.nn.Module, inputs: torch.Tensor, target_layer: str |
         return np.mean([grad_cam(member, inputs) for member in members], axis=0).astype(np.float32)
     network = network.eval()
     layer = target_layer or last_conv_layer(network)
-    cam = GradCAM(nn_module=network, target_layers=layer)
+    cam = GradCAM(nn_module=network, target_layers=layer, postprocessing=_unit_range)
     with torch.no_grad():
         outputs = network(inputs[:1].float()).shape[1]
     with torch.enable_grad():

@@ -167,8 +167,15 @@ def network_inputs(image: np.ndarray, config: PreprocessConfig, spacing_mm: floa
     return [preprocess(image, config)] if grid is None else preprocess_tiles(image, grid, config)
 
 
-def stitch_tiles(grid: TileGrid, maps: np.ndarray) -> np.ndarray:
-    """Per-tile (n, S, S) maps (Grad-CAM) → one map over the grid's canvas, the maximum where tiles overlap."""
+def stitch_tiles(grid: TileGrid, maps: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Per-tile (n, S, S) maps (Grad-CAM) → one map over the grid's canvas, the maximum where tiles overlap.
+
+    Grad-CAM scales each tile's map to [0, 1] on its own, so every tile would show a hot spot; ``weights`` (n,) —
+    the tiles' fracture probabilities — scale each by its share of the strongest, so a tile the network finds
+    nothing in stays dim."""
+    if weights is not None:
+        share = np.asarray(weights, dtype=np.float32) / max(float(np.max(weights)), 1e-6)
+        maps = maps * share[:, None, None]
     out = np.zeros(grid.canvas, dtype=np.float32)
     for (top, left), tile in zip(grid.origins, maps, strict=True):
         window = out[top : top + grid.size, left : left + grid.size]

@@ -134,12 +134,12 @@ def algorithm_identity(bundle: Bundle) -> AlgorithmIdentity:
     return AlgorithmIdentity(card.name, card.version, card.device_uid, __version__)
 
 
-def _heatmap(image: LoadedImage, maps: np.ndarray, size: int) -> np.ndarray:
-    """The first frame's heat map over its field of view: the tiles' maps stitched on the canvas, or the
-    whole-image input's map cropped to the image inside the padding."""
+def _heatmap(image: LoadedImage, maps: np.ndarray, size: int, predictor: Predictor) -> np.ndarray:
+    """The first frame's heat map over its field of view: the tiles' maps stitched on the canvas, each weighted
+    by its tile's probability, or the whole-image input's map cropped to the image inside the padding."""
     assert image.display is not None
     if image.grid is not None:
-        return stitch_tiles(image.grid, maps)
+        return stitch_tiles(image.grid, maps, predictor.predict(image.display_inputs))
     top, left, height, width = content_box(image.display.shape, size)
     return maps[0][top : top + height, left : left + width]
 
@@ -161,7 +161,7 @@ def overlay_images(
             OverlayImage(
                 header=image.header if image.header is not None else Dataset(),
                 display=image.display,
-                heatmap=_heatmap(image, heatmaps[cursor : cursor + count], size),
+                heatmap=_heatmap(image, heatmaps[cursor : cursor + count], size, predictor),
                 probability=probability,
                 category=bundle.category(probability),
             )

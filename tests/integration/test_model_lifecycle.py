@@ -626,6 +626,23 @@ def test_grad_cam_shape_and_range(arch: str, outputs: int) -> None:
     assert all(p.grad is None for p in network.parameters())
 
 
+def test_grad_cam_is_hottest_where_the_logit_map_is_highest() -> None:
+    """For a logit-map network Grad-CAM of the image logit (the map's maximum) is the map above its bias: its hot
+    spot must be the strongest cell, not the coolest (MONAI's default normaliser flips maps to (1, 0))."""
+    torch.manual_seed(0)
+    builder, params = PRESETS["tiny-resnet-map16"]
+    network = build_network(builder, {**params, "outputs": 1}).eval()
+    inputs = torch.rand(3, 1, 128, 128)
+    with torch.no_grad():
+        cells = network.logit_map(inputs)[:, 0]  # (3, 8, 8): one cell per 16 × 16 pixels
+    maps = grad_cam(network, inputs)
+    for image in range(3):
+        row, col = divmod(int(cells[image].argmax()), cells.shape[-1])
+        hot_row, hot_col = divmod(int(maps[image].argmax()), 128)
+        assert abs(hot_row // 16 - row) <= 1 and abs(hot_col // 16 - col) <= 1, (image, (row, col), (hot_row, hot_col))
+        assert float(maps[image].max()) == 1.0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_crop_training_and_augmentation_run_on_cuda() -> None:

@@ -78,6 +78,12 @@ def test_stitched_maps_cover_the_canvas_with_the_maximum_over_overlaps() -> None
     stitched = stitch_tiles(grid, maps)
     top, left = grid.origins[-1]
     assert stitched.shape == grid.canvas and stitched[top + 100, left + 120] == 1.0 and stitched.sum() == 1.0
+    # Grad-CAM scales every tile to [0, 1]: weighted by the tiles' probabilities, a weak tile stays dim
+    everywhere = np.ones((len(grid.origins), 256, 256), dtype=np.float32)
+    weights = np.full(len(grid.origins), 0.05)
+    weights[-1] = 0.5
+    dimmed = stitch_tiles(grid, everywhere, weights)
+    assert dimmed[top + 100, left + 120] == 1.0 and np.isclose(dimmed[0, 0], 0.1)
 
 
 def test_decode_target_keeps_enough_pixels_for_the_canvas() -> None:
