@@ -3,42 +3,39 @@ against its tiles at the bundle's ``tile_spacing_mm``.
 
     python bench/tiles.py [--model models/fracwatch-drr] [--rows 3000 --columns 2500 --spacing 0.15] [--repeat 5]
 
-Builds a DX image of that size and Imager Pixel Spacing (smooth noise: the content does not change the time),
-then times ``load_dicom`` (decode, LUTs, downsample, preprocess) and the network through the daemon's own
-Predictor, both ways, best of ``--repeat``; prints the tile count, each time and the ratio.
+Writes a DX image of that size and Imager Pixel Spacing with ``fracwatch synth``'s DICOM writer (smooth noise:
+the content does not change the time), then times ``load_dicom`` (decode, LUTs, downsample, preprocess) and the
+network through the daemon's own Predictor, both ways, best of ``--repeat``; prints the tile count, each time and
+the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom import Dataset, dcmread
 
 from fracwatch.model.bundle import load_bundle
 from fracwatch.model.predictor import Predictor
 from fracwatch.service.scoring import load_dicom, score_loaded
+from fracwatch.synth.dicomio import write_dx
 
 
-def radiograph(rows: int, columns: int, spacing: float) -> Dataset:
+def radiograph(folder: Path, rows: int, columns: int, spacing: float) -> Dataset:
+    """A DX image written by ``fracwatch synth``'s own DICOM writer (smooth noise: content does not change the
+    time), read back."""
     rng = np.random.default_rng(0)
     coarse = rng.random((rows // 50 + 2, columns // 50 + 2))
     pixels = np.kron(coarse, np.ones((50, 50)))[:rows, :columns] * 3000 + rng.normal(0, 30, (rows, columns))
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
-    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "DX", "MONOCHROME2", 1
-    ds.Rows, ds.Columns = rows, columns
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.ImagerPixelSpacing = [spacing, spacing]
-    ds.PixelData = np.clip(pixels, 0, 4095).astype(np.uint16).tobytes()
-    return ds
+    record = {"pose": 0, "index": 0, "bone_class": "rib", "view": "AP", "pixel_spacing_mm": spacing}
+    written = write_dx(folder, "bench", np.clip(pixels, 0, 4095).astype(np.uint16), "MONOCHROME2", record, seed=0)
+    return dcmread(folder.parent / written["dicom"])
 
 
 def best(repeat: int, run: Callable[[], object]) -> float:
@@ -63,7 +60,8 @@ def main() -> None:
     if tiled.tile_spacing_mm is None:
         raise SystemExit(f"{args.model} does not tile (no preprocessing.tile_spacing_mm in its card)")
     whole = dataclasses.replace(tiled, tile_spacing_mm=None)
-    ds = radiograph(args.rows, args.columns, args.spacing)
+    with tempfile.TemporaryDirectory() as scratch:
+        ds = radiograph(Path(scratch) / "dicom", args.rows, args.columns, args.spacing)
     predictor = Predictor(bundle.network, "auto")
     results = {}
     for name, config in (("whole", whole), ("tiled", tiled)):

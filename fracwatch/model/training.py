@@ -370,7 +370,7 @@ def train_network(
                 progress(epoch, batch_number)
         record: dict[str, float] = {"epoch": epoch, "loss": total / len(images)}
         if _validates(epoch, phase, plan, config.validate_every):
-            val_auc = auroc(truth, strongest(predict_tensors(network, validation[0], device), validation_owners))
+            val_auc = auroc(truth, _per_item(predict_tensors(network, validation[0], device), validation_owners))
             record["val_auroc"] = val_auc
             if val_auc > best_auc:
                 best_auc, best_state, stale = val_auc, copy.deepcopy(network.state_dict()), 0
@@ -396,18 +396,22 @@ def train_network(
     network.load_state_dict(best_state)
     result.network = network.cpu().eval()
     scores = predict_tensors(result.network, validation[0], torch.device("cpu"))
-    result.validation_probabilities = strongest(scores, validation_owners)
+    result.validation_probabilities = _per_item(scores, validation_owners)
     return result
 
 
-def strongest(values: np.ndarray, owners: torch.Tensor | None) -> np.ndarray:
-    """Per item, the largest of its inputs' ``values`` (``owners``: each input's item, every item present; None:
-    one input per item)."""
-    if owners is None:
-        return values
-    out = np.full(int(owners.max()) + 1, -np.inf, dtype=np.asarray(values).dtype)
-    np.maximum.at(out, owners.numpy(), values)
-    return out
+def strongest_inputs(values: np.ndarray, owners: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per item, the largest of its inputs' ``values`` and the input holding it (the first among equals);
+    ``owners`` (M,): each input's item, ascending, every item present — an image's tiles score as the
+    strongest."""
+    owner = owners.numpy()
+    order = np.lexsort((-np.asarray(values), owner))  # by item, then the largest value first
+    first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]]
+    return np.asarray(values)[first], first
+
+
+def _per_item(values: np.ndarray, owners: torch.Tensor | None) -> np.ndarray:
+    return values if owners is None else strongest_inputs(values, owners)[0]
 
 
 def _epoch_order(count: int, partners: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:

@@ -62,14 +62,7 @@ def inference_transforms(config: PreprocessConfig) -> Compose:
         [
             BlockDownsample(int(size * config.downsample_to)),
             Resize(spatial_size=size, size_mode="longest", mode="area"),
-            ScaleIntensityRangePercentiles(
-                lower=config.percentile_low,
-                upper=config.percentile_high,
-                b_min=0.0,
-                b_max=1.0,
-                clip=True,
-                dtype=np.float32,
-            ),
+            _percentile_window(config),
             SpatialPad(spatial_size=(size, size), mode="constant"),
         ]
     )
@@ -138,11 +131,25 @@ def tile_grid(shape: tuple[int, int], spacing_mm: float | None, config: Preproce
         target *= 1.05
 
 
-def _scaled(tile: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
+def _percentile_window(config: PreprocessConfig) -> ScaleIntensityRangePercentiles:
+    return ScaleIntensityRangePercentiles(
+        lower=config.percentile_low,
+        upper=config.percentile_high,
+        b_min=0.0,
+        b_max=1.0,
+        clip=True,
+        dtype=np.float32,
+    )
+
+
+def _windowed_tile(tile: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
+    # The same window as ``_percentile_window`` in numpy: MONAI's goes through torch.quantile, 4 ms a call on a
+    # 256² tile on this CPU — 81 ms for nine tiles' windows against 6 ms here; bench/tiles.py: a tiled image's
+    # load 112-121 ms with MONAI's, 30-34 ms with this.
     low, high = np.percentile(tile, [config.percentile_low, config.percentile_high])
     scaled = np.clip((tile - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(tile)
     out = np.zeros((1, config.input_size, config.input_size), dtype=np.float32)
-    out[0, : tile.shape[0], : tile.shape[1]] = scaled
+    out[0, : tile.shape[0], : tile.shape[1]] = scaled  # padded at the end
     return torch.from_numpy(out)
 
 
@@ -151,19 +158,16 @@ def preprocess_tiles(image: np.ndarray, grid: TileGrid, config: PreprocessConfig
     looks like a detail view of that region); a tile short of S at a canvas edge is padded at its end."""
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {image.shape}")
-    data = np.asarray(image, dtype=np.float32)[np.newaxis]
-    data = block_mean(data, downsample_factor(data.shape, int(max(grid.canvas) * config.downsample_to)))
+    data = BlockDownsample(int(max(grid.canvas) * config.downsample_to))(np.asarray(image, dtype=np.float32)[None])
     upsampling = max(grid.canvas) > max(data.shape[-2:])
-    canvas = Resize(spatial_size=grid.canvas, mode="bilinear" if upsampling else "area")(data)
-    pixels = np.asarray(canvas, dtype=np.float32)[0]
+    canvas = np.asarray(Resize(spatial_size=grid.canvas, mode="bilinear" if upsampling else "area")(data))[0]
     size = config.input_size
-    return [_scaled(pixels[top : top + size, left : left + size], config) for top, left in grid.origins]
+    return [_windowed_tile(canvas[top : top + size, left : left + size], config) for top, left in grid.origins]
 
 
-def network_inputs(image: np.ndarray, config: PreprocessConfig, spacing_mm: float | None = None) -> list[torch.Tensor]:
-    """The network inputs of one 2-D image: its tiles where ``tile_grid`` asks for them, else one whole-image
-    input (``preprocess``). The image's score is the maximum over them."""
-    grid = tile_grid(image.shape, spacing_mm, config) if image.ndim == 2 else None
+def network_inputs(image: np.ndarray, config: PreprocessConfig, grid: TileGrid | None) -> list[torch.Tensor]:
+    """The network inputs of one 2-D image: the tiles of ``grid`` (``tile_grid``), or one whole-image input
+    (``preprocess``) where it is None. The image's score is the maximum over them."""
     return [preprocess(image, config)] if grid is None else preprocess_tiles(image, grid, config)
 
 

@@ -153,11 +153,11 @@ def input_spacing_band(item: Item, config: PreprocessConfig) -> str:
     input's, or over its tile canvas's where ``config`` tiles it), as a band — "" where the item has no spacing
     (not a synth manifest) or its image cannot be read."""
     spacing = item_spacing(item)
+    if spacing is None:
+        return ""
     try:
         shape = _shape(item)
     except OSError:
-        return ""
-    if spacing is None:
         return ""
     grid = tile_grid(shape, spacing, config)
     mm = spacing * max(shape) / (max(grid.canvas) if grid is not None else config.input_size)
@@ -206,37 +206,42 @@ def box_tile(item: Item, grid: TileGrid) -> tuple[int, tuple[float, float, float
     return best, (x0, y0, x1, y1)
 
 
-def chosen_tiles(items: Sequence[Item], config: PreprocessConfig) -> tuple[list[TileGrid | None], list[int | None]]:
-    """Per item, its tile grid under ``config`` (None: one whole-image input) and, where one input per item is
-    wanted (training, breaks seen), the tile that stands for it: the one that holds its fracture's box best, the
-    same tile for the fractured image's twin (same pose, same grid). None where no box says which (no grid, or a
-    data set without boxes): such an item stands as its whole image. From headers; no pixels read."""
-    grids: list[TileGrid | None] = []
-    for item in items:
-        spacing = item_spacing(item)
-        grids.append(tile_grid(_shape(item), spacing, config) if spacing is not None else None)
+def item_grids(items: Sequence[Item], config: PreprocessConfig) -> list[TileGrid | None]:
+    """Each item's tile grid under ``config`` (None: one whole-image input), from its manifest spacing and its
+    image's header — no pixels read (what ``load_inputs`` returns as ``grids`` for manifest items)."""
+    return [
+        tile_grid(_shape(item), spacing, config) if (spacing := item_spacing(item)) is not None else None
+        for item in items
+    ]
+
+
+@dataclass(frozen=True)
+class ChosenTiles:
+    """Where one input per item is wanted (training, breaks seen): ``tiles`` — the tile that stands for each
+    item, None for its whole image — and ``boxes`` (N, 4), its fracture's box in that input's pixels, NaN where
+    none."""
+
+    tiles: list[int | None]
+    boxes: torch.Tensor
+
+
+def chosen_tiles(items: Sequence[Item], grids: Sequence[TileGrid | None], size: int) -> ChosenTiles:
+    """A tiled item stands as the tile that holds its fracture's box best, a fractured image's twin as the same
+    tile (same pose, same grid); an item no box places (no grid, or a data set without boxes) as its whole
+    image."""
     tiles: list[int | None] = [None] * len(items)
+    boxes = input_boxes(items, size)
     for index, (item, grid) in enumerate(zip(items, grids, strict=True)):
         if grid is not None and item.box is not None and item.size is not None:
-            tiles[index] = box_tile(item, grid)[0]
+            best, box = box_tile(item, grid)
+            tiles[index], boxes[index] = best, torch.tensor(box)
     partners = twin_partners(items)
     for index, item in enumerate(items):
         twin = int(partners[index]) if partners is not None else -1
         tile = tiles[index]
         if item.label == 1 and twin >= 0 and tile is not None and (grid := grids[twin]) is not None:
             tiles[twin] = min(tile, len(grid.origins) - 1)
-    return grids, tiles
-
-
-def chosen_boxes(
-    items: Sequence[Item], grids: Sequence[TileGrid | None], tiles: Sequence[int | None], size: int
-) -> torch.Tensor:
-    """(N, 4) fracture boxes in the pixels of each item's chosen input (``chosen_tiles``), NaN where none."""
-    boxes = input_boxes(items, size)
-    for index, (item, grid, tile) in enumerate(zip(items, grids, tiles, strict=True)):
-        if grid is not None and tile is not None and item.box is not None and item.size is not None:
-            boxes[index] = torch.tensor(box_tile(item, grid)[1])
-    return boxes
+    return ChosenTiles(tiles, boxes)
 
 
 def read_folder(root: Path) -> list[Item]:
@@ -370,13 +375,10 @@ class LoadedInputs:
         counts = torch.bincount(self.owners, minlength=len(self.grids))
         return torch.cumsum(counts, 0) - counts
 
-    def per_item_max(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(per-item maximum of a per-input value, the input that holds it)."""
-        best = np.full(len(self.grids), -1, dtype=np.int64)
-        for index, owner in enumerate(self.owners.tolist()):
-            if best[owner] < 0 or values[index] > values[best[owner]]:
-                best[owner] = index
-        return values[best], best
+    @property
+    def one_per_item(self) -> bool:
+        """Whether no item was tiled (``images`` holds exactly one input per item)."""
+        return len(self.images) == len(self.grids)
 
 
 class _Preprocessed(torch.utils.data.Dataset[tuple[list[torch.Tensor], TileGrid | None, str]]):
@@ -447,5 +449,6 @@ def load_tensors(
 ) -> torch.Tensor:
     """Preprocessed (N, 1, S, S) float16 inputs, one per item: its chosen tile where ``config`` tiles it and a box
     says which (``chosen_tiles``), else its whole image — what training's tensors are."""
-    tiles = chosen_tiles(items, config)[1] if config.tile_spacing_mm is not None else [None] * len(items)
+    tiled = config.tile_spacing_mm is not None
+    tiles = chosen_tiles(items, item_grids(items, config), config.input_size).tiles if tiled else None
     return load_inputs(items, config, progress, workers, tiles).images

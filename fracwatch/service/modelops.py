@@ -40,6 +40,7 @@ from fracwatch.model.training import (
     build_card,
     class_probabilities,
     operating_points,
+    strongest_inputs,
     train_network,
 )
 from fracwatch.pipeline.transforms import PreprocessConfig
@@ -48,10 +49,10 @@ from fracwatch.service.datasets import (
     Item,
     LoadedInputs,
     assign_splits,
-    chosen_boxes,
     chosen_tiles,
     input_boxes,
     input_spacing_band,
+    item_grids,
     load_inputs,
     load_tensors,
     read_dataset,
@@ -122,15 +123,14 @@ def _boxes(items: Sequence[Item], config: PreprocessConfig) -> torch.Tensor | No
     NaN where none, or None when no item has one."""
     if not any(i.box is not None for i in items):
         return None
-    grids, tiles = chosen_tiles(items, config)
-    boxes = chosen_boxes(items, grids, tiles, config.input_size)
+    chosen = chosen_tiles(items, item_grids(items, config), config.input_size)
     LOGGER.info(
         "%d of %d fractured images carry a box; %d tiled images stand as their fracture's tile",
-        int((~torch.isnan(boxes[:, 0])).sum()),
+        int((~torch.isnan(chosen.boxes[:, 0])).sum()),
         sum(i.label for i in items),
-        sum(t is not None for t in tiles),
+        sum(t is not None for t in chosen.tiles),
     )
-    return boxes
+    return chosen.boxes
 
 
 def group_folds(items: Sequence[Item], folds: int, seed: int) -> list[list[int]]:
@@ -217,7 +217,7 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
         pool = train_items + val_items
         val_images = (
             validation.images
-            if len(validation.images) == len(val_items)
+            if validation.one_per_item
             else _load(val_items, preprocess, progress, "loading validation images as folds", request.load_workers)
         )
         cv = cross_validate(
@@ -246,7 +246,7 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
         batches,
         boxes=boxes[: len(train_items)] if boxes is not None else None,
         partners=twin_partners(train_items),
-        validation_owners=validation.owners if len(validation.images) != len(val_items) else None,
+        validation_owners=validation.owners,
     )
     counts = {
         split: {"images": len(part), "fractured": sum(i.label for i in part)}
@@ -402,14 +402,12 @@ def break_rises(
     return rises
 
 
-def break_inputs(
-    items: Sequence[Item], loaded: LoadedInputs, config: PreprocessConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+def break_inputs(items: Sequence[Item], loaded: LoadedInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """One input per item for ``break_rises`` and the breaks' boxes in its pixels: its chosen tile where it was
     tiled (``chosen_tiles``: the one holding the box best, the same for its twin), else its first input."""
-    grids, tiles = chosen_tiles(items, config)
-    offsets = torch.tensor([tile or 0 for tile in tiles], dtype=torch.long)
-    return loaded.images[loaded.first() + offsets], chosen_boxes(items, grids, tiles, config.input_size)
+    chosen = chosen_tiles(items, loaded.grids, loaded.images.shape[-1])
+    offsets = torch.tensor([tile or 0 for tile in chosen.tiles], dtype=torch.long)
+    return loaded.images[loaded.first() + offsets], chosen.boxes
 
 
 def breaks_seen(rises: dict[int, float]) -> dict[str, Any]:
@@ -497,13 +495,13 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     )
     device = torch.device("cuda" if request.device != "cpu" and torch.cuda.is_available() else "cpu")
     per_input_classes, per_input = class_probabilities(bundle.network.to(device), loaded.images, device)
-    probabilities, strongest = loaded.per_item_max(per_input)  # an image scores as its strongest tile
+    probabilities, strongest = strongest_inputs(per_input, loaded.owners)  # an image scores as its strongest tile
     classes = per_input_classes[strongest]
     twins = twin_comparison(items, probabilities)
     binary = len(bundle.card.class_names) == 2  # a multi-class map's channel 0 is "no fracture"
     rises = None
     if twins is not None and binary:
-        inputs, boxes = break_inputs(items, loaded, preprocess)
+        inputs, boxes = break_inputs(items, loaded)
         rises = break_rises(bundle.network, inputs, items, device, boxes)
     if twins is not None and rises is not None:
         twins["localised"] = breaks_seen(rises)

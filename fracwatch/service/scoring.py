@@ -76,8 +76,8 @@ def mean_spacing(spacing: tuple[float, float] | None) -> float | None:
 
 
 def _inputs(frames: Sequence[np.ndarray], config: PreprocessConfig, spacing_mm: float | None) -> LoadedImage:
-    inputs = [tensor for frame in frames for tensor in network_inputs(frame, config, spacing_mm)]
-    grid = tile_grid(frames[0].shape, spacing_mm, config)
+    grid = tile_grid(frames[0].shape, spacing_mm, config)  # an instance's frames share one shape
+    inputs = [tensor for frame in frames for tensor in network_inputs(frame, config, grid)]
     return LoadedImage(inputs=inputs, display=frames[0], frames=len(frames), grid=grid)
 
 

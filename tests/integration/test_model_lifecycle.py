@@ -30,6 +30,7 @@ from fracwatch.model.training import (
     box_masks,
     localisation_loss,
     phases,
+    strongest_inputs,
     train_network,
 )
 from fracwatch.pipeline.transforms import PreprocessConfig
@@ -37,10 +38,10 @@ from fracwatch.service.datasets import (
     SPACING_BANDS,
     DatasetError,
     Item,
-    chosen_boxes,
     chosen_tiles,
     input_boxes,
     input_spacing_band,
+    item_grids,
     load_inputs,
     load_tensors,
     read_dataset,
@@ -678,10 +679,11 @@ def test_a_tiled_image_trains_as_its_fracture_tile_and_its_twin_as_the_same_tile
         writer.writerow(["images/t.png", 0, "train", 0, 1, 0, "", "", "", "", "1.0"])
     items = read_dataset(folder)
     config = PreprocessConfig(input_size=64, tile_spacing_mm=0.5)
-    grids, tiles = chosen_tiles(items, config)
+    grids = item_grids(items, config)
     assert grids[0] is not None and grids[0] == grids[1] and len(grids[0].origins) > 1
+    chosen = chosen_tiles(items, grids, 64)
+    tiles, boxes = chosen.tiles, chosen.boxes
     assert tiles[0] is not None and tiles[0] > 0 and tiles[1] == tiles[0]
-    boxes = chosen_boxes(items, grids, tiles, 64)
     assert bool((boxes[0] >= 0).all() and (boxes[0] <= 64).all()) and bool(torch.isnan(boxes[1]).all())
     x0, y0, x1, y1 = (int(v) for v in boxes[0])
     training = load_tensors(items, config)
@@ -690,6 +692,10 @@ def test_a_tiled_image_trains_as_its_fracture_tile_and_its_twin_as_the_same_tile
     assert float(training[1, 0, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].mean()) < 0.9  # the twin's same tile has none
     everything = load_inputs(items, config)
     assert len(everything.images) == 2 * len(grids[0].origins) and everything.owners.tolist()[0] == 0
+    assert everything.grids == grids and not everything.one_per_item  # the headers' grids are the loader's
+    # an image scores as its strongest input, the first among equals
+    values = np.array([0.2, 0.9, 0.9, 0.1, 0.4])
+    assert [a.tolist() for a in strongest_inputs(values, torch.tensor([0, 0, 0, 1, 1]))] == [[0.9, 0.4], [1, 4]]
 
     model = tmp_path / "model"
     trained = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(model), *FAST, "--arch",

@@ -87,7 +87,7 @@ def test_a_bundle_that_tiles_scores_a_dicom_image_as_its_strongest_tile(tmp_path
     (row,) = json.loads(result.output)
     assert row["frames"] == 1 and row["error"] is None
     with torch.inference_mode():
-        tiles = torch.stack(network_inputs(loaded.display, config, 0.15))
+        tiles = torch.stack(network_inputs(loaded.display, config, grid))
         strongest = float(torch.sigmoid(bundle.network(tiles)).max())
     assert abs(row["probability"] - strongest) < 1e-5
     with Image.open(row["cam"]) as cam:
