@@ -66,9 +66,9 @@ def main() -> None:
     results = {}
     for name, config in (("whole", whole), ("tiled", tiled)):
         loaded = load_dicom(ds, config)
-        score_loaded([loaded], predictor)  # warm-up
+        score_loaded([loaded], predictor, config)  # warm-up
         load_s = best(args.repeat, lambda config=config: load_dicom(ds, config))
-        score_s = best(args.repeat, lambda loaded=loaded: score_loaded([loaded], predictor))
+        score_s = best(args.repeat, lambda loaded=loaded, config=config: score_loaded([loaded], predictor, config))
         results[name] = (len(loaded.inputs), load_s, score_s)
         print(f"{name}: {len(loaded.inputs)} input(s); load {load_s * 1000:6.1f} ms, network {score_s * 1000:6.1f} ms")
     ratio = sum(results["tiled"][1:]) / sum(results["whole"][1:])

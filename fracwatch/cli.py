@@ -338,6 +338,12 @@ def _progress_printer() -> Callable[[str, int, int], None]:
     help="Images of known pixel spacing coarser than this many mm per input pixel (whole chests) are scored as "
     "tiles at it: trained on the tile holding the fracture, validated on all; stored in the bundle.",
 )
+@click.option(
+    "--tile-count-correction",
+    is_flag=True,
+    help="With --tile-spacing-mm: a tiled image's fracture odds are its strongest tile's divided by its tile count "
+    "(validation and the bundle score so).",
+)
 @click.option("--train-count", type=click.IntRange(10, 10_000_000), default=3000, show_default=True)
 @click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -366,6 +372,7 @@ def train(
     crop_epochs: int | None,
     validate_every: int,
     tile_spacing_mm: float | None,
+    tile_count_correction: bool,
     train_count: int,
     val_count: int,
     seed: int,
@@ -384,6 +391,8 @@ def train(
         raise click.UsageError("give a DATASET or --phantom (one of them)")
     if crop_epochs is not None and crop is None:
         raise click.BadParameter("--crop-epochs needs --crop", param_hint="--crop-epochs")
+    if tile_count_correction and not tile_spacing_mm:
+        raise click.BadParameter("needs --tile-spacing-mm", param_hint="--tile-count-correction")
     if arch not in PRESETS:
         raise click.BadParameter(f"{arch!r}; choose from {', '.join(PRESETS)}", param_hint="--arch")
     config = TrainConfig(
@@ -401,6 +410,7 @@ def train(
         crop_epochs=crop_epochs,
         validate_every=validate_every,
         tile_spacing_mm=tile_spacing_mm,
+        tile_count_correction=tile_count_correction,
     )
     try:
         if phantom:
@@ -419,6 +429,7 @@ def train(
                 + (f" --crop-epochs {crop_epochs}" if crop_epochs else "")
                 + (f" --val-every {validate_every}" if validate_every > 1 else "")
                 + (f" --tile-spacing-mm {tile_spacing_mm:g}" if tile_spacing_mm else "")
+                + (" --tile-count-correction" if tile_count_correction else "")
             )
             request = TrainRequest(
                 dataset,
@@ -481,6 +492,12 @@ def train(
     help="Score images of known pixel spacing as tiles no coarser than this many mm per input pixel (0: whole "
     "images), instead of the bundle's setting; with --set-operating-points it is written into the bundle too.",
 )
+@click.option(
+    "--tile-count-correction/--no-tile-count-correction",
+    default=None,
+    help="Divide a tiled image's strongest-tile fracture odds by its tile count, or not, instead of the bundle's "
+    "setting; with --set-operating-points it is written into the bundle too.",
+)
 @LOAD_WORKERS
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def evaluate(
@@ -497,6 +514,7 @@ def evaluate(
     bootstrap: int,
     device: str,
     tile_spacing_mm: float | None,
+    tile_count_correction: bool | None,
     load_workers: int,
     as_json: bool,
 ) -> None:
@@ -520,6 +538,7 @@ def evaluate(
         device,
         load_workers,
         tile_spacing_mm,
+        tile_count_correction,
     )
     try:
         report = evaluate_bundle(request, _progress_printer())
@@ -698,7 +717,7 @@ def predict(
         _fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))
     config = bundle.preprocess_config
     loaded = [load_file(path, config, pixel_spacing) if path.is_file() else _missing(path) for path in files]
-    probabilities = score_loaded(loaded, predictor)
+    probabilities = score_loaded(loaded, predictor, config)
     cams: list[Path | None] = [None] * len(files)
     if cam_dir is not None:
         cams = write_cam_pictures([str(f) for f in files], loaded, probabilities, predictor, bundle, cam_dir)

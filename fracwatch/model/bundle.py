@@ -41,6 +41,8 @@ class Preprocessing(BaseModel):
     tile_spacing_mm: float | None = Field(default=None, gt=0)
     max_tiles: int = Field(default=9, ge=1, le=64)
     tile_overlap: float = Field(default=0.25, ge=0, lt=1)
+    # a tiled image's odds: its strongest tile's divided by its tile count (transforms.tile_count_corrected)
+    tile_count_correction: bool = False
 
     def config(self) -> PreprocessConfig:
         return PreprocessConfig(**self.model_dump())

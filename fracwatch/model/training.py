@@ -34,7 +34,7 @@ from fracwatch.model.metrics import at_threshold, auroc, threshold_for_sensitivi
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom
 from fracwatch.model.predictor import fracture_probability, select_device
-from fracwatch.pipeline.transforms import PreprocessConfig, preprocess
+from fracwatch.pipeline.transforms import PreprocessConfig, preprocess, tile_count_corrected
 
 LOGGER = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class TrainConfig:
     # images of known spacing are scored as tiles no coarser than this (mm per input pixel; transforms.tile_grid):
     # training sees each as its tile that holds the fracture, validation scores all of them
     tile_spacing_mm: float | None = None
+    # validation (and the card) divide a tiled image's strongest-tile odds by its tile count
+    tile_count_correction: bool = False
 
     @property
     def outputs(self) -> int:
@@ -370,7 +372,8 @@ def train_network(
                 progress(epoch, batch_number)
         record: dict[str, float] = {"epoch": epoch, "loss": total / len(images)}
         if _validates(epoch, phase, plan, config.validate_every):
-            val_auc = auroc(truth, _per_item(predict_tensors(network, validation[0], device), validation_owners))
+            scores = predict_tensors(network, validation[0], device)
+            val_auc = auroc(truth, image_probabilities(scores, validation_owners, config.tile_count_correction)[0])
             record["val_auroc"] = val_auc
             if val_auc > best_auc:
                 best_auc, best_state, stale = val_auc, copy.deepcopy(network.state_dict()), 0
@@ -396,7 +399,7 @@ def train_network(
     network.load_state_dict(best_state)
     result.network = network.cpu().eval()
     scores = predict_tensors(result.network, validation[0], torch.device("cpu"))
-    result.validation_probabilities = _per_item(scores, validation_owners)
+    result.validation_probabilities = image_probabilities(scores, validation_owners, config.tile_count_correction)[0]
     return result
 
 
@@ -410,8 +413,19 @@ def strongest_inputs(values: np.ndarray, owners: torch.Tensor) -> tuple[np.ndarr
     return np.asarray(values)[first], first
 
 
-def _per_item(values: np.ndarray, owners: torch.Tensor | None) -> np.ndarray:
-    return values if owners is None else strongest_inputs(values, owners)[0]
+def image_probabilities(
+    values: np.ndarray, owners: torch.Tensor | None, count_correction: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per item, its fracture probability from its inputs' ``values`` — the strongest, its odds divided by the
+    item's input count with ``count_correction`` (``transforms.tile_count_corrected``) — and the input holding
+    it; ``owners`` as for ``strongest_inputs``, None: one input per item."""
+    values = np.asarray(values)
+    if owners is None:
+        return values, np.arange(len(values))
+    strongest, first = strongest_inputs(values, owners)
+    if count_correction:
+        strongest = tile_count_corrected(strongest, np.bincount(owners.numpy()))
+    return strongest, first
 
 
 def _epoch_order(count: int, partners: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
@@ -594,6 +608,7 @@ def build_card(
             percentile_low=0.5,
             percentile_high=99.5,
             tile_spacing_mm=config.tile_spacing_mm,
+            tile_count_correction=config.tile_count_correction,
         ),
         class_names=list(config.classes),
         operating_points=points,

@@ -39,6 +39,8 @@ class PreprocessConfig:
     tile_spacing_mm: float | None = None
     max_tiles: int = 9  # more would be needed: the spacing is coarsened until this many cover the image
     tile_overlap: float = 0.25  # of input_size: a break near a tile's edge lies whole inside its neighbour
+    # a tiled image's fracture odds are its strongest tile's divided by its tile count (``tile_count_corrected``)
+    tile_count_correction: bool = False
 
 
 class BlockDownsample(Transform):
@@ -169,6 +171,18 @@ def network_inputs(image: np.ndarray, config: PreprocessConfig, grid: TileGrid |
     """The network inputs of one 2-D image: the tiles of ``grid`` (``tile_grid``), or one whole-image input
     (``preprocess``) where it is None. The image's score is the maximum over them."""
     return [preprocess(image, config)] if grid is None else preprocess_tiles(image, grid, config)
+
+
+def tile_count_corrected(probability: np.ndarray, tiles: np.ndarray) -> np.ndarray:
+    """The fracture probability of images scored as the strongest of ``tiles`` inputs each, from that strongest
+    input's ``probability``: its odds divided by the count (``tiles`` 1: unchanged).
+
+    The strongest of n looks at a normal image fires about n times as often as one look does (a Bonferroni
+    correction, in odds): uncorrected, a tiled whole chest's normals outrank detail views' normals — one input
+    each — and both share one threshold. Equivalent to subtracting log n from the strongest logit."""
+    p = np.asarray(probability, dtype=np.float64)
+    n = np.asarray(tiles, dtype=np.float64)
+    return p / (p + n * (1.0 - p))
 
 
 def stitch_tiles(grid: TileGrid, maps: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:

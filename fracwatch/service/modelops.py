@@ -39,8 +39,8 @@ from fracwatch.model.training import (
     box_masks,
     build_card,
     class_probabilities,
+    image_probabilities,
     operating_points,
-    strongest_inputs,
     train_network,
 )
 from fracwatch.pipeline.transforms import PreprocessConfig
@@ -200,7 +200,11 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
     for name, part in (("training", train_items), ("validation", val_items)):
         if len({i.label for i in part}) < 2:
             raise DatasetError(f"the {name} split needs fractured and non-fractured images")
-    preprocess = PreprocessConfig(input_size=config.input_size, tile_spacing_mm=config.tile_spacing_mm)
+    preprocess = PreprocessConfig(
+        input_size=config.input_size,
+        tile_spacing_mm=config.tile_spacing_mm,
+        tile_count_correction=config.tile_count_correction,
+    )
     train_images = _load(train_items, preprocess, progress, "loading training images", request.load_workers)
     # validation scores an image as the daemon does: all its tiles, the strongest counts
     validation = load_inputs(
@@ -307,6 +311,9 @@ class EvaluateRequest:
     # score with tiles at this spacing (0: whole images) instead of the bundle's; with set_operating_points it is
     # stored with the points, which hold only for the scoring they were chosen with
     tile_spacing_mm: float | None = None
+    # divide a tiled image's strongest-tile odds by its tile count (None: as the bundle's card says); stored like
+    # tile_spacing_mm
+    tile_count_correction: bool | None = None
 
 
 def _binary_summary(labels: np.ndarray, probabilities: np.ndarray, card: ModelCard, resamples: int) -> dict[str, Any]:
@@ -476,11 +483,12 @@ def _multiclass(items: Sequence[Item], classes: np.ndarray, names: list[str], ou
 def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) -> dict[str, Any]:
     """Score a labelled data set with a bundle; write report.json and ROC/PR/calibration/confusion plots."""
     stored = load_bundle(request.bundle)
-    bundle = _with_tiles(stored, request.tile_spacing_mm)
+    bundle = _with_tiles(stored, request.tile_spacing_mm, request.tile_count_correction)
     if request.record_in_card and not request.set_operating_points and bundle.card != stored.card:
         raise FracwatchError(
-            "--record-in-card with another --tile-spacing-mm than the bundle's would record results its operating "
-            "points were not chosen for; choose them too (--set-operating-points on validation data) first"
+            "--record-in-card with another --tile-spacing-mm or --tile-count-correction than the bundle's would "
+            "record results its operating points were not chosen for; choose them too (--set-operating-points on "
+            "validation data) first"
         )
     items = read_dataset(request.source, request.layout, request.labels_csv)
     split = request.split or ("test" if any(i.split == "test" for i in items) else None)
@@ -495,7 +503,8 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     )
     device = torch.device("cuda" if request.device != "cpu" and torch.cuda.is_available() else "cpu")
     per_input_classes, per_input = class_probabilities(bundle.network.to(device), loaded.images, device)
-    probabilities, strongest = strongest_inputs(per_input, loaded.owners)  # an image scores as its strongest tile
+    # an image scores as its strongest tile (odds divided by its tile count where the card says so)
+    probabilities, strongest = image_probabilities(per_input, loaded.owners, preprocess.tile_count_correction)
     classes = per_input_classes[strongest]
     twins = twin_comparison(items, probabilities)
     binary = len(bundle.card.class_names) == 2  # a multi-class map's channel 0 is "no fracture"
@@ -553,11 +562,17 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     return report
 
 
-def _with_tiles(bundle: Bundle, tile_spacing_mm: float | None) -> Bundle:
-    """The bundle as it scores with ``tile_spacing_mm`` (0: whole images; None: as its card says)."""
-    if tile_spacing_mm is None:
+def _with_tiles(bundle: Bundle, tile_spacing_mm: float | None, tile_count_correction: bool | None = None) -> Bundle:
+    """The bundle as it scores with ``tile_spacing_mm`` (0: whole images) and ``tile_count_correction`` (None,
+    either: as its card says)."""
+    update: dict[str, Any] = {}
+    if tile_spacing_mm is not None:
+        update["tile_spacing_mm"] = tile_spacing_mm or None
+    if tile_count_correction is not None:
+        update["tile_count_correction"] = tile_count_correction
+    if not update:
         return bundle
-    preprocessing = bundle.card.preprocessing.model_copy(update={"tile_spacing_mm": tile_spacing_mm or None})
+    preprocessing = bundle.card.preprocessing.model_copy(update=update)
     return Bundle(bundle.path, bundle.card.model_copy(update={"preprocessing": preprocessing}), bundle.network)
 
 

@@ -38,6 +38,7 @@ from fracwatch.pipeline.transforms import (
     decode_target,
     network_inputs,
     stitch_tiles,
+    tile_count_corrected,
     tile_grid,
 )
 from fracwatch.report.overlay import OverlayImage, build_kos, build_overlay, render
@@ -112,8 +113,12 @@ def load_file(path: Path, config: PreprocessConfig, spacing_mm: float | None = N
     return load_dicom(ds, config)
 
 
-def score_loaded(images: Sequence[LoadedImage], predictor: Predictor) -> list[float | None]:
-    """Probability per image (max over its frames and tiles), None where loading failed; one batched pass."""
+def score_loaded(
+    images: Sequence[LoadedImage], predictor: Predictor, config: PreprocessConfig
+) -> list[float | None]:
+    """Probability per image (max over its frames and tiles; with ``config.tile_count_correction`` the odds
+    divided by the tile count, ``tile_count_corrected``), None where loading failed; one batched pass."""
+    correct = config.tile_count_correction
     inputs = [tensor for image in images for tensor in image.inputs]
     probabilities = predictor.predict(inputs)
     out: list[float | None] = []
@@ -123,7 +128,9 @@ def score_loaded(images: Sequence[LoadedImage], predictor: Predictor) -> list[fl
             out.append(None)
             continue
         count = len(image.inputs)
-        out.append(float(np.max(probabilities[cursor : cursor + count])))
+        strongest = np.max(probabilities[cursor : cursor + count])
+        tiles = len(image.grid.origins) if correct and image.grid is not None else 1
+        out.append(float(tile_count_corrected(strongest, np.asarray(tiles))))
         cursor += count
     return out
 
@@ -256,7 +263,9 @@ class StudyScorer:
             work.append(_StudyWork(hand_over, instances, [self._load(ref) for ref in instances]))
         if not work:
             return
-        probabilities = score_loaded([image for item in work for image in item.images], self._predictor)
+        probabilities = score_loaded(
+            [image for item in work for image in item.images], self._predictor, self._bundle.preprocess_config
+        )
         cursor = 0
         for item in work:
             count = len(item.images)

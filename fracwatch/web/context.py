@@ -59,7 +59,7 @@ class ImageScorer:
         """Probability, category and Grad-CAM picture of a PNG/JPEG/DICOM file."""
         with self._lock:
             image: LoadedImage = load_file(path, self.bundle.preprocess_config)
-            probability = score_loaded([image], self._predictor)[0]
+            probability = score_loaded([image], self._predictor, self.bundle.preprocess_config)[0]
             picture = cam_pictures([image], [probability], self._predictor, self.bundle)[0]
         png = None
         if picture is not None:

@@ -149,6 +149,27 @@ def test_train_one_epoch_then_predict_and_evaluate(phantoms: Path, tmp_path: Pat
     assert refused.exit_code != 0 and "--set-operating-points" in refused.output
     assert load_bundle(model).card == retiled  # nothing written
 
+    # The tile-count correction: each image's score is its strongest tile's with the odds divided by its tile
+    # count; chosen and stored with the operating points like the spacing.
+    counted = CliRunner().invoke(cli, ["evaluate", str(phantoms), "--model", str(model), "--out", str(tmp_path / "n"),
+                                       "--split", "val", "--set-operating-points", "--tile-count-correction",
+                                       "--bootstrap", "100"])  # fmt: skip
+    assert counted.exit_code == 0, counted.output
+    recounted = load_bundle(model).card
+    assert recounted.preprocessing.tile_count_correction and recounted.preprocessing.tile_spacing_mm == 0.5
+    counted_report = json.loads((tmp_path / "n" / "report.json").read_text())
+    assert recounted.operating_points.model_dump() == counted_report["operating_points"]
+    val_items = [i for i in read_dataset(phantoms) if i.split == "val"]
+    grids = item_grids(val_items, recounted.preprocessing.config())
+    tiles = {str(i.path.relative_to(phantoms)): len(g.origins) for i, g in zip(val_items, grids, strict=True) if g}
+    before, after = (
+        {r["path"]: float(r["probability"]) for r in csv.DictReader((tmp_path / d / "scores.csv").open())}
+        for d in ("t", "n")
+    )
+    assert set(tiles) == set(before) == set(after)
+    for path, p in before.items():
+        assert abs(after[path] - p / (p + tiles[path] * (1 - p))) < 1e-5  # the report's 6 decimals
+
 
 def test_every_dataset_layout_loads(tmp_path: Path) -> None:
     fracatlas = tmp_path / "FracAtlas" / "images"
@@ -699,8 +720,10 @@ def test_a_tiled_image_trains_as_its_fracture_tile_and_its_twin_as_the_same_tile
 
     model = tmp_path / "model"
     trained = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(model), *FAST, "--arch",
-                                       "tiny-resnet-map", "--tile-spacing-mm", "0.5"])  # fmt: skip
+                                       "tiny-resnet-map", "--tile-spacing-mm", "0.5",
+                                       "--tile-count-correction"])  # fmt: skip
     assert trained.exit_code == 0, trained.output
     card = load_bundle(model).card
     assert card.preprocessing.tile_spacing_mm == 0.5 and "--tile-spacing-mm 0.5" in card.training["command"]
+    assert card.preprocessing.tile_count_correction and "--tile-count-correction" in card.training["command"]
     assert 0.0 <= card.metrics["validation_auroc"] <= 1.0

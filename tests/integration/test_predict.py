@@ -101,3 +101,11 @@ def test_a_bundle_that_tiles_scores_a_dicom_image_as_its_strongest_tile(tmp_path
     )
     assert plain["frames"] == spaced["frames"] == 1 and plain["probability"] != spaced["probability"]
     assert abs(spaced["probability"] - row["probability"]) < 0.05  # 8-bit picture against 16-bit DICOM
+
+    # with the tile-count correction in the card, the strongest tile's odds are divided by the tile count
+    card["preprocessing"]["tile_count_correction"] = True
+    (model / "model.json").write_text(json.dumps(card))
+    corrected = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", str(path)])
+    assert corrected.exit_code == 0, corrected.output
+    n = len(grid.origins)
+    assert abs(json.loads(corrected.output)[0]["probability"] - strongest / (strongest + n * (1 - strongest))) < 1e-5

@@ -36,7 +36,7 @@ def test_monochrome1_and_2_give_the_same_probability() -> None:
     mono1, mono2 = mono_pair()
     bundle = load_bundle(load_settings().model_path)
     predictor, config = Predictor(bundle.network, "cpu"), bundle.preprocess_config
-    p1, p2 = score_loaded([load_dicom(mono1, config), load_dicom(mono2, config)], predictor)
+    p1, p2 = score_loaded([load_dicom(mono1, config), load_dicom(mono2, config)], predictor, config)
     assert p1 is not None and p2 is not None
     assert abs(p1 - p2) < 1e-4
 

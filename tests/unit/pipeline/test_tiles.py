@@ -17,6 +17,7 @@ from fracwatch.pipeline.transforms import (
     network_inputs,
     preprocess_tiles,
     stitch_tiles,
+    tile_count_corrected,
     tile_grid,
 )
 
@@ -107,3 +108,15 @@ def test_a_dicom_header_spacing_is_what_tiles_a_radiograph() -> None:
     assert header_spacing(ds) == (0.2, 0.2)
     ds.PixelSpacing = [0.15, 0.16]  # calibrated at the patient: preferred
     assert header_spacing(ds) == (0.15, 0.16)
+
+
+def test_the_tile_count_correction_divides_the_strongest_tiles_odds_by_the_tile_count() -> None:
+    p = np.array([0.0, 0.1, 0.5, 0.9, 0.999, 1.0])
+    assert np.array_equal(tile_count_corrected(p, np.ones(6)), p)  # one input: unchanged
+    corrected = tile_count_corrected(p, np.full(6, 9))
+    logit = np.log(p[1:-1] / (1 - p[1:-1]))
+    expected = 1 / (1 + np.exp(-(logit - math.log(9))))  # the strongest logit less log n
+    assert np.allclose(corrected[1:-1], expected, rtol=1e-12)
+    assert corrected[0] == 0.0 and corrected[-1] == 1.0 and bool(np.all(np.diff(corrected) > 0))  # order kept
+    # more tiles, more looks: the same strongest tile counts for less
+    assert tile_count_corrected(np.array(0.8), np.array(4)) > tile_count_corrected(np.array(0.8), np.array(9))
