@@ -418,7 +418,8 @@ def image_probabilities(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per item, its fracture probability from its inputs' ``values`` — the strongest, its odds divided by the
     item's input count with ``count_correction`` (``transforms.tile_count_corrected``) — and the input holding
-    it; ``owners`` as for ``strongest_inputs``, None: one input per item."""
+    it; ``owners`` as for ``strongest_inputs``, None: one input per item. An item's inputs are one frame's
+    tiles (``datasets.load_inputs``), so their count is its tile count, as ``scoring.score_loaded`` counts it."""
     values = np.asarray(values)
     if owners is None:
         return values, np.arange(len(values))
