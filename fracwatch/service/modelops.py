@@ -200,11 +200,7 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
     for name, part in (("training", train_items), ("validation", val_items)):
         if len({i.label for i in part}) < 2:
             raise DatasetError(f"the {name} split needs fractured and non-fractured images")
-    preprocess = PreprocessConfig(
-        input_size=config.input_size,
-        tile_spacing_mm=config.tile_spacing_mm,
-        tile_count_correction=config.tile_count_correction,
-    )
+    preprocess = PreprocessConfig(input_size=config.input_size, tile_spacing_mm=config.tile_spacing_mm)
     train_images = _load(train_items, preprocess, progress, "loading training images", request.load_workers)
     # validation scores an image as the daemon does: all its tiles, the strongest counts
     validation = load_inputs(
@@ -483,7 +479,7 @@ def _multiclass(items: Sequence[Item], classes: np.ndarray, names: list[str], ou
 def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) -> dict[str, Any]:
     """Score a labelled data set with a bundle; write report.json and ROC/PR/calibration/confusion plots."""
     stored = load_bundle(request.bundle)
-    bundle = _with_tiles(stored, request.tile_spacing_mm, request.tile_count_correction)
+    bundle = _scored_as(stored, request.tile_spacing_mm, request.tile_count_correction)
     if request.record_in_card and not request.set_operating_points and bundle.card != stored.card:
         raise FracwatchError(
             "--record-in-card with another --tile-spacing-mm or --tile-count-correction than the bundle's would "
@@ -562,7 +558,7 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     return report
 
 
-def _with_tiles(bundle: Bundle, tile_spacing_mm: float | None, tile_count_correction: bool | None = None) -> Bundle:
+def _scored_as(bundle: Bundle, tile_spacing_mm: float | None, tile_count_correction: bool | None = None) -> Bundle:
     """The bundle as it scores with ``tile_spacing_mm`` (0: whole images) and ``tile_count_correction`` (None,
     either: as its card says)."""
     update: dict[str, Any] = {}

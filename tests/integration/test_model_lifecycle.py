@@ -28,6 +28,7 @@ from fracwatch.model.training import (
     _batch,
     _epoch_order,
     box_masks,
+    image_probabilities,
     localisation_loss,
     phases,
     strongest_inputs,
@@ -717,6 +718,12 @@ def test_a_tiled_image_trains_as_its_fracture_tile_and_its_twin_as_the_same_tile
     # an image scores as its strongest input, the first among equals
     values = np.array([0.2, 0.9, 0.9, 0.1, 0.4])
     assert [a.tolist() for a in strongest_inputs(values, torch.tensor([0, 0, 0, 1, 1]))] == [[0.9, 0.4], [1, 4]]
+    # training's validation and evaluate: the strongest, its odds divided by the item's tile count when asked
+    owners = torch.tensor([0, 0, 0, 1, 1])
+    assert [a.tolist() for a in image_probabilities(values, owners, False)] == [[0.9, 0.4], [1, 4]]
+    corrected, first = image_probabilities(values, owners, True)
+    assert np.allclose(corrected, [0.9 / (0.9 + 3 * 0.1), 0.4 / (0.4 + 2 * 0.6)]) and first.tolist() == [1, 4]
+    assert np.array_equal(image_probabilities(values, None, True)[0], values)  # one input per item: nothing to correct
 
     model = tmp_path / "model"
     trained = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(model), *FAST, "--arch",
