@@ -558,7 +558,7 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     return report
 
 
-def _scored_as(bundle: Bundle, tile_spacing_mm: float | None, tile_count_correction: bool | None = None) -> Bundle:
+def _scored_as(bundle: Bundle, tile_spacing_mm: float | None, tile_count_correction: bool | None) -> Bundle:
     """The bundle as it scores with ``tile_spacing_mm`` (0: whole images) and ``tile_count_correction`` (None,
     either: as its card says)."""
     update: dict[str, Any] = {}
