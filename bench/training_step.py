@@ -5,8 +5,10 @@
 Augmentation: fracwatch's batched ``Augmentation`` (one MONAI ``AffineTransform`` call per batch, on the
 batch's device) against the baseline it replaced, MONAI's array transforms called per image (RandRotate,
 RandZoom, RandFlip, RandAdjustContrast, RandGaussianNoise; a twin pair as two channels of one call). Step:
-forward, backward and AdamW on the logit map, contiguous (NCHW) against channels_last. For 96-px crops and
-whole 256-px inputs, random pixels (the cost does not depend on them). Prints seconds per batch and ratios.
+forward, backward and AdamW on the logit map, contiguous (NCHW) against channels_last, and channels_last in
+float32 against the bfloat16 autocast of ``train --precision bf16`` (on this machine's device: CUDA when there is
+one). For 96-px crops and whole 256-px inputs, random pixels (the cost does not depend on them). Prints seconds per
+batch and ratios.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandGaussianNoise, RandRotate, RandZoom
 
 from fracwatch.model.networks import PRESETS, build_network
-from fracwatch.model.training import Augmentation
+from fracwatch.model.predictor import select_device
+from fracwatch.model.training import Augmentation, step_autocast
 
 
 def per_image_monai(seed: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -51,18 +54,31 @@ def seconds(work: Callable[[], object], repeat: int) -> float:
     return (time.perf_counter() - started) / repeat
 
 
-def step_seconds(arch: str, images: torch.Tensor, memory_format: torch.memory_format, repeat: int) -> float:
-    """Forward, backward and AdamW of ``arch``'s logit map on ``images`` in ``memory_format``."""
+def step_seconds(
+    arch: str,
+    images: torch.Tensor,
+    memory_format: torch.memory_format,
+    repeat: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> float:
+    """Forward, backward and AdamW of ``arch``'s logit map on ``images`` in ``memory_format``, under training's
+    autocast to ``dtype`` (none for float32), on ``device`` (None: the CPU)."""
+    device = device or torch.device("cpu")
     builder, params = PRESETS[arch]
-    network = build_network(builder, {**params, "outputs": 1})
+    network = build_network(builder, {**params, "outputs": 1}).to(device)
     network.to(memory_format=memory_format)  # type: ignore[call-overload]
     optimiser = torch.optim.AdamW(network.parameters())
-    x = images.contiguous(memory_format=memory_format)
+    x = images.to(device).contiguous(memory_format=memory_format)
 
     def step() -> None:
         optimiser.zero_grad()
-        network.logit_map(x).amax(dim=(2, 3)).sum().backward()  # type: ignore[operator]
+        with step_autocast(device, dtype):
+            cells = network.logit_map(x).float()  # type: ignore[operator]
+        cells.amax(dim=(2, 3)).sum().backward()
         optimiser.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     return seconds(step, repeat)
 
@@ -85,6 +101,13 @@ def main() -> None:
         nchw = step_seconds(args.arch, images, torch.contiguous_format, repeat)
         last = step_seconds(args.arch, images, torch.channels_last, repeat)
         print(f"{size:>3} px {args.arch} step: NCHW {nchw:.3f} s, channels_last {last:.3f} s ({last / nchw:.2f}x)")
+        device = select_device("auto")
+        fp32 = step_seconds(args.arch, images, torch.channels_last, repeat, torch.float32, device)
+        bf16 = step_seconds(args.arch, images, torch.channels_last, repeat, torch.bfloat16, device)
+        print(
+            f"{size:>3} px {args.arch} step on {device.type}, channels_last: float32 {fp32:.3f} s, "
+            f"bfloat16 autocast {bf16:.3f} s ({bf16 / fp32:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

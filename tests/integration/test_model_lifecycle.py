@@ -734,3 +734,41 @@ def test_a_tiled_image_trains_as_its_fracture_tile_and_its_twin_as_the_same_tile
     assert card.preprocessing.tile_spacing_mm == 0.5 and "--tile-spacing-mm 0.5" in card.training["command"]
     assert card.preprocessing.tile_count_correction and "--tile-count-correction" in card.training["command"]
     assert 0.0 <= card.metrics["validation_auroc"] <= 1.0
+
+
+def test_bf16_training_steps_compute_in_bfloat16_and_validation_in_float32(phantoms: Path, tmp_path: Path) -> None:
+    """--precision bf16: every training step's convolutions run in bfloat16 (on a CPU too), the weights and the
+    loss stay float32, validation scores in float32; the card records the precision."""
+    assert training.step_dtype(torch.device("cpu"), "auto") == torch.float32
+    assert training.step_dtype(torch.device("cuda"), "auto") == torch.float16
+    assert training.step_dtype(torch.device("cuda"), "fp32") == torch.float32
+    assert training.step_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        training.step_dtype(torch.device("cpu"), "fp8")
+
+    images, labels = torch.rand(16, 1, 64, 64), torch.tensor([0.0, 1.0] * 8)
+    boxes = torch.tensor([[float("nan")] * 4, [10.0, 10.0, 20.0, 20.0]] * 8)
+    config = TrainConfig(arch="tiny-resnet-map16", input_size=64, batch_size=8, epochs=2, crop=32, crop_epochs=1,
+                         precision="bf16")  # fmt: skip
+    seen: list[tuple[bool, torch.dtype]] = []  # (training mode, dtype of the first convolution's output)
+    real_build = training.build_network
+
+    def spied_build(*args: object, **kwargs: object) -> torch.nn.Module:
+        network = real_build(*args, **kwargs)  # type: ignore[arg-type]
+        first = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
+        first.register_forward_hook(lambda module, _in, out: seen.append((module.training, out.dtype)))
+        return network
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "build_network", spied_build)
+        result = train_network((images, labels), (images, labels), config, boxes=boxes)
+    assert {dtype for mode, dtype in seen if mode} == {torch.bfloat16}
+    assert {dtype for mode, dtype in seen if not mode} == {torch.float32}
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in result.network.parameters())
+    assert all(np.isfinite(h["loss"]) for h in result.history) and [h["epoch"] for h in result.history] == [1, 2]
+
+    model = tmp_path / "model"
+    trained = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(model), *FAST, "--precision", "bf16"])
+    assert trained.exit_code == 0, trained.output
+    card = load_bundle(model).card
+    assert card.training["config"]["precision"] == "bf16" and "--precision bf16" in card.training["command"]
