@@ -65,8 +65,8 @@ class TrainConfig:
     # validation (and the card) divide a tiled image's strongest-tile odds by its tile count
     tile_count_correction: bool = False
     # training steps' arithmetic (validation and the bundle's scoring stay as they are: float32 on a CPU):
-    # "auto" float16 autocast on CUDA, float32 on a CPU; "bf16" bfloat16 autocast on either (a CPU with
-    # AVX512-BF16 or AMX takes about half the time a step, bench/training_step.py); "fp32" float32 everywhere
+    # "auto" float16 autocast on CUDA, float32 on a CPU; "bf16" bfloat16 autocast on either (an AVX512-BF16 CPU
+    # took 0.55-0.73x the time a step, bench/training_step.py); "fp32" float32 everywhere
     precision: str = "auto"
 
     @property
