@@ -22,8 +22,8 @@ import torch
 from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandGaussianNoise, RandRotate, RandZoom
 
 from fracwatch.model.networks import PRESETS, build_network
-from fracwatch.model.predictor import select_device
-from fracwatch.model.training import Augmentation, step_autocast
+from fracwatch.model.predictor import autocast, select_device
+from fracwatch.model.training import Augmentation
 
 
 def per_image_monai(seed: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -73,7 +73,7 @@ def step_seconds(
 
     def step() -> None:
         optimiser.zero_grad()
-        with step_autocast(device, dtype):
+        with autocast(device, dtype):
             cells = network.logit_map(x).float()  # type: ignore[operator]
         cells.amax(dim=(2, 3)).sum().backward()
         optimiser.step()
@@ -102,7 +102,12 @@ def main() -> None:
         last = step_seconds(args.arch, images, torch.channels_last, repeat)
         print(f"{size:>3} px {args.arch} step: NCHW {nchw:.3f} s, channels_last {last:.3f} s ({last / nchw:.2f}x)")
         device = select_device("auto")
-        fp32 = step_seconds(args.arch, images, torch.channels_last, repeat, torch.float32, device)
+        # on a CPU the float32 channels_last step is the one just measured
+        fp32 = (
+            last
+            if device.type == "cpu"
+            else step_seconds(args.arch, images, torch.channels_last, repeat, device=device)
+        )
         bf16 = step_seconds(args.arch, images, torch.channels_last, repeat, torch.bfloat16, device)
         print(
             f"{size:>3} px {args.arch} step on {device.type}, channels_last: float32 {fp32:.3f} s, "

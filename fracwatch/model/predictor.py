@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -20,6 +19,25 @@ def select_device(requested: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     return device
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype autocast computes in on ``device``: ``auto`` float16 on CUDA, float32 (no autocast) on a CPU —
+    inference always, training by default; ``bf16`` bfloat16 on either; ``fp32`` float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.float16 if precision == "auto" and device.type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None = None) -> torch.autocast:
+    """Autocast to ``dtype`` (None: ``autocast_dtype(device)``) on ``device``; disabled for float32."""
+    dtype = autocast_dtype(device) if dtype is None else dtype
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def fracture_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -44,14 +62,9 @@ class Predictor:
         self.network = network.to(memory_format=self._memory_format).eval()  # type: ignore[call-overload]
         LOGGER.info("inference on %s (batch %d)", self.device, self.batch_size)
 
-    def _autocast(self) -> AbstractContextManager[object]:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return nullcontext()
-
     def predict_batch(self, batch: torch.Tensor) -> np.ndarray:
         """Probabilities for a (N, 1, S, S) batch."""
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.device):
             inputs = batch.to(self.device, non_blocking=True).contiguous(memory_format=self._memory_format)
             return fracture_probability(self.network(inputs).float()).cpu().numpy().astype(np.float64)
 

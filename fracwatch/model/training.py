@@ -33,7 +33,7 @@ from fracwatch.model.bundle import (
 from fracwatch.model.metrics import at_threshold, auroc, threshold_for_sensitivity, threshold_for_specificity
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom
-from fracwatch.model.predictor import fracture_probability, select_device
+from fracwatch.model.predictor import autocast, autocast_dtype, fracture_probability, select_device
 from fracwatch.pipeline.transforms import PreprocessConfig, preprocess, tile_count_corrected
 
 LOGGER = logging.getLogger(__name__)
@@ -64,9 +64,9 @@ class TrainConfig:
     tile_spacing_mm: float | None = None
     # validation (and the card) divide a tiled image's strongest-tile odds by its tile count
     tile_count_correction: bool = False
-    # training steps' arithmetic (validation and the bundle's scoring stay as they are: float32 on a CPU):
-    # "auto" float16 autocast on CUDA, float32 on a CPU; "bf16" bfloat16 autocast on either (an AVX512-BF16 CPU
-    # took 0.55-0.73x the time a step, bench/training_step.py); "fp32" float32 everywhere
+    # training steps' autocast (predictor.autocast_dtype; validation and the bundle's scoring stay "auto"):
+    # "auto" float16 on CUDA, float32 on a CPU; "bf16" bfloat16 on either (an AVX512-BF16 CPU took 0.53-0.73x the
+    # time a step, bench/training_step.py); "fp32" float32 everywhere
     precision: str = "auto"
 
     @property
@@ -106,23 +106,6 @@ def _validates(epoch: int, phase: Phase, plan: list[Phase], every: int) -> bool:
     """Whether ``epoch`` ends with a validation: every epoch of the last phase (early stopping counts them), every
     ``every``-th of an earlier one and its last (the next phase starts from its best validated epoch)."""
     return phase is plan[-1] or epoch == phase.last or (epoch - phase.first + 1) % max(1, every) == 0
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def step_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """The dtype a training step's autocast computes in (see ``TrainConfig.precision``)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
-    if precision == "bf16":
-        return torch.bfloat16
-    return torch.float16 if precision == "auto" and device.type == "cuda" else torch.float32
-
-
-def step_autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
-    """Autocast to ``dtype`` on ``device``; disabled for float32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def _schedule(optimiser: torch.optim.Optimizer, phase: Phase, steps_per_epoch: int) -> Any:
@@ -246,7 +229,7 @@ def class_probabilities(
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             x = images[start : start + batch].to(device, dtype=torch.float32, memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            with autocast(device):
                 logits = network(x).float()
             p = fracture_probability(logits)
             fracture.append(p.cpu().numpy())
@@ -317,7 +300,7 @@ def train_network(
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     steps_per_epoch = (len(images) + config.batch_size - 1) // config.batch_size
     plan = phases(config)
-    dtype = step_dtype(device, config.precision)
+    dtype = autocast_dtype(device, config.precision)
     # float16 needs its loss scaled; bfloat16 has float32's exponent range and does not
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     augment = Augmentation(config.seed)
@@ -376,7 +359,7 @@ def train_network(
             )
             y = labels[batch_index].to(device)
             optimiser.zero_grad(set_to_none=True)
-            with step_autocast(device, dtype):
+            with autocast(device, dtype):
                 if masks is None:
                     out = network(x).float()  # the loss in float32 whatever the autocast
                     loss = loss_fn(out.reshape(-1), y.float()) if config.outputs == 1 else loss_fn(out, y.long())

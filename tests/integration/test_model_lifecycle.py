@@ -21,6 +21,7 @@ from fracwatch.model.bundle import load_bundle, sha256_of
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom, to_stored
+from fracwatch.model.predictor import PRECISIONS, autocast_dtype
 from fracwatch.model.training import (
     Augmentation,
     Phase,
@@ -739,12 +740,14 @@ def test_a_tiled_image_trains_as_its_fracture_tile_and_its_twin_as_the_same_tile
 def test_bf16_training_steps_compute_in_bfloat16_and_validation_in_float32(phantoms: Path, tmp_path: Path) -> None:
     """--precision bf16: every training step's convolutions run in bfloat16 (on a CPU too), the weights and the
     loss stay float32, validation scores in float32; the card records the precision."""
-    assert training.step_dtype(torch.device("cpu"), "auto") == torch.float32
-    assert training.step_dtype(torch.device("cuda"), "auto") == torch.float16
-    assert training.step_dtype(torch.device("cuda"), "fp32") == torch.float32
-    assert training.step_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu")) == torch.float32  # inference, and training by default
+    assert autocast_dtype(torch.device("cuda")) == torch.float16
+    assert autocast_dtype(torch.device("cuda"), "fp32") == torch.float32
+    assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="precision 'fp8'"):
-        training.step_dtype(torch.device("cpu"), "fp8")
+        autocast_dtype(torch.device("cpu"), "fp8")
+    option = next(o for o in cli.commands["train"].params if o.name == "precision")
+    assert tuple(option.type.choices) == PRECISIONS  # type: ignore[attr-defined]
 
     images, labels = torch.rand(16, 1, 64, 64), torch.tensor([0.0, 1.0] * 8)
     boxes = torch.tensor([[float("nan")] * 4, [10.0, 10.0, 20.0, 20.0]] * 8)
