@@ -325,6 +325,17 @@ def _progress_printer() -> Callable[[str, int, int], None]:
     help="With --crop: this many epochs on crops, then the rest on whole images (fine-tuning at a third of --lr).",
 )
 @click.option(
+    "--context-crop",
+    type=click.IntRange(32, 2048),
+    help="With --crop-epochs: after the crop epochs, --context-epochs on crops this size (larger than --crop: more "
+    "anatomy around each break) before the whole images; each phase at a third of the one before's learning rate.",
+)
+@click.option(
+    "--context-epochs",
+    type=click.IntRange(1, 1000),
+    help="With --context-crop: how many epochs on those crops.",
+)
+@click.option(
     "--val-every",
     "validate_every",
     type=click.IntRange(1, 1000),
@@ -379,6 +390,8 @@ def train(
     no_augment: bool,
     crop: int | None,
     crop_epochs: int | None,
+    context_crop: int | None,
+    context_epochs: int | None,
     validate_every: int,
     tile_spacing_mm: float | None,
     tile_count_correction: bool,
@@ -401,6 +414,10 @@ def train(
         raise click.UsageError("give a DATASET or --phantom (one of them)")
     if crop_epochs is not None and crop is None:
         raise click.BadParameter("--crop-epochs needs --crop", param_hint="--crop-epochs")
+    if (context_crop is None) != (context_epochs is None) or (context_crop is not None and crop_epochs is None):
+        raise click.BadParameter("give both, and --crop-epochs", param_hint="--context-crop/--context-epochs")
+    if context_crop is not None and crop is not None and not crop < context_crop <= input_size:
+        raise click.BadParameter("must be larger than --crop, at most --input-size", param_hint="--context-crop")
     if tile_count_correction and not tile_spacing_mm:
         raise click.BadParameter("needs --tile-spacing-mm", param_hint="--tile-count-correction")
     if arch not in PRESETS:
@@ -418,6 +435,8 @@ def train(
         augment=not no_augment,
         crop=crop,
         crop_epochs=crop_epochs,
+        context_crop=context_crop,
+        context_epochs=context_epochs or 0,
         validate_every=validate_every,
         tile_spacing_mm=tile_spacing_mm,
         tile_count_correction=tile_count_correction,
@@ -438,6 +457,7 @@ def train(
                 + (" --no-augment" if no_augment else "")
                 + (f" --crop {crop}" if crop else "")
                 + (f" --crop-epochs {crop_epochs}" if crop_epochs else "")
+                + (f" --context-crop {context_crop} --context-epochs {context_epochs}" if context_crop else "")
                 + (f" --val-every {validate_every}" if validate_every > 1 else "")
                 + (f" --tile-spacing-mm {tile_spacing_mm:g}" if tile_spacing_mm else "")
                 + (" --tile-count-correction" if tile_count_correction else "")

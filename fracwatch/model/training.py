@@ -58,6 +58,10 @@ class TrainConfig:
     augment: bool = True
     crop: int | None = None  # train on crops this size (px of the input): fracture sites, their twins, anywhere
     crop_epochs: int | None = None  # with crop: this many epochs on crops, then whole images (None: crops only)
+    # with crop_epochs: then this many epochs on larger crops (more of the anatomy around a break at a fraction of a
+    # whole image's cost a step) before the whole images
+    context_crop: int | None = None
+    context_epochs: int = 0
     validate_every: int = 1  # in a phase before the last, validate every this many epochs (and at its end)
     # images of known spacing are scored as tiles no coarser than this (mm per input pixel; transforms.tile_grid):
     # training sees each as its tile that holds the fracture, validation scores all of them
@@ -87,15 +91,24 @@ class Phase:
 
 
 def phases(config: TrainConfig) -> list[Phase]:
-    """The run's phases: one, or with ``crop_epochs`` crops first and then whole images at a third of the
-    learning rate (fine-tuning: the crop-trained weights meet every place of whole images, where false alarms
-    come from)."""
+    """The run's phases: one, or with ``crop_epochs`` crops first, then ``context_epochs`` on ``context_crop``-px
+    crops when asked, then whole images — each phase peaking at a third of the one before (fine-tuning: the
+    crop-trained weights meet ever more of the images, and the whole images every place false alarms come from).
+    Phases past ``epochs`` are cut."""
     if config.crop is None or config.crop_epochs is None or config.crop_epochs >= config.epochs:
         return [Phase(1, config.epochs, config.crop, config.learning_rate)]
-    return [
-        Phase(1, config.crop_epochs, config.crop, config.learning_rate),
-        Phase(config.crop_epochs + 1, config.epochs, None, config.learning_rate / 3),
-    ]
+    stages: list[tuple[int | None, int]] = [(config.crop, config.crop_epochs)]
+    if config.context_crop is not None and config.context_epochs > 0:
+        stages.append((config.context_crop, config.context_epochs))
+    stages.append((None, config.epochs))  # whole images: the rest
+    plan, first = [], 1
+    for number, (crop, count) in enumerate(stages):
+        last = min(first + count - 1, config.epochs)
+        plan.append(Phase(first, last, crop, config.learning_rate / 3**number))
+        if last == config.epochs:
+            break
+        first = last + 1
+    return plan
 
 
 def _phase_of(epoch: int, plan: list[Phase]) -> Phase:
@@ -310,6 +323,8 @@ def train_network(
             "--crop needs fracture boxes (a synth manifest), a binary logit-map network (--arch *-map) and a crop "
             "no larger than --input-size"
         )
+    if config.context_crop is not None and not (config.crop or 0) < config.context_crop <= images.shape[-1]:
+        raise ValueError("--context-crop must be larger than --crop and no larger than --input-size")
     if boxes is not None and not localise:
         LOGGER.info("boxes ignored: %s has no logit map or the task is not binary", config.arch)
     generator = torch.Generator().manual_seed(config.seed)

@@ -468,6 +468,46 @@ def test_crop_epochs_then_whole_images_and_resume_across_the_switch(
     assert [h["epoch"] for h in spaced.history if "val_auroc" in h] == [3, 4, 5, 6]
 
 
+def test_a_context_crop_phase_sits_between_the_crops_and_the_whole_images(tmp_path: Path) -> None:
+    config = TrainConfig(arch="tiny-resnet-map16", input_size=64, batch_size=8, epochs=5, crop=32, crop_epochs=2,
+                         context_crop=48, context_epochs=2, learning_rate=9e-3, patience=1)  # fmt: skip
+    # each phase peaks at a third of the one before; phases past --epochs are cut
+    assert phases(config) == [Phase(1, 2, 32, 9e-3), Phase(3, 4, 48, 9e-3 / 3), Phase(5, 5, None, 9e-3 / 9)]
+    assert phases(replace(config, epochs=3)) == [Phase(1, 2, 32, 9e-3), Phase(3, 3, 48, 9e-3 / 3)]
+    assert phases(replace(config, context_epochs=0))[1] == Phase(3, 5, None, 9e-3 / 3)
+
+    images, labels = torch.rand(16, 1, 64, 64), torch.tensor([0.0, 1.0] * 8)
+    boxes = torch.tensor([[float("nan")] * 4, [10.0, 10.0, 20.0, 20.0]] * 8)
+    sizes: list[int] = []
+    seen: set[tuple[int, int]] = set()  # (epoch, side of the images a training batch held)
+    real_batch = training._batch
+
+    def batch_spy(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = real_batch(*args, **kwargs)  # type: ignore[arg-type]
+        sizes.append(out[0].shape[-1])
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "_batch", batch_spy)
+        trained = train_network(
+            (images, labels), (images, labels), config, progress=lambda e, _b: seen.add((e, sizes[-1])), boxes=boxes
+        )
+    assert [h["epoch"] for h in trained.history] == [1, 2, 3, 4, 5]
+    assert seen == {(1, 32), (2, 32), (3, 48), (4, 48), (5, 64)}
+    with pytest.raises(ValueError, match="context-crop"):
+        train_network((images, labels), (images, labels), replace(config, context_crop=80), boxes=boxes)
+
+    def refused(*extra: str) -> str:
+        args = ["train", "--phantom", "--out", str(tmp_path / "no"), "--crop", "32", "--input-size", "64", *extra]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code != 0
+        return result.output
+
+    assert "give both" in refused("--crop-epochs", "2", "--context-crop", "48")
+    assert "give both" in refused("--context-crop", "48", "--context-epochs", "2")
+    assert "larger than --crop" in refused("--crop-epochs", "2", "--context-crop", "32", "--context-epochs", "2")
+
+
 def test_twins_train_side_by_side_under_one_augmentation(tmp_path: Path) -> None:
     # a synth manifest names each normal's fractured twin (twin_of); both share one pair key
     folder = tmp_path / "twins"
