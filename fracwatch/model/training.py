@@ -323,8 +323,10 @@ def train_network(
             "--crop needs fracture boxes (a synth manifest), a binary logit-map network (--arch *-map) and a crop "
             "no larger than --input-size"
         )
-    if config.context_crop is not None and not (config.crop or 0) < config.context_crop <= images.shape[-1]:
-        raise ValueError("--context-crop must be larger than --crop and no larger than --input-size")
+    if config.context_crop is not None and (
+        config.crop is None or config.crop_epochs is None or not config.crop < config.context_crop <= images.shape[-1]
+    ):
+        raise ValueError("--context-crop needs --crop-epochs, and must be larger than --crop and at most --input-size")
     if boxes is not None and not localise:
         LOGGER.info("boxes ignored: %s has no logit map or the task is not binary", config.arch)
     generator = torch.Generator().manual_seed(config.seed)

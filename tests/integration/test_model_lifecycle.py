@@ -494,8 +494,9 @@ def test_a_context_crop_phase_sits_between_the_crops_and_the_whole_images(tmp_pa
         )
     assert [h["epoch"] for h in trained.history] == [1, 2, 3, 4, 5]
     assert seen == {(1, 32), (2, 32), (3, 48), (4, 48), (5, 64)}
-    with pytest.raises(ValueError, match="context-crop"):
-        train_network((images, labels), (images, labels), replace(config, context_crop=80), boxes=boxes)
+    for wrong in (replace(config, context_crop=80), replace(config, crop_epochs=None)):
+        with pytest.raises(ValueError, match="context-crop"):
+            train_network((images, labels), (images, labels), wrong, boxes=boxes)
 
     def refused(*extra: str) -> str:
         args = ["train", "--phantom", "--out", str(tmp_path / "no"), "--crop", "32", "--input-size", "64", *extra]
