@@ -406,7 +406,7 @@ def train(
     """Train a model on DATASET (synth folder, class folders, CSV, or DICOM + --labels) or --phantom; write a
     bundle (weights + model card filled from the run)."""
     from fracwatch.model.networks import PRESETS
-    from fracwatch.model.training import TrainConfig, train_phantom_bundle
+    from fracwatch.model.training import TrainConfig, context_crop_problem, train_phantom_bundle
     from fracwatch.service.modelops import TrainRequest, train_from_dataset
 
     configure_logging("INFO")
@@ -414,10 +414,6 @@ def train(
         raise click.UsageError("give a DATASET or --phantom (one of them)")
     if crop_epochs is not None and crop is None:
         raise click.BadParameter("--crop-epochs needs --crop", param_hint="--crop-epochs")
-    if (context_crop is None) != (context_epochs is None) or (context_crop is not None and crop_epochs is None):
-        raise click.BadParameter("give both, and --crop-epochs", param_hint="--context-crop/--context-epochs")
-    if context_crop is not None and crop is not None and not crop < context_crop <= input_size:
-        raise click.BadParameter("must be larger than --crop, at most --input-size", param_hint="--context-crop")
     if tile_count_correction and not tile_spacing_mm:
         raise click.BadParameter("needs --tile-spacing-mm", param_hint="--tile-count-correction")
     if arch not in PRESETS:
@@ -442,6 +438,8 @@ def train(
         tile_count_correction=tile_count_correction,
         precision=precision,
     )
+    if problem := context_crop_problem(config):
+        raise click.UsageError(problem)
     try:
         if phantom:
             card = train_phantom_bundle(out, config, train_count, val_count, model_version)

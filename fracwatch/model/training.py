@@ -111,6 +111,18 @@ def phases(config: TrainConfig) -> list[Phase]:
     return plan
 
 
+def context_crop_problem(config: TrainConfig) -> str | None:
+    """Why ``config``'s context-crop phase cannot run as asked (the CLI says so before loading any image), or
+    None — also when there is none."""
+    if config.context_crop is None and config.context_epochs == 0:
+        return None
+    if config.context_crop is None or config.context_epochs < 1 or config.crop is None or config.crop_epochs is None:
+        return "--context-crop and --context-epochs go together, with --crop and --crop-epochs"
+    if not config.crop < config.context_crop <= config.input_size:
+        return "--context-crop must be larger than --crop and at most --input-size"
+    return None
+
+
 def _phase_of(epoch: int, plan: list[Phase]) -> Phase:
     return next(p for p in plan if p.first <= epoch <= p.last)
 
@@ -323,10 +335,8 @@ def train_network(
             "--crop needs fracture boxes (a synth manifest), a binary logit-map network (--arch *-map) and a crop "
             "no larger than --input-size"
         )
-    if config.context_crop is not None and (
-        config.crop is None or config.crop_epochs is None or not config.crop < config.context_crop <= images.shape[-1]
-    ):
-        raise ValueError("--context-crop needs --crop-epochs, and must be larger than --crop and at most --input-size")
+    if problem := context_crop_problem(config):
+        raise ValueError(problem)
     if boxes is not None and not localise:
         LOGGER.info("boxes ignored: %s has no logit map or the task is not binary", config.arch)
     generator = torch.Generator().manual_seed(config.seed)

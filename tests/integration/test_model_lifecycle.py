@@ -421,6 +421,20 @@ def test_boxes_supervise_a_logit_map_network(phantoms: Path, tmp_path: Path) -> 
     assert Path(json.loads(scored.output)[0]["cam"]).is_file()
 
 
+def spy_batch_sides(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the side of the images of every training batch ``training._batch`` makes, in order."""
+    sides: list[int] = []
+    real_batch = training._batch
+
+    def batch_spy(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = real_batch(*args, **kwargs)  # type: ignore[arg-type]
+        sides.append(out[0].shape[-1])
+        return out
+
+    monkeypatch.setattr(training, "_batch", batch_spy)
+    return sides
+
+
 def test_crop_epochs_then_whole_images_and_resume_across_the_switch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -433,15 +447,7 @@ def test_crop_epochs_then_whole_images_and_resume_across_the_switch(
     images, labels = torch.rand(16, 1, 64, 64), torch.tensor([0.0, 1.0] * 8)
     boxes = torch.tensor([[float("nan")] * 4, [10.0, 10.0, 20.0, 20.0]] * 8)
     seen: list[tuple[int, int]] = []  # (epoch, side of the images a training batch held)
-    sizes: list[int] = []
-    real_batch = training._batch
-
-    def batch_spy(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = real_batch(*args, **kwargs)  # type: ignore[arg-type]
-        sizes.append(out[0].shape[-1])
-        return out
-
-    monkeypatch.setattr(training, "_batch", batch_spy)
+    sizes = spy_batch_sides(monkeypatch)
 
     def record(epoch: int, _batch: int) -> None:
         seen.append((epoch, sizes[-1]))
@@ -468,7 +474,9 @@ def test_crop_epochs_then_whole_images_and_resume_across_the_switch(
     assert [h["epoch"] for h in spaced.history if "val_auroc" in h] == [3, 4, 5, 6]
 
 
-def test_a_context_crop_phase_sits_between_the_crops_and_the_whole_images(tmp_path: Path) -> None:
+def test_a_context_crop_phase_sits_between_the_crops_and_the_whole_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = TrainConfig(arch="tiny-resnet-map16", input_size=64, batch_size=8, epochs=5, crop=32, crop_epochs=2,
                          context_crop=48, context_epochs=2, learning_rate=9e-3, patience=1)  # fmt: skip
     # each phase peaks at a third of the one before; phases past --epochs are cut
@@ -478,20 +486,11 @@ def test_a_context_crop_phase_sits_between_the_crops_and_the_whole_images(tmp_pa
 
     images, labels = torch.rand(16, 1, 64, 64), torch.tensor([0.0, 1.0] * 8)
     boxes = torch.tensor([[float("nan")] * 4, [10.0, 10.0, 20.0, 20.0]] * 8)
-    sizes: list[int] = []
     seen: set[tuple[int, int]] = set()  # (epoch, side of the images a training batch held)
-    real_batch = training._batch
-
-    def batch_spy(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = real_batch(*args, **kwargs)  # type: ignore[arg-type]
-        sizes.append(out[0].shape[-1])
-        return out
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "_batch", batch_spy)
-        trained = train_network(
-            (images, labels), (images, labels), config, progress=lambda e, _b: seen.add((e, sizes[-1])), boxes=boxes
-        )
+    sizes = spy_batch_sides(monkeypatch)
+    trained = train_network(
+        (images, labels), (images, labels), config, progress=lambda e, _b: seen.add((e, sizes[-1])), boxes=boxes
+    )
     assert [h["epoch"] for h in trained.history] == [1, 2, 3, 4, 5]
     assert seen == {(1, 32), (2, 32), (3, 48), (4, 48), (5, 64)}
     for wrong in (replace(config, context_crop=80), replace(config, crop_epochs=None)):
@@ -504,8 +503,8 @@ def test_a_context_crop_phase_sits_between_the_crops_and_the_whole_images(tmp_pa
         assert result.exit_code != 0
         return result.output
 
-    assert "give both" in refused("--crop-epochs", "2", "--context-crop", "48")
-    assert "give both" in refused("--context-crop", "48", "--context-epochs", "2")
+    assert "go together" in refused("--crop-epochs", "2", "--context-crop", "48")
+    assert "go together" in refused("--context-crop", "48", "--context-epochs", "2")
     assert "larger than --crop" in refused("--crop-epochs", "2", "--context-crop", "32", "--context-epochs", "2")
 
 
