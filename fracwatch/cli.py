@@ -364,6 +364,13 @@ def _progress_printer() -> Callable[[str, int, int], None]:
     "(1.4-1.7x as fast per epoch on an AVX512-BF16 CPU; without native bfloat16 it may be slower); validation "
     "and scoring unchanged.",
 )
+@click.option(
+    "--ema",
+    "ema_decay",
+    type=float,
+    help="Keep an exponential moving average of the weights with this decay per step (e.g. 0.999, between 0 and 1): "
+    "validation scores the average and the bundle holds it; the steps' own weights are validated beside it.",
+)
 @click.option("--train-count", type=click.IntRange(10, 10_000_000), default=3000, show_default=True)
 @click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -396,6 +403,7 @@ def train(
     tile_spacing_mm: float | None,
     tile_count_correction: bool,
     precision: str,
+    ema_decay: float | None,
     train_count: int,
     val_count: int,
     seed: int,
@@ -406,7 +414,7 @@ def train(
     """Train a model on DATASET (synth folder, class folders, CSV, or DICOM + --labels) or --phantom; write a
     bundle (weights + model card filled from the run)."""
     from fracwatch.model.networks import PRESETS
-    from fracwatch.model.training import TrainConfig, context_crop_problem, train_phantom_bundle
+    from fracwatch.model.training import TrainConfig, config_problem, train_phantom_bundle
     from fracwatch.service.modelops import TrainRequest, train_from_dataset
 
     configure_logging("INFO")
@@ -437,8 +445,9 @@ def train(
         tile_spacing_mm=tile_spacing_mm,
         tile_count_correction=tile_count_correction,
         precision=precision,
+        ema_decay=ema_decay,
     )
-    if problem := context_crop_problem(config):
+    if problem := config_problem(config):
         raise click.UsageError(problem)
     try:
         if phantom:
@@ -460,6 +469,7 @@ def train(
                 + (f" --tile-spacing-mm {tile_spacing_mm:g}" if tile_spacing_mm else "")
                 + (" --tile-count-correction" if tile_count_correction else "")
                 + (f" --precision {precision}" if precision != "auto" else "")
+                + (f" --ema {ema_decay:g}" if ema_decay is not None else "")
             )
             request = TrainRequest(
                 dataset,

@@ -144,7 +144,9 @@ BUILDERS: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
 
 
 def _small_resnet(layers: list[int], planes: list[int], max_pool: bool = True) -> dict[str, Any]:
-    # GroupNorm, not BatchNorm: a small network trained on small batches behaves the same in train and eval
+    # "norm" reaches the stem only: MONAI's ResNet builds its blocks (_make_layer) with BatchNorm whatever it is
+    # given (MONAI 1.6), so these networks are a GroupNorm stem and BatchNorm blocks (eval uses running stats);
+    # every shipped bundle's weights have that layout, so it stays as it is
     params: dict[str, Any] = {
         "block": "basic",
         "layers": layers,

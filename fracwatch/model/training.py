@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.networks.layers import AffineTransform
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fracwatch.model.bundle import (
     Architecture,
@@ -72,6 +73,9 @@ class TrainConfig:
     # "auto" float16 on CUDA, float32 on a CPU; "bf16" bfloat16 on either (an AVX512-BF16 CPU took 0.53-0.73x the
     # time a step, bench/training_step.py); "fp32" float32 everywhere
     precision: str = "auto"
+    # an exponential moving average of the weights, updated after every step with this decay (None: none):
+    # validation scores the average, and the average is what each phase keeps and the bundle holds
+    ema_decay: float | None = None
 
     @property
     def outputs(self) -> int:
@@ -121,6 +125,24 @@ def context_crop_problem(config: TrainConfig) -> str | None:
     if not config.crop < config.context_crop <= config.input_size:
         return "--context-crop must be larger than --crop and at most --input-size"
     return None
+
+
+def config_problem(config: TrainConfig) -> str | None:
+    """Why ``config`` cannot train as asked — checked by ``train_network`` and, before any image loads, by the
+    CLI — or None."""
+    if problem := context_crop_problem(config):
+        return problem
+    if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
+        return f"--ema must lie between 0 and 1 (got {config.ema_decay:g})"
+    return None
+
+
+def _averaging(network: torch.nn.Module, config: TrainConfig) -> AveragedModel | None:
+    """A fresh moving average of ``network``'s weights and buffers (its first update copies them), or None."""
+    if config.ema_decay is None:
+        return None
+    averaging = get_ema_multi_avg_fn(config.ema_decay)  # type: ignore[no-untyped-call]  # torch leaves it untyped
+    return AveragedModel(network, multi_avg_fn=averaging, use_buffers=True)
 
 
 def _phase_of(epoch: int, plan: list[Phase]) -> Phase:
@@ -309,7 +331,9 @@ def train_network(
     (N,) — each image's twin (the same image without the fracture), -1 where none — puts twins in the same batch
     under the same spatial augmentation: the one difference the batch shows between them is the fracture.
     ``validation_owners`` (M,): the validation item each of M inputs belongs to (an image's tiles), which then
-    scores as its strongest input; None: one input per item.
+    scores as its strongest input; None: one input per item. With ``config.ema_decay``, a moving average of the
+    weights follows the steps (restarted at each phase) and is what validation scores and the run keeps; the
+    steps' own weights are validated beside it (``val_auroc_raw`` in the history) for comparison.
     """
     torch.manual_seed(config.seed)
     device = select_device(config.device)
@@ -335,7 +359,7 @@ def train_network(
             "--crop needs fracture boxes (a synth manifest), a binary logit-map network (--arch *-map) and a crop "
             "no larger than --input-size"
         )
-    if problem := context_crop_problem(config):
+    if problem := config_problem(config):
         raise ValueError(problem)
     if boxes is not None and not localise:
         LOGGER.info("boxes ignored: %s has no logit map or the task is not binary", config.arch)
@@ -347,12 +371,17 @@ def train_network(
     )
     phase = plan[0] if saved is None else _phase_of(min(saved["epoch"], config.epochs), plan)
     scheduler = _schedule(optimiser, phase, steps_per_epoch)
+    averaged = _averaging(network, config)
     if saved is not None:
         if saved["scheduler"].get("total_steps") != scheduler.total_steps:
             raise ValueError(
                 f"{checkpoint} was made with other --epochs/--crop-epochs/--batch-size or data; resume with the same"
             )
         network.load_state_dict(saved["network"])
+        if ("ema" in saved) != (averaged is not None):
+            raise ValueError(f"{checkpoint} was made with{'' if 'ema' in saved else 'out'} --ema; resume with the same")
+        if averaged is not None:
+            averaged.load_state_dict(saved["ema"])
         optimiser.load_state_dict(saved["optimiser"])
         scheduler.load_state_dict(saved["scheduler"])
         generator.set_state(saved["generator"])
@@ -367,6 +396,7 @@ def train_network(
             phase = current
             network.load_state_dict(best_state)  # the next phase starts from this one's best epoch
             scheduler, stale = _schedule(optimiser, phase, steps_per_epoch), 0
+            averaged = _averaging(network, config)  # and averages afresh from there
             LOGGER.info("epoch %d: %s from here", epoch, f"{phase.crop}-px crops" if phase.crop else "whole images")
         if stale >= config.patience and phase is plan[-1]:
             break
@@ -400,26 +430,33 @@ def train_network(
             scaler.step(optimiser)
             scaler.update()
             scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(network)
             total += loss.item() * len(batch_index)
             if progress is not None:
                 progress(epoch, batch_number)
         record: dict[str, float] = {"epoch": epoch, "loss": total / len(images)}
         if _validates(epoch, phase, plan, config.validate_every):
-            scores = predict_tensors(network, validation[0], device)
-            val_auc = auroc(truth, image_probabilities(scores, validation_owners, config.tile_count_correction)[0])
+            kept = network if averaged is None else averaged.module
+            val_auc = _validation_auroc(kept, validation[0], truth, validation_owners, config, device)
             record["val_auroc"] = val_auc
+            if averaged is not None:  # the steps' own weights, for comparison
+                record["val_auroc_raw"] = _validation_auroc(
+                    network, validation[0], truth, validation_owners, config, device
+                )
             if val_auc > best_auc:
-                best_auc, best_state, stale = val_auc, copy.deepcopy(network.state_dict()), 0
+                best_auc, best_state, stale = val_auc, copy.deepcopy(kept.state_dict()), 0
                 result.best_epoch = epoch
             else:
                 stale += 1
         record["seconds"] = time.monotonic() - started
         result.history.append(record)
         LOGGER.info(
-            "epoch %d: loss %.4f%s (%.0f s)",
+            "epoch %d: loss %.4f%s%s (%.0f s)",
             epoch,
             record["loss"],
             f", validation AUROC {record['val_auroc']:.4f}" if "val_auroc" in record else "",
+            f" (averaged; the steps' own weights {record['val_auroc_raw']:.4f})" if "val_auroc_raw" in record else "",
             record["seconds"],
         )
         if stale >= config.patience and phase is plan[-1]:
@@ -427,13 +464,25 @@ def train_network(
         if checkpoint is not None:
             _save_checkpoint(
                 checkpoint, epoch, network, optimiser, scheduler, generator, augment, best_auc, best_state, stale,
-                result,
+                result, averaged,
             )
     network.load_state_dict(best_state)
     result.network = network.cpu().eval()
     scores = predict_tensors(result.network, validation[0], torch.device("cpu"))
     result.validation_probabilities = image_probabilities(scores, validation_owners, config.tile_count_correction)[0]
     return result
+
+
+def _validation_auroc(
+    network: torch.nn.Module,
+    images: torch.Tensor,
+    truth: np.ndarray,
+    owners: torch.Tensor | None,
+    config: TrainConfig,
+    device: torch.device,
+) -> float:
+    scores = predict_tensors(network, images, device)
+    return auroc(truth, image_probabilities(scores, owners, config.tile_count_correction)[0])
 
 
 def strongest_inputs(values: np.ndarray, owners: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -568,10 +617,12 @@ def _save_checkpoint(
     best_state: dict[str, Any],
     stale: int,
     result: TrainResult,
+    averaged: AveragedModel | None = None,
 ) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(
         {
+            **({"ema": averaged.state_dict()} if averaged is not None else {}),
             "epoch": epoch,
             "network": network.state_dict(),
             "optimiser": optimiser.state_dict(),

@@ -508,6 +508,65 @@ def test_a_context_crop_phase_sits_between_the_crops_and_the_whole_images(
     assert "larger than --crop" in refused("--crop-epochs", "2", "--context-crop", "32", "--context-epochs", "2")
 
 
+def test_ema_keeps_the_moving_average_of_the_steps_and_resumes_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = TrainConfig(arch="tiny-resnet-map16", input_size=64, batch_size=8, epochs=2, learning_rate=3e-3,
+                         patience=5, ema_decay=0.8)  # fmt: skip
+    generator = torch.Generator().manual_seed(3)
+    images, labels = torch.rand(16, 1, 64, 64, generator=generator), torch.tensor([0.0, 1.0] * 8)
+    images[1::2, :, 20:30, 20:30] += 1.0  # something to learn: validation AUROC is defined and can change
+    steps: list[dict[str, torch.Tensor]] = []  # the weights every update saw, in order
+    real_update = training.AveragedModel.update_parameters
+
+    def update_spy(self: training.AveragedModel, model: torch.nn.Module) -> None:
+        steps.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        real_update(self, model)
+
+    monkeypatch.setattr(training.AveragedModel, "update_parameters", update_spy)
+    checkpoint = tmp_path / "ck.pt"
+    trained = train_network((images, labels), (images, labels), config, checkpoint)
+    assert len(steps) == 4  # one update after each of 2 × 2 steps
+    assert all({"val_auroc", "val_auroc_raw"} <= set(h) for h in trained.history)
+    # the kept weights are the average the run validated at its best epoch: the first update copies, each next
+    # one moves it 1 - 0.8 of the way to the steps' weights (one phase: one average across its epochs)
+    best = trained.best_epoch
+    assert best in (1, 2)
+    expected = {k: v.float() for k, v in steps[0].items()}
+    for later in steps[1 : 2 * best]:
+        expected = {k: 0.8 * v + 0.2 * later[k].float() for k, v in expected.items()}
+    kept = trained.network.state_dict()
+    for name in ("conv1.weight", "head.weight", "layer1.0.bn1.running_mean"):
+        assert torch.allclose(kept[name].float(), expected[name], atol=1e-6), name
+    saved = torch.load(checkpoint, weights_only=False)
+    assert not torch.equal(saved["ema"]["module.head.weight"], saved["network"]["head.weight"])
+
+    # interrupted in epoch 2, a run resumes with the average it had, and ends where the whole run ended
+    unbroken = trained.network.state_dict()
+    checkpoint.unlink()
+    interrupt = True
+
+    def stop(epoch: int, _batch: int) -> None:
+        if epoch == 2 and interrupt:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_network((images, labels), (images, labels), config, checkpoint, stop)
+    interrupt = False
+    resumed = train_network((images, labels), (images, labels), config, checkpoint, stop)
+    assert resumed.best_epoch == best
+    for name, value in resumed.network.state_dict().items():
+        assert torch.allclose(value.float(), unbroken[name].float(), atol=1e-6), name
+    with pytest.raises(ValueError, match="made with --ema"):
+        train_network((images, labels), (images, labels), replace(config, ema_decay=None), checkpoint)
+    with pytest.raises(ValueError, match="--ema must lie between 0 and 1"):
+        train_network((images, labels), (images, labels), replace(config, ema_decay=1.0))
+
+    refused = CliRunner().invoke(cli, ["train", "--phantom", "--out", str(tmp_path / "no"), *FAST, "--ema", "1.5"])
+    assert refused.exit_code != 0 and "--ema must lie between 0 and 1 (got 1.5)" in refused.output
+    assert not (tmp_path / "no").exists()
+
+
 def test_twins_train_side_by_side_under_one_augmentation(tmp_path: Path) -> None:
     # a synth manifest names each normal's fractured twin (twin_of); both share one pair key
     folder = tmp_path / "twins"
