@@ -115,23 +115,16 @@ def phases(config: TrainConfig) -> list[Phase]:
     return plan
 
 
-def context_crop_problem(config: TrainConfig) -> str | None:
-    """Why ``config``'s context-crop phase cannot run as asked (the CLI says so before loading any image), or
-    None — also when there is none."""
-    if config.context_crop is None and config.context_epochs == 0:
-        return None
-    if config.context_crop is None or config.context_epochs < 1 or config.crop is None or config.crop_epochs is None:
-        return "--context-crop and --context-epochs go together, with --crop and --crop-epochs"
-    if not config.crop < config.context_crop <= config.input_size:
-        return "--context-crop must be larger than --crop and at most --input-size"
-    return None
-
-
 def config_problem(config: TrainConfig) -> str | None:
     """Why ``config`` cannot train as asked — checked by ``train_network`` and, before any image loads, by the
     CLI — or None."""
-    if problem := context_crop_problem(config):
-        return problem
+    if config.context_crop is not None or config.context_epochs != 0:
+        if (config.context_crop is None or config.context_epochs < 1) or (
+            config.crop is None or config.crop_epochs is None
+        ):
+            return "--context-crop and --context-epochs go together, with --crop and --crop-epochs"
+        if not config.crop < config.context_crop <= config.input_size:
+            return "--context-crop must be larger than --crop and at most --input-size"
     if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
         return f"--ema must lie between 0 and 1 (got {config.ema_decay:g})"
     return None
@@ -438,12 +431,11 @@ def train_network(
         record: dict[str, float] = {"epoch": epoch, "loss": total / len(images)}
         if _validates(epoch, phase, plan, config.validate_every):
             kept = network if averaged is None else averaged.module
-            val_auc = _validation_auroc(kept, validation[0], truth, validation_owners, config, device)
+            val_auc = auroc(truth, _validation_probabilities(kept, validation[0], validation_owners, config, device))
             record["val_auroc"] = val_auc
             if averaged is not None:  # the steps' own weights, for comparison
-                record["val_auroc_raw"] = _validation_auroc(
-                    network, validation[0], truth, validation_owners, config, device
-                )
+                own = _validation_probabilities(network, validation[0], validation_owners, config, device)
+                record["val_auroc_raw"] = auroc(truth, own)
             if val_auc > best_auc:
                 best_auc, best_state, stale = val_auc, copy.deepcopy(kept.state_dict()), 0
                 result.best_epoch = epoch
@@ -468,21 +460,22 @@ def train_network(
             )
     network.load_state_dict(best_state)
     result.network = network.cpu().eval()
-    scores = predict_tensors(result.network, validation[0], torch.device("cpu"))
-    result.validation_probabilities = image_probabilities(scores, validation_owners, config.tile_count_correction)[0]
+    result.validation_probabilities = _validation_probabilities(
+        result.network, validation[0], validation_owners, config, torch.device("cpu")
+    )
     return result
 
 
-def _validation_auroc(
+def _validation_probabilities(
     network: torch.nn.Module,
     images: torch.Tensor,
-    truth: np.ndarray,
     owners: torch.Tensor | None,
     config: TrainConfig,
     device: torch.device,
-) -> float:
+) -> np.ndarray:
+    """Each validation item's fracture probability: its inputs scored, a tiled item as its strongest tile."""
     scores = predict_tensors(network, images, device)
-    return auroc(truth, image_probabilities(scores, owners, config.tile_count_correction)[0])
+    return image_probabilities(scores, owners, config.tile_count_correction)[0]
 
 
 def strongest_inputs(values: np.ndarray, owners: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

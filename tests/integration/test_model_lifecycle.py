@@ -562,6 +562,17 @@ def test_ema_keeps_the_moving_average_of_the_steps_and_resumes_with_it(
     with pytest.raises(ValueError, match="--ema must lie between 0 and 1"):
         train_network((images, labels), (images, labels), replace(config, ema_decay=1.0))
 
+    # with a crop phase first, the whole-image phase averages afresh from the weights it starts with
+    steps.clear()
+    boxes = torch.tensor([[float("nan")] * 4, [18.0, 18.0, 32.0, 32.0]] * 8)
+    phased = replace(config, arch="tiny-resnet-map16", crop=32, crop_epochs=1)
+    train_network((images, labels), (images, labels), phased, tmp_path / "phased.pt", boxes=boxes)
+    assert len(steps) == 4
+    average = torch.load(tmp_path / "phased.pt", weights_only=False)["ema"]
+    restarted = 0.8 * steps[2]["head.weight"] + 0.2 * steps[3]["head.weight"]  # phase 2's two steps only
+    assert torch.allclose(average["module.head.weight"], restarted, atol=1e-6)
+    assert int(average["n_averaged"]) == 2
+
     refused = CliRunner().invoke(cli, ["train", "--phantom", "--out", str(tmp_path / "no"), *FAST, "--ema", "1.5"])
     assert refused.exit_code != 0 and "--ema must lie between 0 and 1 (got 1.5)" in refused.output
     assert not (tmp_path / "no").exists()
