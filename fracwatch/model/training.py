@@ -359,8 +359,10 @@ def train_network(
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(network=network)
     best_auc, best_state, stale, first_epoch = -1.0, copy.deepcopy(network.state_dict()), 0, 1
+    # read onto the CPU: the random generators' states must stay CPU byte tensors (a CUDA map_location moved them and
+    # the resume failed on a GPU); the network, optimiser and average copy their tensors onto ``device`` as they load
     saved = (
-        torch.load(checkpoint, map_location=device, weights_only=False) if checkpoint and checkpoint.is_file() else None
+        torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint and checkpoint.is_file() else None
     )
     phase = plan[0] if saved is None else _phase_of(min(saved["epoch"], config.epochs), plan)
     scheduler = _schedule(optimiser, phase, steps_per_epoch)
@@ -420,9 +422,11 @@ def train_network(
                     loss = loss_fn(torch.amax(cells, dim=(2, 3)).reshape(-1), y.float())
                     loss = loss + localisation_loss(cells, masks, known.to(device))
             scaler.scale(loss).backward()
+            scale = scaler.get_scale()
             scaler.step(optimiser)
             scaler.update()
-            scheduler.step()
+            if scaler.get_scale() >= scale:  # float16: a step skipped for overflow lowers the scale; the schedule waits
+                scheduler.step()
             if averaged is not None:
                 averaged.update_parameters(network)
             total += loss.item() * len(batch_index)

@@ -791,6 +791,27 @@ def test_crop_training_and_augmentation_run_on_cuda() -> None:
     assert all(bool(torch.isfinite(p).all()) for p in result.network.parameters())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_interrupted_cuda_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """float16 autocast with GradScaler (precision auto on CUDA) and a resume: the checkpoint's random generators
+    are CPU states whatever the device (a CUDA map_location once moved them and the resume failed)."""
+    images, labels = torch.rand(24, 1, 64, 64), torch.tensor([0.0, 1.0] * 12)
+    config = TrainConfig(input_size=64, batch_size=8, epochs=2, device="cuda")
+    checkpoint = tmp_path / "ck.pt"
+
+    def interrupt(epoch: int, _batch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_network((images, labels), (images[:8], labels[:8]), config, checkpoint, interrupt)
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
+    resumed = train_network((images, labels), (images[:8], labels[:8]), config, checkpoint)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert all(bool(torch.isfinite(p).all()) for p in resumed.network.parameters())
+
+
 def test_a_tiled_image_trains_as_its_fracture_tile_and_its_twin_as_the_same_tile(
     phantoms: Path, tmp_path: Path
 ) -> None:
