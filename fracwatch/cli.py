@@ -361,8 +361,8 @@ def _progress_printer() -> Callable[[str, int, int], None]:
     default="auto",
     show_default=True,
     help="Training steps' arithmetic: auto = float16 autocast on CUDA, float32 on a CPU; bf16 = bfloat16 autocast "
-    "(1.4-1.7x as fast per epoch on an AVX512-BF16 CPU; without native bfloat16 it may be slower); validation "
-    "and scoring unchanged.",
+    "(1.4-1.7x as fast per epoch on an AVX512-BF16 CPU; without native bfloat16 it is emulated, several times "
+    "slower, and the run warns); validation and scoring unchanged.",
 )
 @click.option(
     "--ema",

@@ -34,6 +34,16 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.float16 if precision == "auto" and device.type == "cuda" else torch.float32
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that says so, or a CPU whose oneDNN build finds
+    AVX512-BF16 or AMX. Elsewhere PyTorch emulates it, several times slower than float32 (a 2-core AVX2 EPYC: a
+    96-px crop epoch of ``train --precision bf16`` took 259 s, in float32 24 s)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # what PyTorch's own CPU checks use
+    return bool(probe()) if probe is not None else True
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None = None) -> torch.autocast:
     """Autocast to ``dtype`` (None: ``autocast_dtype(device)``) on ``device``; disabled for float32."""
     dtype = autocast_dtype(device) if dtype is None else dtype

@@ -34,7 +34,13 @@ from fracwatch.model.bundle import (
 from fracwatch.model.metrics import at_threshold, auroc, threshold_for_sensitivity, threshold_for_specificity
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom
-from fracwatch.model.predictor import autocast, autocast_dtype, fracture_probability, select_device
+from fracwatch.model.predictor import (
+    autocast,
+    autocast_dtype,
+    fracture_probability,
+    native_bfloat16,
+    select_device,
+)
 from fracwatch.pipeline.transforms import PreprocessConfig, preprocess, tile_count_corrected
 
 LOGGER = logging.getLogger(__name__)
@@ -343,6 +349,12 @@ def train_network(
     steps_per_epoch = (len(images) + config.batch_size - 1) // config.batch_size
     plan = phases(config)
     dtype = autocast_dtype(device, config.precision)
+    if dtype == torch.bfloat16 and not native_bfloat16(device):
+        LOGGER.warning(
+            "--precision bf16 on %s without native bfloat16 (no AVX512-BF16 or AMX): emulated, several times slower "
+            "than --precision fp32",
+            device,
+        )
     # float16 needs its loss scaled; bfloat16 has float32's exponent range and does not
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     augment = Augmentation(config.seed)

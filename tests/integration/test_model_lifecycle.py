@@ -21,7 +21,7 @@ from fracwatch.model.bundle import load_bundle, sha256_of
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom, to_stored
-from fracwatch.model.predictor import PRECISIONS, autocast_dtype
+from fracwatch.model.predictor import PRECISIONS, autocast_dtype, native_bfloat16
 from fracwatch.model.training import (
     Augmentation,
     Phase,
@@ -906,3 +906,20 @@ def test_bf16_training_steps_compute_in_bfloat16_and_validation_in_float32(phant
     assert trained.exit_code == 0, trained.output
     card = load_bundle(model).card
     assert card.training["config"]["precision"] == "bf16" and "--precision bf16" in card.training["command"]
+
+
+def test_bf16_training_warns_where_bfloat16_is_emulated(caplog: pytest.LogCaptureFixture) -> None:
+    """Without native bfloat16 (no AVX512-BF16 or AMX) --precision bf16 is several times slower than fp32: the run
+    says so at its start, and trains all the same; where it is native, nothing is said."""
+    assert isinstance(native_bfloat16(torch.device("cpu")), bool)
+    images, labels = torch.rand(8, 1, 32, 32), torch.tensor([0.0, 1.0] * 4)
+    for native in (False, True):
+        caplog.clear()
+        with pytest.MonkeyPatch.context() as patch, caplog.at_level("WARNING", logger="fracwatch.model.training"):
+            patch.setattr(training, "native_bfloat16", lambda _device, native=native: native)
+            config = TrainConfig(input_size=32, batch_size=8, epochs=1, precision="bf16")
+            result = train_network((images, labels), (images, labels), config)
+        warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+        assert warned == ([] if native else ["--precision bf16 on cpu without native bfloat16 (no AVX512-BF16 or "
+                                             "AMX): emulated, several times slower than --precision fp32"])  # fmt: skip
+        assert [h["epoch"] for h in result.history] == [1]
