@@ -34,6 +34,16 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.float16 if precision == "auto" and device.type == "cuda" else torch.float32
 
 
+def describe_device(device: torch.device) -> str:
+    """What a model card records of the hardware a run used: the GPU's name, or the CPU's threads and the widest
+    vector instructions PyTorch uses on it (and whether it has native bfloat16)."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    native = "native bfloat16" if native_bfloat16(device) else "no native bfloat16"
+    return f"cpu: {torch.get_num_threads()} threads, {capability}, {native}"
+
+
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 natively: a CUDA GPU that says so, or a CPU whose oneDNN build finds
     AVX512-BF16 or AMX. Elsewhere PyTorch emulates it, several times slower than float32 (a 2-core AVX2 EPYC: a

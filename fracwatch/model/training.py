@@ -37,6 +37,7 @@ from fracwatch.model.phantom import render_phantom
 from fracwatch.model.predictor import (
     autocast,
     autocast_dtype,
+    describe_device,
     fracture_probability,
     native_bfloat16,
     select_device,
@@ -713,6 +714,7 @@ def build_card(
             "config": asdict(config),
             "torch": torch.__version__,
             "python": platform.python_version(),
+            "device": describe_device(select_device(config.device)),
         },
         metrics=metrics,
         intended_use=intended_use,

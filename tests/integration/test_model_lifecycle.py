@@ -906,6 +906,12 @@ def test_bf16_training_steps_compute_in_bfloat16_and_validation_in_float32(phant
     assert trained.exit_code == 0, trained.output
     card = load_bundle(model).card
     assert card.training["config"]["precision"] == "bf16" and "--precision bf16" in card.training["command"]
+    # the hardware it ran on, for the card's epoch times (metrics.history) to be read against
+    expected = f"cuda: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu: "
+    assert card.training["device"].startswith(expected), card.training["device"]
+    if not torch.cuda.is_available():
+        threads, capability = torch.get_num_threads(), torch.backends.cpu.get_cpu_capability()
+        assert f"{threads} threads, {capability}" in card.training["device"]
 
 
 def test_bf16_training_warns_where_bfloat16_is_emulated(caplog: pytest.LogCaptureFixture) -> None:
