@@ -26,6 +26,7 @@ from fracwatch.model.training import (
     Augmentation,
     Phase,
     TrainConfig,
+    TrainResult,
     _batch,
     _epoch_order,
     box_masks,
@@ -249,6 +250,24 @@ def test_images_load_the_same_in_worker_processes(phantoms: Path, tmp_path: Path
     assert reports[0]["auroc"] == reports[1]["auroc"] and reports[0]["images"] == reports[1]["images"] > 0
 
 
+def interrupted_in_epoch_2_then_resumed(
+    config: TrainConfig, checkpoint: Path, images: torch.Tensor, labels: torch.Tensor
+) -> TrainResult:
+    """A two-epoch run (validated on the first 8 images) interrupted in epoch 2, then resumed from its checkpoint,
+    which holds epoch 1: the resumed run's history has both epochs."""
+
+    def interrupt(epoch: int, _batch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_network((images, labels), (images[:8], labels[:8]), config, checkpoint, interrupt)
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
+    resumed = train_network((images, labels), (images[:8], labels[:8]), config, checkpoint)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    return resumed
+
+
 def test_cross_validation_resume_and_transfer(phantoms: Path, tmp_path: Path) -> None:
     model = tmp_path / "cv"
     result = CliRunner().invoke(cli, ["train", str(phantoms), "--out", str(model), *FAST, "--folds", "2"])
@@ -295,16 +314,7 @@ def test_cross_validation_resume_and_transfer(phantoms: Path, tmp_path: Path) ->
     config = TrainConfig(input_size=64, batch_size=16, epochs=2)
     images, labels = torch.rand(24, 1, 64, 64), torch.tensor([0.0, 1.0] * 12)
     checkpoint = tmp_path / "ck.pt"
-
-    def interrupt(epoch: int, _batch: int) -> None:
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_network((images, labels), (images[:8], labels[:8]), config, checkpoint, interrupt)
-    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
-    resumed = train_network((images, labels), (images[:8], labels[:8]), config, checkpoint)
-    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    resumed = interrupted_in_epoch_2_then_resumed(config, checkpoint, images, labels)
     # the checkpoint carries every random stream (order, crops, augmentation): resuming changes nothing — epoch 2's
     # loss (its batches, augmented) as well as the weights kept (the best epoch's, which may be epoch 1's)
     whole = train_network((images, labels), (images[:8], labels[:8]), config)
@@ -798,17 +808,7 @@ def test_an_interrupted_cuda_run_resumes_from_its_checkpoint(tmp_path: Path) -> 
     are CPU states whatever the device (a CUDA map_location once moved them and the resume failed)."""
     images, labels = torch.rand(24, 1, 64, 64), torch.tensor([0.0, 1.0] * 12)
     config = TrainConfig(input_size=64, batch_size=8, epochs=2, device="cuda")
-    checkpoint = tmp_path / "ck.pt"
-
-    def interrupt(epoch: int, _batch: int) -> None:
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_network((images, labels), (images[:8], labels[:8]), config, checkpoint, interrupt)
-    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
-    resumed = train_network((images, labels), (images[:8], labels[:8]), config, checkpoint)
-    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    resumed = interrupted_in_epoch_2_then_resumed(config, tmp_path / "ck.pt", images, labels)
     assert all(bool(torch.isfinite(p).all()) for p in resumed.network.parameters())
 
 
