@@ -392,6 +392,8 @@ def train_network(
             averaged.load_state_dict(saved["ema"])
         optimiser.load_state_dict(saved["optimiser"])
         scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):  # a float16 run's loss scale: without it the resumed steps start over at 65536
+            scaler.load_state_dict(saved["scaler"])
         generator.set_state(saved["generator"])
         if "augmentation" in saved:
             augment.set_state(saved["augmentation"])
@@ -472,8 +474,8 @@ def train_network(
             LOGGER.info("early stop: no AUROC gain for %d epochs", stale)
         if checkpoint is not None:
             _save_checkpoint(
-                checkpoint, epoch, network, optimiser, scheduler, generator, augment, best_auc, best_state, stale,
-                result, averaged,
+                checkpoint, epoch, network, optimiser, scheduler, scaler, generator, augment, best_auc, best_state,
+                stale, result, averaged,
             )
     network.load_state_dict(best_state)
     result.network = network.cpu().eval()
@@ -621,6 +623,7 @@ def _save_checkpoint(
     network: torch.nn.Module,
     optimiser: torch.optim.Optimizer,
     scheduler: Any,
+    scaler: torch.amp.GradScaler,
     generator: torch.Generator,
     augment: Augmentation,
     best_auc: float,
@@ -637,6 +640,7 @@ def _save_checkpoint(
             "network": network.state_dict(),
             "optimiser": optimiser.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),  # float16's loss scale ({} when off: bfloat16, float32)
             "generator": generator.get_state(),
             "augmentation": augment.state(),
             "best_auc": best_auc,

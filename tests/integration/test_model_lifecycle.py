@@ -805,10 +805,12 @@ def test_crop_training_and_augmentation_run_on_cuda() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_an_interrupted_cuda_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """float16 autocast with GradScaler (precision auto on CUDA) and a resume: the checkpoint's random generators
-    are CPU states whatever the device (a CUDA map_location once moved them and the resume failed)."""
+    are CPU states whatever the device (a CUDA map_location once moved them and the resume failed), and it carries
+    the loss scale."""
     images, labels = torch.rand(24, 1, 64, 64), torch.tensor([0.0, 1.0] * 12)
     config = TrainConfig(input_size=64, batch_size=8, epochs=2, device="cuda")
     resumed = interrupted_in_epoch_2_then_resumed(config, tmp_path / "ck.pt", images, labels)
+    assert torch.load(tmp_path / "ck.pt", weights_only=False)["scaler"]["scale"] > 0  # the loss scale goes on
     assert all(bool(torch.isfinite(p).all()) for p in resumed.network.parameters())
 
 
