@@ -400,6 +400,7 @@ def train_network(
         best_auc, best_state, stale = saved["best_auc"], saved["best_state"], saved["stale"]
         result.history, result.best_epoch, first_epoch = saved["history"], saved["best_epoch"], saved["epoch"] + 1
         LOGGER.info("resuming from %s after epoch %d", checkpoint, saved["epoch"])
+    scale = scaler.get_scale()  # float16's loss scale for the next step (1.0 when the scaler is off)
     truth = (validation[1] > 0).numpy().astype(np.int64)
     for epoch in range(first_epoch, config.epochs + 1):
         if (current := _phase_of(epoch, plan)) != phase:
@@ -437,10 +438,12 @@ def train_network(
                     loss = loss_fn(torch.amax(cells, dim=(2, 3)).reshape(-1), y.float())
                     loss = loss + localisation_loss(cells, masks, known.to(device))
             scaler.scale(loss).backward()
-            scale = scaler.get_scale()
             scaler.step(optimiser)
             scaler.update()
-            if scaler.get_scale() >= scale:  # float16: a step skipped for overflow lowers the scale; the schedule waits
+            # float16: a step skipped for overflow lowers the scale, and the schedule waits for the optimiser; read
+            # once per step, after the update (a read before the step made the CPU wait for the backward pass)
+            previous, scale = scale, scaler.get_scale()
+            if scale >= previous:
                 scheduler.step()
             if averaged is not None:
                 averaged.update_parameters(network)

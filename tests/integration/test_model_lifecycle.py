@@ -21,7 +21,7 @@ from fracwatch.model.bundle import load_bundle, sha256_of
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom, to_stored
-from fracwatch.model.predictor import PRECISIONS, autocast_dtype, native_bfloat16
+from fracwatch.model.predictor import PRECISIONS, autocast_dtype, describe_device, native_bfloat16
 from fracwatch.model.training import (
     Augmentation,
     Phase,
@@ -919,7 +919,8 @@ def test_bf16_training_steps_compute_in_bfloat16_and_validation_in_float32(phant
 def test_bf16_training_warns_where_bfloat16_is_emulated(caplog: pytest.LogCaptureFixture) -> None:
     """Without native bfloat16 (no AVX512-BF16 or AMX) --precision bf16 is several times slower than fp32: the run
     says so at its start, and trains all the same; where it is native, nothing is said."""
-    assert isinstance(native_bfloat16(torch.device("cpu")), bool)
+    cpu = torch.device("cpu")
+    assert describe_device(cpu).endswith(", native bfloat16" if native_bfloat16(cpu) else ", no native bfloat16")
     images, labels = torch.rand(8, 1, 32, 32), torch.tensor([0.0, 1.0] * 4)
     for native in (False, True):
         caplog.clear()
