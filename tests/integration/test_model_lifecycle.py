@@ -21,7 +21,7 @@ from fracwatch.model.bundle import load_bundle, sha256_of
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom, to_stored
-from fracwatch.model.predictor import PRECISIONS, autocast_dtype, describe_device, native_bfloat16
+from fracwatch.model.predictor import PRECISIONS, autocast_dtype, describe_device, native_bfloat16, select_device
 from fracwatch.model.training import (
     Augmentation,
     Phase,
@@ -530,7 +530,7 @@ def test_ema_keeps_the_moving_average_of_the_steps_and_resumes_with_it(
     real_update = training.AveragedModel.update_parameters
 
     def update_spy(self: training.AveragedModel, model: torch.nn.Module) -> None:
-        steps.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        steps.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})  # the kept network is on cpu
         real_update(self, model)
 
     monkeypatch.setattr(training.AveragedModel, "update_parameters", update_spy)
@@ -578,7 +578,7 @@ def test_ema_keeps_the_moving_average_of_the_steps_and_resumes_with_it(
     phased = replace(config, arch="tiny-resnet-map16", crop=32, crop_epochs=1)
     train_network((images, labels), (images, labels), phased, tmp_path / "phased.pt", boxes=boxes)
     assert len(steps) == 4
-    average = torch.load(tmp_path / "phased.pt", weights_only=False)["ema"]
+    average = torch.load(tmp_path / "phased.pt", map_location="cpu", weights_only=False)["ema"]
     restarted = 0.8 * steps[2]["head.weight"] + 0.2 * steps[3]["head.weight"]  # phase 2's two steps only
     assert torch.allclose(average["module.head.weight"], restarted, atol=1e-6)
     assert int(average["n_averaged"]) == 2
@@ -899,7 +899,10 @@ def test_bf16_training_steps_compute_in_bfloat16_and_validation_in_float32(phant
         patch.setattr(training, "build_network", spied_build)
         result = train_network((images, labels), (images, labels), config, boxes=boxes)
     assert {dtype for mode, dtype in seen if mode} == {torch.bfloat16}
-    assert {dtype for mode, dtype in seen if not mode} == {torch.float32}
+    # validation scores as inference does on the device it trains on (float32 on a CPU, float16 autocast on CUDA),
+    # the final validation of the kept weights on the CPU in float32
+    validated = {autocast_dtype(select_device(config.device)), torch.float32}
+    assert {dtype for mode, dtype in seen if not mode} == validated
     assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in result.network.parameters())
     assert all(np.isfinite(h["loss"]) for h in result.history) and [h["epoch"] for h in result.history] == [1, 2]
 
@@ -926,7 +929,7 @@ def test_bf16_training_warns_where_bfloat16_is_emulated(caplog: pytest.LogCaptur
         caplog.clear()
         with pytest.MonkeyPatch.context() as patch, caplog.at_level("WARNING", logger="fracwatch.model.training"):
             patch.setattr(training, "native_bfloat16", lambda _device, native=native: native)
-            config = TrainConfig(input_size=32, batch_size=8, epochs=1, precision="bf16")
+            config = TrainConfig(input_size=32, batch_size=8, epochs=1, precision="bf16", device="cpu")
             result = train_network((images, labels), (images, labels), config)
         warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
         assert warned == ([] if native else ["--precision bf16 on cpu without native bfloat16 (no AVX512-BF16 or "

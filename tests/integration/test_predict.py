@@ -81,8 +81,9 @@ def test_a_bundle_that_tiles_scores_a_dicom_image_as_its_strongest_tile(tmp_path
     loaded = load_file(path, config)
     assert loaded.frames == 1 and loaded.grid == grid and len(loaded.inputs) == len(grid.origins)
 
-    result = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", "--cam", str(tmp_path / "c"),
-                                      str(path)])  # fmt: skip
+    # on the CPU, in float32 like the reference below (on CUDA predict scores under float16 autocast)
+    result = CliRunner().invoke(cli, ["predict", "--model", str(model), "--device", "cpu", "--json",
+                                      "--cam", str(tmp_path / "c"), str(path)])  # fmt: skip
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.output)
     assert row["frames"] == 1 and row["error"] is None
@@ -105,7 +106,7 @@ def test_a_bundle_that_tiles_scores_a_dicom_image_as_its_strongest_tile(tmp_path
     # with the tile-count correction in the card, the strongest tile's odds are divided by the tile count
     card["preprocessing"]["tile_count_correction"] = True
     (model / "model.json").write_text(json.dumps(card))
-    corrected = CliRunner().invoke(cli, ["predict", "--model", str(model), "--json", str(path)])
+    corrected = CliRunner().invoke(cli, ["predict", "--model", str(model), "--device", "cpu", "--json", str(path)])
     assert corrected.exit_code == 0, corrected.output
     n = len(grid.origins)
     assert abs(json.loads(corrected.output)[0]["probability"] - strongest / (strongest + n * (1 - strongest))) < 1e-5
