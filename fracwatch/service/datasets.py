@@ -404,6 +404,29 @@ class _Preprocessed(torch.utils.data.Dataset[tuple[list[torch.Tensor], TileGrid 
         return [tensor.to(torch.float16) for tensor in inputs], loaded.grid, ""
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """A batch of ``_Preprocessed`` items as it leaves a worker: their inputs stacked into one tensor — one shared
+    memory segment for the batch, not one per input, which this process would have to map, copy and release one
+    by one — with each item's input count, tile grid and error."""
+
+    inputs: torch.Tensor  # (sum(counts), 1, S, S) float16
+    counts: list[int]
+    grids: list[TileGrid | None]
+    errors: list[str]
+
+
+def _stacked(batch: list[tuple[list[torch.Tensor], TileGrid | None, str]]) -> _Batch:
+    """``load_inputs``' collate function: runs in the worker that decoded the batch."""
+    inputs = [tensor for item_inputs, _grid, _error in batch for tensor in item_inputs]
+    return _Batch(
+        torch.stack(inputs) if inputs else torch.empty(0),
+        [len(item_inputs) for item_inputs, _grid, _error in batch],
+        [grid for _inputs, grid, _error in batch],
+        [error for _inputs, _grid, error in batch],
+    )
+
+
 def load_inputs(
     items: Sequence[Item],
     config: PreprocessConfig,
@@ -417,23 +440,21 @@ def load_inputs(
     each; the same tensors, in order). An unreadable image stops the load with a ``DatasetError`` naming its
     file; DataLoader refuses ``workers < 0``."""
     loader = torch.utils.data.DataLoader(
-        _Preprocessed(items, config, tiles), batch_size=16, num_workers=workers, collate_fn=list
+        _Preprocessed(items, config, tiles), batch_size=16, num_workers=workers, collate_fn=_stacked
     )
     chunks: list[torch.Tensor] = []
     owners: list[int] = []
     grids: list[TileGrid | None] = []
     for batch in loader:
-        received: list[torch.Tensor] = []
-        for inputs, grid, error in batch:
+        for count, grid, error in zip(batch.counts, batch.grids, batch.errors, strict=True):
             if error:
                 raise DatasetError(f"{items[len(grids)].path}: {error}")
-            owners.extend([len(grids)] * len(inputs))
-            received.extend(inputs)
+            owners.extend([len(grids)] * count)
             grids.append(grid)
-        if received:
-            # one copy per batch into this process's memory: a worker's tensors arrive in shared memory, one file
-            # descriptor each, and tens of thousands kept alive exhaust the process's descriptors
-            chunks.append(torch.stack(received))
+        if len(batch.inputs):
+            # copied out of the worker's shared memory: kept alive, tens of thousands of segments would exhaust
+            # this process's file descriptors
+            chunks.append(batch.inputs.clone())
         if progress is not None:
             progress(len(grids))
     size = config.input_size
