@@ -149,7 +149,11 @@ def quantiles(values: torch.Tensor, percents: tuple[float, ...]) -> torch.Tensor
 class PercentileWindow(Transform):
     """MONAI's ``ScaleIntensityRangePercentiles(lower, upper, b_min=0, b_max=1, clip=True)`` to the bit, with its
     percentiles by ``quantiles`` instead of MONAI's ``torch.quantile`` — which was the largest single cost of
-    loading an image (bench/load_workers.py); MONAI's ``ScaleIntensityRange`` does the scaling as before."""
+    loading an image (bench/load_workers.py); MONAI's ``ScaleIntensityRange`` does the scaling as before.
+
+    One case differs on purpose: where both percentiles are equal (a blank exposure, a page of text on a flat
+    background) MONAI returns the image less that value, unclipped — a few bright pixels reach the network as
+    values in the thousands —, and this window returns all zeros, as the tiles' window always has."""
 
     def __init__(self, config: PreprocessConfig) -> None:
         self.percents = (config.percentile_low, config.percentile_high)
@@ -157,6 +161,8 @@ class PercentileWindow(Transform):
     def __call__(self, data: np.ndarray) -> torch.Tensor:
         image = torch.as_tensor(np.asarray(data, dtype=np.float32))
         low, high = quantiles(image, self.percents)
+        if high <= low:
+            return torch.zeros_like(image)
         window = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
         return torch.as_tensor(window(image))
 
