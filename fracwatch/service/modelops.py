@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -201,6 +202,7 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
         if len({i.label for i in part}) < 2:
             raise DatasetError(f"the {name} split needs fractured and non-fractured images")
     preprocess = PreprocessConfig(input_size=config.input_size, tile_spacing_mm=config.tile_spacing_mm)
+    started = time.monotonic()
     train_images = _load(train_items, preprocess, progress, "loading training images", request.load_workers)
     # validation scores an image as the daemon does: all its tiles, the strongest counts
     validation = load_inputs(
@@ -209,6 +211,12 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
         (lambda n: progress("loading validation images", n, len(val_items))) if progress else None,
         request.load_workers,
     )
+    seconds = time.monotonic() - started
+    LOGGER.info(
+        "loaded %d training and %d validation images (%d inputs) in %.1f s, %.0f images/s, %d worker processes",
+        len(train_items), len(val_items), len(train_images) + len(validation.images), seconds,
+        (len(train_items) + len(val_items)) / max(seconds, 1e-9), request.load_workers,
+    )  # fmt: skip
     train_targets, val_targets = _targets(train_items, classes), _targets(val_items, classes)
     boxes = _boxes(train_items + val_items, preprocess)
     request.out.mkdir(parents=True, exist_ok=True)
