@@ -57,7 +57,13 @@ def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
 
 
 def _local_axis(points: np.ndarray, centre: np.ndarray, radius: float) -> tuple[np.ndarray, float] | None:
-    near = points[np.linalg.norm(points - centre, axis=1) < radius]
+    """The bone's principal axis within ``radius`` of ``centre`` and how elongated it is there, or None where too
+    few voxels lie near. ``points`` are sorted by z (``torch.nonzero``'s row-major order), so only the slab of
+    points within ``radius`` in z is measured: the same points in the same order as measuring all of them."""
+    slab = points[np.searchsorted(points[:, 0], centre[0] - radius) : np.searchsorted(
+        points[:, 0], centre[0] + radius, side="right"
+    )]  # fmt: skip
+    near = slab[np.linalg.norm(slab - centre, axis=1) < radius]
     if len(near) < 30:
         return None
     values, vectors = np.linalg.eigh(np.cov((near - near.mean(axis=0)).T))

@@ -330,3 +330,27 @@ def test_a_fractured_image_keeps_only_a_break_its_view_shows(ct: CTVolume) -> No
         assert visibility(site, renderer.bone) < MIN_VISIBILITY
         _fracture, kept_site, seen = renderer._visible_fracture(73, np.random.default_rng(seed))
         assert seen >= MIN_VISIBILITY and seen == visibility(kept_site, renderer.bone)
+
+
+def test_the_local_axis_measures_only_the_z_slab_and_finds_what_all_points_give(ct: CTVolume) -> None:
+    """``_local_axis`` reads the points within ``radius`` in z only (they come sorted by z from ``torch.nonzero``):
+    the same neighbours in the same order as the norm over every point, so the same axis to the bit."""
+    from fracwatch.synth.fracture import _local_axis
+
+    rng = np.random.default_rng(4)
+    measured = 0
+    for label in (69, 73, 92):
+        points = ct.voxels(label).numpy().astype(np.float64)
+        assert bool(np.all(np.diff(points[:, 0]) >= 0))
+        for centre in points[rng.integers(len(points), size=12)]:
+            radius = 6.0
+            near = points[np.linalg.norm(points - centre, axis=1) < radius]
+            found = _local_axis(points, centre, radius)
+            if len(near) < 30:
+                assert found is None
+                continue
+            values, vectors = np.linalg.eigh(np.cov((near - near.mean(axis=0)).T))
+            assert found is not None and np.array_equal(found[0], vectors[:, -1])
+            assert found[1] == float(values[-1] / max(values[-2], 1e-6))
+            measured += 1
+    assert measured >= 20  # most centres have neighbours enough: the comparison ran
