@@ -7,8 +7,9 @@ batch's device) against the baseline it replaced, MONAI's array transforms calle
 RandZoom, RandFlip, RandAdjustContrast, RandGaussianNoise; a twin pair as two channels of one call). Step:
 forward, backward and AdamW on the logit map, contiguous (NCHW) against channels_last, and channels_last in
 float32 against the bfloat16 autocast of ``train --precision bf16`` (on this machine's device: CUDA when there is
-one). For 96-px crops and whole 256-px inputs, random pixels (the cost does not depend on them). Prints seconds per
-batch and ratios.
+one), and at 256 px the bfloat16 step with the stem and first stage frozen (``train --freeze-stem``'s whole-image
+phase). For 96-px crops and whole 256-px inputs, random pixels (the cost does not depend on them). Prints seconds
+per batch and ratios.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandGaussian
 
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.predictor import autocast, select_device
-from fracwatch.model.training import Augmentation
+from fracwatch.model.training import Augmentation, set_stem_frozen
+
+FREEZABLE = [name for name, (builder, _params) in PRESETS.items() if builder.startswith("monai.ResNet")]
 
 
 def per_image_monai(seed: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -61,14 +64,18 @@ def step_seconds(
     repeat: int,
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
+    freeze_stem: bool = False,
 ) -> float:
     """Forward, backward and AdamW of ``arch``'s logit map on ``images`` in ``memory_format``, under training's
-    autocast to ``dtype`` (none for float32), on ``device`` (None: the CPU)."""
+    autocast to ``dtype`` (none for float32), on ``device`` (None: the CPU); with ``freeze_stem`` the stem and first
+    stage fixed, as ``train --freeze-stem`` fixes them in the whole-image phase."""
     device = device or torch.device("cpu")
     builder, params = PRESETS[arch]
     network = build_network(builder, {**params, "outputs": 1}).to(device)
     network.to(memory_format=memory_format)  # type: ignore[call-overload]
-    optimiser = torch.optim.AdamW(network.parameters())
+    if freeze_stem:
+        set_stem_frozen(network, frozen=True)
+    optimiser = torch.optim.AdamW(p for p in network.parameters() if p.requires_grad)
     x = images.to(device).contiguous(memory_format=memory_format)
 
     def step() -> None:
@@ -113,6 +120,10 @@ def main() -> None:
             f"{size:>3} px {args.arch} step on {device.type}, channels_last: float32 {fp32:.3f} s, "
             f"bfloat16 autocast {bf16:.3f} s ({bf16 / fp32:.2f}x)"
         )
+        if size == 256 and args.arch in FREEZABLE:
+            frozen = step_seconds(args.arch, images, torch.channels_last, repeat, torch.bfloat16, device, True)
+            ratio = frozen / bf16
+            print(f"{size:>3} px bfloat16 step with the stem and first stage frozen: {frozen:.3f} s ({ratio:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -371,6 +371,12 @@ def _progress_printer() -> Callable[[str, int, int], None]:
     help="Keep an exponential moving average of the weights with this decay per step (e.g. 0.999, between 0 and 1): "
     "validation scores the average and the bundle holds it; the steps' own weights are validated beside it.",
 )
+@click.option(
+    "--freeze-stem",
+    is_flag=True,
+    help="With --crop-epochs: in the whole-image phase keep the stem and first stage as the crops trained them "
+    "(a 256-px step about 0.64x the time on a CPU); ResNet presets.",
+)
 @click.option("--train-count", type=click.IntRange(10, 10_000_000), default=3000, show_default=True)
 @click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -404,6 +410,7 @@ def train(
     tile_count_correction: bool,
     precision: str,
     ema_decay: float | None,
+    freeze_stem: bool,
     train_count: int,
     val_count: int,
     seed: int,
@@ -446,6 +453,7 @@ def train(
         tile_count_correction=tile_count_correction,
         precision=precision,
         ema_decay=ema_decay,
+        freeze_stem=freeze_stem,
     )
     if problem := config_problem(config):
         raise click.UsageError(problem)
@@ -470,6 +478,7 @@ def train(
                 + (" --tile-count-correction" if tile_count_correction else "")
                 + (f" --precision {precision}" if precision != "auto" else "")
                 + (f" --ema {ema_decay:g}" if ema_decay is not None else "")
+                + (" --freeze-stem" if freeze_stem else "")
             )
             request = TrainRequest(
                 dataset,

@@ -83,6 +83,9 @@ class TrainConfig:
     # an exponential moving average of the weights, updated after every step with this decay (None: none):
     # validation scores the average, and the average is what each phase keeps and the bundle holds
     ema_decay: float | None = None
+    # in the whole-image phase after crop phases, keep the stem and first stage (``FROZEN_IN_WHOLE``) as the crops
+    # trained them: no gradient flows below the second stage, so a 256-px step takes about 0.64x the time
+    freeze_stem: bool = False
 
     @property
     def outputs(self) -> int:
@@ -125,6 +128,11 @@ def phases(config: TrainConfig) -> list[Phase]:
 def config_problem(config: TrainConfig) -> str | None:
     """Why ``config`` cannot train as asked — checked by ``train_network`` and, before any image loads, by the
     CLI — or None."""
+    if config.freeze_stem:
+        if config.crop is None or config.crop_epochs is None or config.crop_epochs >= config.epochs:
+            return "--freeze-stem applies to the whole-image phase after --crop-epochs: give both, fewer than --epochs"
+        if PRESETS.get(config.arch, ("", {}))[0] not in ("monai.ResNetLogitMap", "monai.ResNet", "monai.ResNetMaxPool"):
+            return f"--freeze-stem needs a ResNet preset (its {', '.join(FROZEN_IN_WHOLE)}), not {config.arch}"
     if config.context_crop is not None or config.context_epochs != 0:
         if (config.context_crop is None or config.context_epochs < 1) or (
             config.crop is None or config.crop_epochs is None
@@ -143,6 +151,20 @@ def _averaging(network: torch.nn.Module, config: TrainConfig) -> AveragedModel |
         return None
     averaging = get_ema_multi_avg_fn(config.ema_decay)  # type: ignore[no-untyped-call]  # torch leaves it untyped
     return AveragedModel(network, multi_avg_fn=averaging, use_buffers=True)
+
+
+# what ``freeze_stem`` keeps fixed in the whole-image phase: a ResNet's stem and first stage, the layers at the
+# largest feature maps (a 256-px small-resnet-map16 step: 18.5 ms per image, 11.7 with these frozen; 2-core EPYC,
+# bfloat16). Their BatchNorm statistics still follow the whole images.
+FROZEN_IN_WHOLE = ("conv1", "bn1", "layer1")
+
+
+def set_stem_frozen(network: torch.nn.Module, frozen: bool) -> None:
+    """Fix (or free again) the parameters of ``FROZEN_IN_WHOLE``; AdamW leaves a parameter without a gradient
+    as it is, weight decay included."""
+    for name in FROZEN_IN_WHOLE:
+        for parameter in getattr(network, name).parameters():
+            parameter.requires_grad_(not frozen)
 
 
 def _phase_of(epoch: int, plan: list[Phase]) -> Phase:
@@ -411,6 +433,8 @@ def train_network(
             LOGGER.info("epoch %d: %s from here", epoch, f"{phase.crop}-px crops" if phase.crop else "whole images")
         if stale >= config.patience and phase is plan[-1]:
             break
+        if config.freeze_stem:  # at every epoch, so a run resumed in the whole-image phase freezes too
+            set_stem_frozen(network, frozen=phase.crop is None)
         network.train()
         started, total = time.monotonic(), 0.0
         order = _epoch_order(len(images), partners, generator)

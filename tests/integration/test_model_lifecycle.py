@@ -30,6 +30,7 @@ from fracwatch.model.training import (
     _batch,
     _epoch_order,
     box_masks,
+    config_problem,
     image_probabilities,
     localisation_loss,
     phases,
@@ -935,3 +936,43 @@ def test_bf16_training_warns_where_bfloat16_is_emulated(caplog: pytest.LogCaptur
         assert warned == ([] if native else ["--precision bf16 on cpu without native bfloat16 (no AVX512-BF16 or "
                                              "AMX): emulated, several times slower than --precision fp32"])  # fmt: skip
         assert [h["epoch"] for h in result.history] == [1]
+
+
+def test_freeze_stem_keeps_the_stem_and_first_stage_through_the_whole_image_phase() -> None:
+    """--freeze-stem: the crop phase trains every layer; in the whole-image phase the stem and first stage keep the
+    crop-trained weights (their BatchNorm statistics still follow the whole images) while the deeper stages learn."""
+    images, labels = torch.rand(16, 1, 64, 64), torch.tensor([0.0, 1.0] * 8)
+    images[1::2, :, 20:30, 20:30] += 1.0
+    boxes = torch.tensor([[float("nan")] * 4, [20.0, 20.0, 30.0, 30.0]] * 8)
+    config = TrainConfig(arch="tiny-resnet-map16", input_size=64, batch_size=8, epochs=2, crop=32, crop_epochs=1,
+                         learning_rate=3e-3, device="cpu", freeze_stem=True)  # fmt: skip
+    built: list[torch.nn.Module] = []
+    real_build = training.build_network
+
+    def spied_build(*args: object, **kwargs: object) -> torch.nn.Module:
+        built.append(real_build(*args, **kwargs))  # type: ignore[arg-type]
+        return built[-1]
+
+    states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def snapshot(epoch: int, batch: int) -> None:  # after each epoch's last batch (two batches an epoch)
+        if batch == 2:
+            states[epoch] = {k: v.detach().clone() for k, v in built[0].state_dict().items()}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "build_network", spied_build)
+        train_network((images, labels), (images, labels), config, progress=snapshot, boxes=boxes)
+    torch.manual_seed(config.seed)  # the network train_network built first thing after seeding, as it started
+    builder, params = PRESETS[config.arch]
+    start = build_network(builder, {**params, "outputs": 1}).state_dict()
+    crop, whole = states[1], states[2]
+    frozen = [k for k, p in built[0].named_parameters() if k.split(".")[0] in training.FROZEN_IN_WHOLE]
+    assert "conv1.weight" in frozen and any(k.startswith("layer1.") for k in frozen)
+    assert not torch.equal(start["conv1.weight"], crop["conv1.weight"])  # the crop phase trained the stem
+    assert all(torch.equal(crop[k], whole[k]) for k in frozen)  # fixed through the whole-image epoch
+    assert not torch.equal(crop["layer2.0.conv1.weight"], whole["layer2.0.conv1.weight"])  # deeper stages learn
+    assert not torch.equal(crop["layer1.0.bn1.running_mean"], whole["layer1.0.bn1.running_mean"])  # stats follow
+
+    assert "applies to the whole-image phase" in (config_problem(replace(config, crop=None, crop_epochs=None)) or "")
+    assert "fewer than --epochs" in (config_problem(replace(config, crop_epochs=2)) or "")
+    assert "needs a ResNet preset" in (config_problem(replace(config, arch="densenet121")) or "")
