@@ -24,9 +24,7 @@ from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandGaussian
 
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.predictor import autocast, select_device
-from fracwatch.model.training import Augmentation, set_stem_frozen
-
-FREEZABLE = [name for name, (builder, _params) in PRESETS.items() if builder.startswith("monai.ResNet")]
+from fracwatch.model.training import Augmentation, set_stem_frozen, stem_freezable
 
 
 def per_image_monai(seed: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -120,7 +118,7 @@ def main() -> None:
             f"{size:>3} px {args.arch} step on {device.type}, channels_last: float32 {fp32:.3f} s, "
             f"bfloat16 autocast {bf16:.3f} s ({bf16 / fp32:.2f}x)"
         )
-        if size == 256 and args.arch in FREEZABLE:
+        if size == 256 and stem_freezable(args.arch):
             frozen = step_seconds(args.arch, images, torch.channels_last, repeat, torch.bfloat16, device, True)
             ratio = frozen / bf16
             print(f"{size:>3} px bfloat16 step with the stem and first stage frozen: {frozen:.3f} s ({ratio:.2f}x)")

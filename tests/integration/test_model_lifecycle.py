@@ -973,6 +973,11 @@ def test_freeze_stem_keeps_the_stem_and_first_stage_through_the_whole_image_phas
     assert not torch.equal(crop["layer2.0.conv1.weight"], whole["layer2.0.conv1.weight"])  # deeper stages learn
     assert not torch.equal(crop["layer1.0.bn1.running_mean"], whole["layer1.0.bn1.running_mean"])  # stats follow
 
-    assert "applies to the whole-image phase" in (config_problem(replace(config, crop=None, crop_epochs=None)) or "")
-    assert "fewer than --epochs" in (config_problem(replace(config, crop_epochs=2)) or "")
+    for no_whole_phase in (
+        replace(config, crop=None, crop_epochs=None),  # one phase, no crops
+        replace(config, crop_epochs=2),  # crops to the end
+        replace(config, epochs=3, context_crop=48, context_epochs=2),  # context crops to the end
+    ):
+        assert "applies to a whole-image phase" in (config_problem(no_whole_phase) or "")
+    assert config_problem(replace(config, epochs=4, context_crop=48, context_epochs=2)) is None
     assert "needs a ResNet preset" in (config_problem(replace(config, arch="densenet121")) or "")

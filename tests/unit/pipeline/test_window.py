@@ -50,15 +50,11 @@ def test_network_inputs_are_what_monais_window_made() -> None:
     """The whole preprocessing with the window swapped back for MONAI's gives the same inputs, bit for bit."""
     config = PreprocessConfig(input_size=128)
     ours = inference_transforms(config)
-    theirs = Compose(
-        [
-            ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)
-            if type(t).__name__ == "PercentileWindow"
-            else t
-            for t in ours.transforms
-        ]
+    monais = ScaleIntensityRangePercentiles(
+        lower=config.percentile_low, upper=config.percentile_high, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32
     )
-    assert any(type(t).__name__ == "PercentileWindow" for t in ours.transforms)
+    theirs = Compose([monais if isinstance(t, PercentileWindow) else t for t in ours.transforms])
+    assert any(isinstance(t, PercentileWindow) for t in ours.transforms)
     for seed in range(4):
         image = render_phantom(seed, seed % 2 == 1).image.astype(np.float32)[np.newaxis]
         assert np.array_equal(np.asarray(ours(image)), np.asarray(theirs(image)))
