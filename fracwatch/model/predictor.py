@@ -35,13 +35,23 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
 
 def describe_device(device: torch.device) -> str:
-    """What a model card records of the hardware a run used: the GPU's name, or the CPU's threads and the widest
-    vector instructions PyTorch uses on it (and whether it has native bfloat16)."""
+    """What a model card records of the hardware a run used: the GPU's name, or the CPU's threads, the widest
+    vector instructions PyTorch uses on it, whether it has AMX tiles, and whether it has native bfloat16. The same
+    command repeats a run's figures only on the same kind of CPU (its kernels sum in their own order), so the card
+    says which kind it was."""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     capability = torch.backends.cpu.get_cpu_capability()
+    amx = ", AMX" if has_amx() else ""
     native = "native bfloat16" if native_bfloat16(device) else "no native bfloat16"
-    return f"cpu: {torch.get_num_threads()} threads, {capability}, {native}"
+    return f"cpu: {torch.get_num_threads()} threads, {capability}{amx}, {native}"
+
+
+def has_amx() -> bool:
+    """Whether the CPU has AMX tiles, which oneDNN uses for bfloat16 matrix products (False where torch cannot
+    tell)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
 
 
 def native_bfloat16(device: torch.device) -> bool:

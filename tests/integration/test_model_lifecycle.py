@@ -21,7 +21,14 @@ from fracwatch.model.bundle import load_bundle, sha256_of
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.phantom import render_phantom, to_stored
-from fracwatch.model.predictor import PRECISIONS, autocast_dtype, describe_device, native_bfloat16, select_device
+from fracwatch.model.predictor import (
+    PRECISIONS,
+    autocast_dtype,
+    describe_device,
+    has_amx,
+    native_bfloat16,
+    select_device,
+)
 from fracwatch.model.training import (
     Augmentation,
     Phase,
@@ -925,6 +932,7 @@ def test_bf16_training_warns_where_bfloat16_is_emulated(caplog: pytest.LogCaptur
     says so at its start, and trains all the same; where it is native, nothing is said."""
     cpu = torch.device("cpu")
     assert describe_device(cpu).endswith(", native bfloat16" if native_bfloat16(cpu) else ", no native bfloat16")
+    assert (", AMX, " in describe_device(cpu)) == has_amx()
     images, labels = torch.rand(8, 1, 32, 32), torch.tensor([0.0, 1.0] * 4)
     for native in (False, True):
         caplog.clear()
