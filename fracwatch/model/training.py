@@ -84,7 +84,7 @@ class TrainConfig:
     # validation scores the average, and the average is what each phase keeps and the bundle holds
     ema_decay: float | None = None
     # in the whole-image phase after crop phases, keep the stem and first stage (``FROZEN_IN_WHOLE``) as the crops
-    # trained them: no gradient flows below the second stage, so a 256-px bfloat16 step takes 0.59-0.66x the time
+    # trained them: no gradient flows below the second stage, so a 256-px bfloat16 step takes 0.51-0.66x the time
     freeze_stem: bool = False
 
     @property

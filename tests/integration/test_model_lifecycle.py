@@ -933,6 +933,11 @@ def test_bf16_training_warns_where_bfloat16_is_emulated(caplog: pytest.LogCaptur
     cpu = torch.device("cpu")
     assert describe_device(cpu).endswith(", native bfloat16" if native_bfloat16(cpu) else ", no native bfloat16")
     assert (", AMX, " in describe_device(cpu)) == has_amx()
+    for amx in (False, True):  # both forms, whatever this machine has
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+            capability = torch.backends.cpu.get_cpu_capability()
+            assert f", {capability}, AMX, " in describe_device(cpu) if amx else ", AMX" not in describe_device(cpu)
     images, labels = torch.rand(8, 1, 32, 32), torch.tensor([0.0, 1.0] * 4)
     for native in (False, True):
         caplog.clear()
