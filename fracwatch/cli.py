@@ -378,12 +378,6 @@ def _progress_printer() -> Callable[[str, int, int], None]:
     "(a 256-px bfloat16 step 0.51-0.66x the time on AVX512-BF16 and AMX CPUs; at full scale no accuracy gain, see the "
     "README); ResNet presets.",
 )
-@click.option(
-    "--hard-fraction",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="With --crop-epochs: every whole-image epoch after the first trains on this fraction of the images only, "
-    "the twin pairs with the highest loss when they last trained (one-cycle schedule over the fewer steps).",
-)
 @click.option("--train-count", type=click.IntRange(10, 10_000_000), default=3000, show_default=True)
 @click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -418,7 +412,6 @@ def train(
     precision: str,
     ema_decay: float | None,
     freeze_stem: bool,
-    hard_fraction: float | None,
     train_count: int,
     val_count: int,
     seed: int,
@@ -462,7 +455,6 @@ def train(
         precision=precision,
         ema_decay=ema_decay,
         freeze_stem=freeze_stem,
-        hard_fraction=hard_fraction,
     )
     if problem := config_problem(config):
         raise click.UsageError(problem)
@@ -488,7 +480,6 @@ def train(
                 + (f" --precision {precision}" if precision != "auto" else "")
                 + (f" --ema {ema_decay:g}" if ema_decay is not None else "")
                 + (" --freeze-stem" if freeze_stem else "")
-                + (f" --hard-fraction {hard_fraction:g}" if hard_fraction is not None else "")
             )
             request = TrainRequest(
                 dataset,

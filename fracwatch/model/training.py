@@ -86,11 +86,6 @@ class TrainConfig:
     # in the whole-image phase after crop phases, keep the stem and first stage (``FROZEN_IN_WHOLE``) as the crops
     # trained them: no gradient flows below the second stage, so a 256-px bfloat16 step takes 0.51-0.66x the time
     freeze_stem: bool = False
-    # in the whole-image phase after crop phases, every epoch but its first trains on this fraction of the training
-    # images only: the twin pairs (or single images) with the highest image-level loss when they last trained (None:
-    # every image every epoch). The first whole-image epoch ranks them all; most pairs are ranked right with room to
-    # spare by then, and a whole-image step is the recipe's dearest
-    hard_fraction: float | None = None
 
     @property
     def outputs(self) -> int:
@@ -149,15 +144,6 @@ def config_problem(config: TrainConfig) -> str | None:
             )
         if not stem_freezable(config.arch):
             return f"--freeze-stem needs a ResNet preset (its {', '.join(FROZEN_IN_WHOLE)}), not {config.arch}"
-    if config.hard_fraction is not None:
-        if not 0.0 < config.hard_fraction < 1.0:
-            return f"--hard-fraction must lie between 0 and 1 (got {config.hard_fraction:g})"
-        plan = phases(config)
-        if len(plan) == 1 or plan[-1].crop is not None or plan[-1].first == plan[-1].last:
-            return (
-                "--hard-fraction applies to a whole-image phase of two or more epochs after the crop phases: "
-                "--crop-epochs (and --context-epochs) must leave at least two of --epochs"
-            )
     if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
         return f"--ema must lie between 0 and 1 (got {config.ema_decay:g})"
     return None
@@ -200,59 +186,9 @@ def _validates(epoch: int, phase: Phase, plan: list[Phase], every: int) -> bool:
     return phase is plan[-1] or epoch == phase.last or (epoch - phase.first + 1) % max(1, every) == 0
 
 
-def _mines(epoch: int, phase: Phase, plan: list[Phase], config: TrainConfig) -> bool:
-    """Whether ``epoch`` trains on the hardest pairs only (``TrainConfig.hard_fraction``)."""
-    return config.hard_fraction is not None and phase is plan[-1] and len(plan) > 1 and epoch > phase.first
-
-
-def _epoch_images(epoch: int, phase: Phase, plan: list[Phase], config: TrainConfig, count: int) -> int:
-    """How many of ``count`` training images ``epoch`` trains on."""
-    if not _mines(epoch, phase, plan, config):
-        return count
-    assert config.hard_fraction is not None
-    return max(1, round(config.hard_fraction * count))
-
-
-def _schedule(
-    optimiser: torch.optim.Optimizer, phase: Phase, plan: list[Phase], config: TrainConfig, count: int
-) -> Any:
-    """One one-cycle schedule over the phase's steps (a mined epoch has fewer)."""
-    steps = sum(
-        -(-_epoch_images(epoch, phase, plan, config, count) // config.batch_size)
-        for epoch in range(phase.first, phase.last + 1)
-    )
+def _schedule(optimiser: torch.optim.Optimizer, phase: Phase, steps_per_epoch: int) -> Any:
+    steps = (phase.last - phase.first + 1) * steps_per_epoch
     return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=phase.learning_rate, total_steps=steps)
-
-
-def _groups(count: int, partners: torch.Tensor | None) -> list[list[int]]:
-    """The training images as twin pairs (the lower index first) and singles, in index order."""
-    if partners is None:
-        return [[i] for i in range(count)]
-    mates = partners.tolist()
-    return [[i] + ([mates[i]] if mates[i] >= 0 else []) for i in range(count) if not 0 <= mates[i] < i]
-
-
-def _shuffled(groups: list[list[int]], generator: torch.Generator) -> torch.Tensor:
-    """The groups' images, groups in a random order, each group's images following each other."""
-    return torch.tensor([i for k in torch.randperm(len(groups), generator=generator).tolist() for i in groups[k]])
-
-
-def _mined_order(
-    hardness: torch.Tensor, partners: torch.Tensor | None, fraction: float, generator: torch.Generator
-) -> torch.Tensor:
-    """``round(fraction × N)`` images (at least one): the pairs and singles with the highest mean ``hardness``
-    first (ties in index order), in a random order with twins following each other — cut to the count, which
-    can leave out one twin of one pair."""
-    groups = _groups(len(hardness), partners)
-    means = torch.tensor([float(hardness[g].mean()) for g in groups])
-    budget = max(1, round(fraction * len(hardness)))
-    chosen: list[list[int]] = []
-    for k in torch.argsort(means, descending=True, stable=True).tolist():
-        if budget <= 0:
-            break
-        chosen.append(groups[k])
-        budget -= len(groups[k])
-    return _shuffled(chosen, generator)[: max(1, round(fraction * len(hardness)))]
 
 
 @dataclass
@@ -409,7 +345,7 @@ def train_network(
     validation: tuple[torch.Tensor, torch.Tensor],
     config: TrainConfig,
     checkpoint: Path | None = None,
-    progress: Callable[[int, int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     boxes: torch.Tensor | None = None,
     partners: torch.Tensor | None = None,
     validation_owners: torch.Tensor | None = None,
@@ -420,7 +356,7 @@ def train_network(
     epoch's weights; an earlier phase runs all its epochs).
 
     Labels are 0/1 (binary) or class indices (multi-class). With ``checkpoint``, the state is saved after every
-    epoch and a run finding one there resumes from it. ``progress(epoch, batches_done, batches)`` is called per batch.
+    epoch and a run finding one there resumes from it. ``progress(epoch, batches_done)`` is called per batch.
     ``boxes`` (N, 4) — the fractures' boxes in input pixels, NaN where none — add a localisation loss for a
     binary network with a logit map (``networks.ResNetLogitMap``); other networks ignore them. ``partners``
     (N,) — each image's twin (the same image without the fracture), -1 where none — puts twins in the same batch
@@ -441,8 +377,8 @@ def train_network(
         load_initial_weights(network, Path(config.init_weights))
     images, labels = train
     loss_fn = _loss(labels, config, device)
-    each_loss = _loss(labels, config, device, reduction="none")
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    steps_per_epoch = (len(images) + config.batch_size - 1) // config.batch_size
     plan = phases(config)
     dtype = autocast_dtype(device, config.precision)
     if dtype == torch.bfloat16 and not native_bfloat16(device):
@@ -466,7 +402,6 @@ def train_network(
         LOGGER.info("boxes ignored: %s has no logit map or the task is not binary", config.arch)
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(network=network)
-    hardness = torch.zeros(len(images))  # each image's loss when it last trained (``hard_fraction``)
     best_auc, best_state, stale, first_epoch = -1.0, copy.deepcopy(network.state_dict()), 0, 1
     # read onto the CPU: the random generators' states must stay CPU byte tensors (a CUDA map_location moved them and
     # the resume failed on a GPU); the network, optimiser and average copy their tensors onto ``device`` as they load
@@ -474,7 +409,7 @@ def train_network(
         torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint and checkpoint.is_file() else None
     )
     phase = plan[0] if saved is None else _phase_of(min(saved["epoch"], config.epochs), plan)
-    scheduler = _schedule(optimiser, phase, plan, config, len(images))
+    scheduler = _schedule(optimiser, phase, steps_per_epoch)
     averaged = _averaging(network, config)
     if saved is not None:
         if saved["scheduler"].get("total_steps") != scheduler.total_steps:
@@ -493,8 +428,6 @@ def train_network(
         generator.set_state(saved["generator"])
         if "augmentation" in saved:
             augment.set_state(saved["augmentation"])
-        if "hardness" in saved:
-            hardness = saved["hardness"]
         best_auc, best_state, stale = saved["best_auc"], saved["best_state"], saved["stale"]
         result.history, result.best_epoch, first_epoch = saved["history"], saved["best_epoch"], saved["epoch"] + 1
         LOGGER.info("resuming from %s after epoch %d", checkpoint, saved["epoch"])
@@ -504,7 +437,7 @@ def train_network(
         if (current := _phase_of(epoch, plan)) != phase:
             phase = current
             network.load_state_dict(best_state)  # the next phase starts from this one's best epoch
-            scheduler, stale = _schedule(optimiser, phase, plan, config, len(images)), 0
+            scheduler, stale = _schedule(optimiser, phase, steps_per_epoch), 0
             averaged = _averaging(network, config)  # and averages afresh from there
             LOGGER.info("epoch %d: %s from here", epoch, f"{phase.crop}-px crops" if phase.crop else "whole images")
         if stale >= config.patience and phase is plan[-1]:
@@ -513,12 +446,8 @@ def train_network(
             set_stem_frozen(network, frozen=phase.crop is None)
         network.train()
         started, total = time.monotonic(), 0.0
-        if _mines(epoch, phase, plan, config):
-            assert config.hard_fraction is not None
-            order = _mined_order(hardness, partners, config.hard_fraction, generator)
-        else:
-            order = _epoch_order(len(images), partners, generator)
-        for batch_number, start in enumerate(range(0, len(order), config.batch_size), start=1):
+        order = _epoch_order(len(images), partners, generator)
+        for batch_number, start in enumerate(range(0, len(images), config.batch_size), start=1):
             batch_index = order[start : start + config.batch_size]
             x, masks = _batch(
                 images,
@@ -534,18 +463,14 @@ def train_network(
             with autocast(device, dtype):
                 if masks is None:
                     out = network(x).float()  # the loss in float32 whatever the autocast
-                    loss = _classified(loss_fn, out, y, config.outputs)
+                    loss = loss_fn(out.reshape(-1), y.float()) if config.outputs == 1 else loss_fn(out, y.long())
                 else:
                     assert boxes is not None
                     cells = network.logit_map(x).float()  # type: ignore[operator]
                     known = (labels[batch_index] == 0) | ~torch.isnan(boxes[batch_index, 0])
-                    out = torch.amax(cells, dim=(2, 3))
-                    loss = _classified(loss_fn, out, y, config.outputs)
+                    loss = loss_fn(torch.amax(cells, dim=(2, 3)).reshape(-1), y.float())
                     loss = loss + localisation_loss(cells, masks, known.to(device))
-            if config.hard_fraction is not None:
-                with torch.no_grad():
-                    hardness[batch_index] = _classified(each_loss, out.detach(), y, config.outputs).cpu()
-            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # torch leaves it untyped
+            scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()
             # float16: a step skipped for overflow lowers the scale, and the schedule waits for the optimiser; read
@@ -557,8 +482,8 @@ def train_network(
                 averaged.update_parameters(network)
             total += loss.item() * len(batch_index)
             if progress is not None:
-                progress(epoch, batch_number, -(-len(order) // config.batch_size))
-        record: dict[str, float] = {"epoch": epoch, "loss": total / len(order), "images": len(order)}
+                progress(epoch, batch_number)
+        record: dict[str, float] = {"epoch": epoch, "loss": total / len(images)}
         if _validates(epoch, phase, plan, config.validate_every):
             kept = network if averaged is None else averaged.module
             val_auc = auroc(truth, _validation_probabilities(kept, validation[0], validation_owners, config, device))
@@ -585,20 +510,8 @@ def train_network(
             LOGGER.info("early stop: no AUROC gain for %d epochs", stale)
         if checkpoint is not None:
             _save_checkpoint(
-                checkpoint,
-                epoch,
-                network,
-                optimiser,
-                scheduler,
-                scaler,
-                generator,
-                augment,
-                best_auc,
-                best_state,
-                stale,
-                result,
-                averaged,
-                hardness,
+                checkpoint, epoch, network, optimiser, scheduler, scaler, generator, augment, best_auc, best_state,
+                stale, result, averaged,
             )
     network.load_state_dict(best_state)
     result.network = network.cpu().eval()
@@ -648,7 +561,15 @@ def image_probabilities(
 
 def _epoch_order(count: int, partners: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """A random order of ``count`` images in which twins follow each other."""
-    return _shuffled(_groups(count, partners), generator)
+    if partners is None:
+        return torch.randperm(count, generator=generator)
+    leads = [i for i in range(count) if partners[i] < 0 or i < partners[i]]  # a single, or a pair's first
+    order: list[int] = []
+    for k in torch.randperm(len(leads), generator=generator).tolist():
+        order.append(leads[k])
+        if partners[leads[k]] >= 0:
+            order.append(int(partners[leads[k]]))
+    return torch.tensor(order, dtype=torch.long)
 
 
 def _batch(
@@ -722,22 +643,14 @@ def _together(index: torch.Tensor, partners: torch.Tensor | None) -> list[list[i
     return groups
 
 
-def _classified(loss: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor, outputs: int) -> torch.Tensor:
-    """``loss`` (``_loss``'s) of ``logits`` against ``labels``: a binary network's one logit per image against 0/1,
-    a multi-class one's against class indices."""
-    return loss(logits.reshape(-1), labels.float()) if outputs == 1 else loss(logits, labels.long())
-
-
-def _loss(labels: torch.Tensor, config: TrainConfig, device: torch.device, reduction: str = "mean") -> torch.nn.Module:
-    """The class-balanced classification loss; ``reduction="none"``: each image's own (what ``hard_fraction``
-    ranks pairs by)."""
+def _loss(labels: torch.Tensor, config: TrainConfig, device: torch.device) -> torch.nn.Module:
     if config.outputs == 1:
         positives = float((labels > 0).sum())
         pos_weight = torch.tensor([(len(labels) - positives) / max(positives, 1.0)], device=device)
-        return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction=reduction)
+        return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     counts = torch.bincount(labels.long(), minlength=config.outputs).float()
     weights = counts.sum() / (config.outputs * counts.clamp(min=1.0))
-    return torch.nn.CrossEntropyLoss(weight=weights.to(device), reduction=reduction)
+    return torch.nn.CrossEntropyLoss(weight=weights.to(device))
 
 
 def _save_checkpoint(
@@ -754,13 +667,11 @@ def _save_checkpoint(
     stale: int,
     result: TrainResult,
     averaged: AveragedModel | None = None,
-    hardness: torch.Tensor | None = None,
 ) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(
         {
             **({"ema": averaged.state_dict()} if averaged is not None else {}),
-            **({"hardness": hardness} if hardness is not None else {}),
             "epoch": epoch,
             "network": network.state_dict(),
             "optimiser": optimiser.state_dict(),

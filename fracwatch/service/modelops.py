@@ -242,9 +242,9 @@ def train_from_dataset(request: TrainRequest, progress: Progress | None = None) 
     if not request.resume and checkpoint.exists():
         checkpoint.unlink()
 
-    def batches(epoch: int, done: int, total: int) -> None:
+    def batches(epoch: int, done: int) -> None:
         if progress is not None:
-            progress(f"epoch {epoch}", done, total)
+            progress(f"epoch {epoch}", done, math.ceil(len(train_items) / config.batch_size))
 
     result = train_network(
         (train_images, train_targets),

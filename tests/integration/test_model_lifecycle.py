@@ -36,7 +36,6 @@ from fracwatch.model.training import (
     TrainResult,
     _batch,
     _epoch_order,
-    _mined_order,
     box_masks,
     config_problem,
     image_probabilities,
@@ -265,7 +264,7 @@ def interrupted_in_epoch_2_then_resumed(
     """A two-epoch run (validated on the first 8 images) interrupted in epoch 2, then resumed from its checkpoint,
     which holds epoch 1: the resumed run's history has both epochs."""
 
-    def interrupt(epoch: int, _batch: int, _batches: int) -> None:
+    def interrupt(epoch: int, _batch: int) -> None:
         if epoch == 2:
             raise KeyboardInterrupt
 
@@ -468,7 +467,7 @@ def test_crop_epochs_then_whole_images_and_resume_across_the_switch(
     seen: list[tuple[int, int]] = []  # (epoch, side of the images a training batch held)
     sizes = spy_batch_sides(monkeypatch)
 
-    def record(epoch: int, _batch: int, _batches: int) -> None:
+    def record(epoch: int, _batch: int) -> None:
         seen.append((epoch, sizes[-1]))
         if epoch == 3 and interrupt:
             raise KeyboardInterrupt
@@ -508,7 +507,7 @@ def test_a_context_crop_phase_sits_between_the_crops_and_the_whole_images(
     seen: set[tuple[int, int]] = set()  # (epoch, side of the images a training batch held)
     sizes = spy_batch_sides(monkeypatch)
     trained = train_network(
-        (images, labels), (images, labels), config, progress=lambda e, _b, _t: seen.add((e, sizes[-1])), boxes=boxes
+        (images, labels), (images, labels), config, progress=lambda e, _b: seen.add((e, sizes[-1])), boxes=boxes
     )
     assert [h["epoch"] for h in trained.history] == [1, 2, 3, 4, 5]
     assert seen == {(1, 32), (2, 32), (3, 48), (4, 48), (5, 64)}
@@ -565,7 +564,7 @@ def test_ema_keeps_the_moving_average_of_the_steps_and_resumes_with_it(
     checkpoint.unlink()
     interrupt = True
 
-    def stop(epoch: int, _batch: int, _batches: int) -> None:
+    def stop(epoch: int, _batch: int) -> None:
         if epoch == 2 and interrupt:
             raise KeyboardInterrupt
 
@@ -969,7 +968,7 @@ def test_freeze_stem_keeps_the_stem_and_first_stage_through_the_whole_image_phas
 
     states: dict[int, dict[str, torch.Tensor]] = {}
 
-    def snapshot(epoch: int, batch: int, _batches: int) -> None:  # after each epoch's last batch (two batches an epoch)
+    def snapshot(epoch: int, batch: int) -> None:  # after each epoch's last batch (two batches an epoch)
         if batch == 2:
             states[epoch] = {k: v.detach().clone() for k, v in built[0].state_dict().items()}
 
@@ -995,90 +994,3 @@ def test_freeze_stem_keeps_the_stem_and_first_stage_through_the_whole_image_phas
         assert "applies to a whole-image phase" in (config_problem(no_whole_phase) or "")
     assert config_problem(replace(config, epochs=4, context_crop=48, context_epochs=2)) is None
     assert "needs a ResNet preset" in (config_problem(replace(config, arch="densenet121")) or "")
-
-
-def test_mined_epochs_train_on_the_hardest_twin_pairs() -> None:
-    """--hard-fraction's order: the pairs (and singles) with the highest mean loss, twins side by side, cut to
-    round(fraction × N) images; the rest of the order is random but seeded."""
-    partners = torch.tensor([1, 0, 3, 2, 5, 4, -1, 8, 7])  # pairs (0,1) (2,3) (4,5) (7,8), single 6
-    hardness = torch.tensor([0.1, 0.2, 2.0, 3.0, 0.0, 0.1, 1.0, 0.9, 5.0])
-    order = _mined_order(hardness, partners, 4 / 9, torch.Generator().manual_seed(0)).tolist()
-    assert len(order) == 4 and sorted(order) == [2, 3, 7, 8]  # means 2.5 and 2.95; the single (1.0) is next
-    assert abs(order.index(2) - order.index(3)) == 1 and abs(order.index(7) - order.index(8)) == 1
-    assert sorted(_mined_order(hardness, partners, 5 / 9, torch.Generator().manual_seed(0)).tolist()) == [2, 3, 6, 7, 8]
-    cut = _mined_order(hardness, partners, 3 / 9, torch.Generator().manual_seed(0)).tolist()
-    assert len(cut) == 3 and set(cut) < {2, 3, 7, 8}  # the budget ends inside the second pair: one twin left out
-    alone = _mined_order(hardness, None, 2 / 9, torch.Generator().manual_seed(1)).tolist()
-    assert sorted(alone) == [3, 8]  # without twins, single images
-    again = _mined_order(hardness, partners, 4 / 9, torch.Generator().manual_seed(0)).tolist()
-    assert again == order
-
-
-def test_hard_fraction_trains_later_whole_image_epochs_on_the_pairs_it_got_most_wrong(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The whole-image phase's first epoch trains on every image and ranks them by their own loss; each later one
-    trains on the hardest pairs only, under one one-cycle schedule over the phase's fewer steps, and a run
-    interrupted in a mined epoch resumes with the ranking it had."""
-    generator = torch.Generator().manual_seed(5)
-    images, labels = torch.rand(32, 1, 64, 64, generator=generator), torch.tensor([1.0, 0.0] * 16)
-    images[0::2, :, 20:30, 20:30] += 1.0
-    boxes = torch.tensor([[20.0, 20.0, 30.0, 30.0], [float("nan")] * 4] * 16)
-    partners = torch.tensor([i + 1 if i % 2 == 0 else i - 1 for i in range(32)])
-    config = TrainConfig(arch="tiny-resnet-map16", input_size=64, batch_size=8, epochs=4, crop=32, crop_epochs=1,
-                         learning_rate=3e-3, patience=5, hard_fraction=0.25, device="cpu")  # fmt: skip
-    last: list[torch.Tensor] = []  # the indices of the batch being trained
-    real_batch = training._batch
-
-    def spied_batch(images_: torch.Tensor, index: torch.Tensor, *args: object, **kwargs: object) -> object:
-        last[:] = [index.clone()]
-        return real_batch(images_, index, *args, **kwargs)  # type: ignore[arg-type]
-
-    trained: dict[int, list[int]] = {}  # epoch: the images it trained on
-    totals: dict[int, int] = {}  # epoch: its batch count as reported to progress
-
-    def progress(epoch: int, _done: int, total: int) -> None:
-        trained.setdefault(epoch, []).extend(last[0].tolist())
-        totals[epoch] = total
-
-    monkeypatch.setattr(training, "_batch", spied_batch)
-    checkpoint = tmp_path / "ck.pt"
-    both = {"boxes": boxes, "partners": partners}
-    run = train_network((images, labels), (images, labels), config, checkpoint, progress, **both)
-    assert [h["images"] for h in run.history] == [32, 32, 8, 8]  # crops, whole (all), whole mined ×2
-    assert totals == {1: 4, 2: 4, 3: 1, 4: 1}
-    assert sorted(trained[2]) == list(range(32))
-    for epoch in (3, 4):
-        assert len(trained[epoch]) == 8 and all(int(partners[i]) in trained[epoch] for i in trained[epoch])
-    saved = torch.load(checkpoint, weights_only=False)
-    ranked = saved["hardness"]  # each image's loss the last time it trained
-    assert ranked.shape == (32,) and bool((ranked > 0).all())
-    assert saved["scheduler"]["total_steps"] == 4 + 1 + 1  # one one-cycle over the whole phase's steps
-    assert phases(config)[-1] == Phase(2, 4, None, 1e-3)
-
-    # interrupted in the first mined epoch, the run resumes from its ranking and ends as the unbroken run did
-    unbroken = run.network.state_dict()
-    checkpoint.unlink()
-
-    def stop(epoch: int, _done: int, _total: int) -> None:
-        if epoch == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_network((images, labels), (images, labels), config, checkpoint, stop, **both)
-    after_first_whole = torch.load(checkpoint, weights_only=False)["hardness"]  # the ranking epoch 3 mined by
-    pair_means = after_first_whole.reshape(16, 2).mean(dim=1)
-    hardest = torch.argsort(pair_means, descending=True)[:4]
-    assert sorted(trained[3]) == sorted(i for k in hardest.tolist() for i in (2 * k, 2 * k + 1))
-    assert float(pair_means[hardest].min()) > float(pair_means.median())
-    resumed = train_network((images, labels), (images, labels), config, checkpoint, **both)
-    assert [h["images"] for h in resumed.history] == [32, 32, 8, 8]
-    for name, value in resumed.network.state_dict().items():
-        assert torch.allclose(value.float(), unbroken[name].float(), atol=1e-6), name
-
-    for refused in (replace(config, hard_fraction=1.0), replace(config, epochs=2), replace(config, crop=None)):
-        assert "--hard-fraction" in (config_problem(refused) or "")
-    args = ["train", "--phantom", "--out", str(tmp_path / "no"), *FAST, "--hard-fraction", "0.3"]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code != 0 and "--hard-fraction applies to a whole-image phase" in result.output
-    assert not (tmp_path / "no").exists()
