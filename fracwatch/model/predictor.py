@@ -50,8 +50,7 @@ def describe_device(device: torch.device) -> str:
 def has_amx() -> bool:
     """Whether the CPU has AMX tiles, which oneDNN uses for bfloat16 matrix products (False where torch cannot
     tell)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if probe is not None else False
+    return _private_probe(torch.cpu, "_is_amx_tile_supported", missing=False)
 
 
 def native_bfloat16(device: torch.device) -> bool:
@@ -60,8 +59,14 @@ def native_bfloat16(device: torch.device) -> bool:
     96-px crop epoch of ``train --precision bf16`` took 259 s, in float32 24 s)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # what PyTorch's own CPU checks use
-    return bool(probe()) if probe is not None else True
+    return _private_probe(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing=True)  # PyTorch's own CPU check
+
+
+def _private_probe(owner: object, name: str, missing: bool) -> bool:
+    """The answer of PyTorch's private capability probe ``owner.name`` (torch has no public one), ``missing``
+    where this torch version lacks it."""
+    probe = getattr(owner, name, None)
+    return bool(probe()) if probe is not None else missing
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None = None) -> torch.autocast:

@@ -927,17 +927,24 @@ def test_bf16_training_steps_compute_in_bfloat16_and_validation_in_float32(phant
         assert f"{threads} threads, {capability}" in card.training["device"]
 
 
+def test_the_card_names_amx_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """training.device says AMX after the vector width where torch's probe finds AMX tiles, nothing where it finds
+    none, and nothing where this torch has no probe — whatever this machine has."""
+    cpu = torch.device("cpu")
+    width = f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert has_amx() and describe_device(cpu).startswith(f"cpu: {width}, AMX, ")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not has_amx() and describe_device(cpu).startswith(f"cpu: {width}, ") and "AMX" not in describe_device(cpu)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert not has_amx() and "AMX" not in describe_device(cpu)
+
+
 def test_bf16_training_warns_where_bfloat16_is_emulated(caplog: pytest.LogCaptureFixture) -> None:
     """Without native bfloat16 (no AVX512-BF16 or AMX) --precision bf16 is several times slower than fp32: the run
     says so at its start, and trains all the same; where it is native, nothing is said."""
     cpu = torch.device("cpu")
     assert describe_device(cpu).endswith(", native bfloat16" if native_bfloat16(cpu) else ", no native bfloat16")
-    assert (", AMX, " in describe_device(cpu)) == has_amx()
-    for amx in (False, True):  # both forms, whatever this machine has
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
-            capability = torch.backends.cpu.get_cpu_capability()
-            assert f", {capability}, AMX, " in describe_device(cpu) if amx else ", AMX" not in describe_device(cpu)
     images, labels = torch.rand(8, 1, 32, 32), torch.tensor([0.0, 1.0] * 4)
     for native in (False, True):
         caplog.clear()
