@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fracwatch.lab.datasets import input_boxes, load_tensors, read_dataset, twin_partners
 from fracwatch.model.metrics import auroc
 from fracwatch.model.predictor import Predictor
 from fracwatch.model.training import TrainConfig, train_network
 from fracwatch.pipeline.transforms import PreprocessConfig
-from fracwatch.service.datasets import input_boxes, load_tensors, read_dataset, twin_partners
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from fracwatch.lab.datasets import load_tensors, read_dataset
 from fracwatch.pipeline.transforms import PreprocessConfig
-from fracwatch.service.datasets import load_tensors, read_dataset
 
 
 def main() -> None:

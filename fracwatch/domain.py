@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 
@@ -94,3 +94,18 @@ def is_scorable(header: InstanceHeader) -> bool:
     if header.sop_class_uid in RADIOGRAPH_CLASSES:
         return True
     return header.sop_class_uid in SECONDARY_CAPTURE_CLASSES and (header.modality or "").upper() in ("CR", "DX")
+
+
+def parse_time_bound(text: str) -> datetime:
+    """A query's date bound (``since`` / ``until``, CLI and API alike) as an aware UTC datetime.
+
+    An ISO 8601 date is its midnight UTC; a date-time without an offset is UTC. Bounds are half-open:
+    ``since`` includes its instant, ``until`` excludes it, so ``--since 2026-11-21 --until 2026-11-22`` is the
+    whole of 21 November. Raises ValueError for anything else.
+    """
+    value = text.strip()
+    if len(value) == 10:
+        moment = datetime.combine(date.fromisoformat(value), time.min)
+    else:
+        moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

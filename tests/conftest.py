@@ -16,7 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from fracwatch.config import Settings, load_settings
-from fracwatch.service.daemon import Daemon
+from fracwatch.daemon import Daemon, RunningDaemon
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 # The bootstrap bundle trained on 2-D limb phantoms: tests that need a predictable verdict send phantom images
@@ -99,12 +99,11 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-def start_daemon(make_settings: Callable[..., Settings], clock: FakeClock) -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
+def start_daemon(make_settings: Callable[..., Settings], clock: FakeClock) -> Iterator[Callable[..., RunningDaemon]]:
+    started: list[RunningDaemon] = []
 
-    def start(**overrides: Any) -> Daemon:
-        daemon = Daemon(make_settings(**overrides), clock=clock)
-        daemon.start()
+    def start(**overrides: Any) -> RunningDaemon:
+        daemon = Daemon(make_settings(**overrides), clock=clock).start()
         started.append(daemon)
         return daemon
 

@@ -125,7 +125,7 @@ def save(ds: Dataset, path: Path, transfer_syntax: UID = ExplicitVRLittleEndian)
 
 def phantom_image(ids: StudyIds, seed: int, fractured: bool, series_uid: str | None = None) -> Dataset:
     """A DX image of a procedural limb phantom (fractured or not): the shipped model scores these apart."""
-    from fracwatch.model.phantom import render_phantom, to_stored
+    from fracwatch.synth.phantom import render_phantom, to_stored
 
     picture = render_phantom(seed, fractured).image
     ds = image(ids, rows=picture.shape[0], columns=picture.shape[1], series_uid=series_uid, seed=seed)

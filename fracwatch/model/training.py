@@ -29,11 +29,9 @@ from fracwatch.model.bundle import (
     Weights,
     initial_weights_file,
     new_device_uid,
-    save_bundle,
 )
 from fracwatch.model.metrics import at_threshold, auroc, threshold_for_sensitivity, threshold_for_specificity
 from fracwatch.model.networks import PRESETS, build_network
-from fracwatch.model.phantom import render_phantom
 from fracwatch.model.predictor import (
     autocast,
     autocast_dtype,
@@ -42,7 +40,7 @@ from fracwatch.model.predictor import (
     native_bfloat16,
     select_device,
 )
-from fracwatch.pipeline.transforms import PreprocessConfig, preprocess, tile_count_corrected
+from fracwatch.pipeline.transforms import tile_count_corrected
 
 LOGGER = logging.getLogger(__name__)
 
@@ -197,21 +195,6 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     validation_probabilities: np.ndarray = field(default_factory=lambda: np.zeros(0))
     best_epoch: int = 0
-
-
-def phantom_dataset(
-    count: int, seed: int, config: PreprocessConfig, progress: Callable[[int], None] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` phantoms (half fractured), preprocessed: images (N, 1, S, S) float16 and labels (N,)."""
-    images = torch.empty((count, 1, config.input_size, config.input_size), dtype=torch.float16)
-    labels = torch.empty(count, dtype=torch.float32)
-    for index in range(count):
-        phantom = render_phantom(seed * 1_000_003 + index, fractured=index % 2 == 1)
-        images[index] = preprocess(phantom.image, config).to(torch.float16)
-        labels[index] = float(phantom.fractured)
-        if progress is not None:
-            progress(index + 1)
-    return images, labels
 
 
 class Augmentation:
@@ -761,40 +744,3 @@ def build_card(
         clinical_use=False,
         warnings=warnings,
     )
-
-
-PHANTOM_INTENDED_USE = (
-    "Bootstrap model for fracwatch's pipeline and tests, trained only on 2-D procedural limb phantoms "
-    "(fracwatch.model.phantom). It has never seen a real radiograph. NOT FOR CLINICAL USE."
-)
-
-
-def train_phantom_bundle(
-    out: Path, config: TrainConfig, train_count: int, validation_count: int, version: str
-) -> ModelCard:
-    """Render phantoms, train, choose operating points on validation phantoms, write the bundle to ``out``."""
-    preprocess_config = PreprocessConfig(input_size=config.input_size)
-    LOGGER.info("rendering %d training and %d validation phantoms", train_count, validation_count)
-    train = phantom_dataset(train_count, seed=config.seed * 2 + 1, config=preprocess_config)
-    validation = phantom_dataset(validation_count, seed=config.seed * 2 + 2, config=preprocess_config)
-    result = train_network(train, validation, config)
-    training = {
-        "data": f"{train_count} training / {validation_count} validation 2-D procedural phantoms, half fractured",
-        "command": (
-            f"fracwatch train --phantom --out {out} --arch {config.arch} --input-size {config.input_size} "
-            f"--epochs {config.epochs} --batch-size {config.batch_size} --train-count {train_count} "
-            f"--val-count {validation_count} --seed {config.seed} --version {version}"
-        ),
-        "seed": config.seed,
-    }
-    card = build_card(
-        out.name,
-        version,
-        config,
-        result,
-        validation[1].numpy(),
-        training,
-        PHANTOM_INTENDED_USE,
-        ["Not for clinical use.", "Trained on synthetic phantoms only; performance on real radiographs is unknown."],
-    )
-    return save_bundle(out, card, result.network)

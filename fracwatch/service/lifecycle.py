@@ -154,16 +154,6 @@ def requeue_pending(sessions: sessionmaker[Any], submit: Callable[[HandOver], No
     return len(pending)
 
 
-def build_scheduler(job: Callable[[], Any], interval: float) -> BackgroundScheduler:
-    """An APScheduler running ``job`` every ``interval`` seconds, never overlapping itself."""
-    scheduler = BackgroundScheduler(timezone=UTC)
-    scheduler.add_job(
-        job,
-        "interval",
-        seconds=interval,
-        id="detect-complete-studies",
-        max_instances=1,
-        coalesce=True,
-        next_run_time=utc_now(),
-    )
-    return scheduler
+def build_scheduler() -> BackgroundScheduler:
+    """An APScheduler (UTC) for the daemon's interval jobs; the caller adds them and starts it."""
+    return BackgroundScheduler(timezone=UTC)

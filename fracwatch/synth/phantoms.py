@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fracwatch.model.phantom import render_phantom, to_stored
 from fracwatch.synth.dicomio import write_dx
+from fracwatch.synth.phantom import render_phantom, to_stored
 from fracwatch.synth.render import MANIFEST_FIELDS, SynthConfig, split_of
 
 

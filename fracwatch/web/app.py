@@ -84,6 +84,7 @@ class HttpServer:
         LOGGER.info("HTTP API and dashboard on http://%s:%d", self.host, self.port)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, finish in-flight requests, join the thread."""
+        """Stop accepting, finish in-flight requests, join the thread (nothing to do if never started)."""
         self._server.should_exit = True
-        self._thread.join(timeout=timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=timeout)

@@ -2,81 +2,23 @@
 
 from __future__ import annotations
 
-import base64
-import io
-import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time
-from pathlib import Path
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
-from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from fracwatch.config import Settings
-from fracwatch.model.bundle import Bundle
-from fracwatch.model.predictor import Predictor
+from fracwatch.domain import parse_time_bound
 from fracwatch.service.lifecycle import Clock, utc_now
 from fracwatch.service.metrics import Metrics
-from fracwatch.service.scoring import LoadedImage, cam_pictures, load_file, score_loaded
+from fracwatch.service.upload import ImageScorer
 from fracwatch.store.access import Principal, authenticate, record_audit
 
 COOKIE = "fracwatch_token"
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    """What the upload page and ``POST /api/predict`` answer."""
-
-    filename: str
-    probability: float | None
-    category: str
-    error: str | None
-    model: str
-    model_version: str
-    cam_png: bytes | None = field(default=None, repr=False)
-
-    @property
-    def cam_data_uri(self) -> str | None:
-        if self.cam_png is None:
-            return None
-        return "data:image/png;base64," + base64.b64encode(self.cam_png).decode("ascii")
-
-
-class ImageScorer:
-    """Scores one image with Grad-CAM for the web pages: its own copy of the network, one request at a time."""
-
-    def __init__(self, bundle: Bundle, device: str = "cpu") -> None:
-        self.bundle = bundle
-        self._predictor = Predictor(bundle.network, device)
-        self._lock = threading.Lock()
-
-    def score_path(self, path: Path, name: str) -> UploadResult:
-        """Probability, category and Grad-CAM picture of a PNG/JPEG/DICOM file."""
-        with self._lock:
-            image: LoadedImage = load_file(path, self.bundle.preprocess_config)
-            probability = score_loaded([image], self._predictor, self.bundle.preprocess_config)[0]
-            picture = cam_pictures([image], [probability], self._predictor, self.bundle)[0]
-        png = None
-        if picture is not None:
-            buffer = io.BytesIO()
-            Image.fromarray(picture).save(buffer, format="PNG")
-            png = buffer.getvalue()
-        card = self.bundle.card
-        category = self.bundle.category(probability) if probability is not None else "error"
-        return UploadResult(name, probability, category, image.error, card.name, card.version, png)
-
-    def score_bytes(self, data: bytes, name: str) -> UploadResult:
-        """As :meth:`score_path` for an upload (kept in a temporary file only while it is scored)."""
-        suffix = Path(name).suffix.lower() if Path(name).suffix.lower() in (".png", ".jpg", ".jpeg") else ".dcm"
-        with tempfile.TemporaryDirectory(prefix="fracwatch-upload-") as folder:
-            path = Path(folder) / f"upload{suffix}"
-            path.write_bytes(data)
-            return self.score_path(path, name)
 
 
 @dataclass
@@ -156,17 +98,10 @@ Admin = Annotated[Principal, Depends(require_admin)]
 
 
 def parse_bound(value: str | None, name: str) -> datetime | None:
-    """A query's date bound as an aware UTC datetime: ISO 8601 date (its midnight, UTC) or date-time.
-
-    Raises HTTP 422 naming the parameter.
-    """
+    """A query's date bound (see :func:`fracwatch.domain.parse_time_bound`); HTTP 422 naming the parameter."""
     if value is None or not value.strip():
         return None
-    text = value.strip()
     try:
-        if len(text) == 10:
-            return datetime.combine(date.fromisoformat(text), time.min, tzinfo=UTC)
-        moment = datetime.fromisoformat(text)
+        return parse_time_bound(value)
     except ValueError:
         raise HTTPException(422, f"{name} must be an ISO 8601 date or date-time, not {value!r}") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

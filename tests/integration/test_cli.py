@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from fracwatch.cli import cli
-from fracwatch.service.daemon import Daemon
+from fracwatch.daemon import RunningDaemon
 from fracwatch.store import db
 from fracwatch.store.models import AuditEvent
 from tests import dicomgen
@@ -37,14 +37,14 @@ def test_db_upgrade_creates_schema(tmp_path: Path, db_url: str) -> None:
 
 
 def test_studies_json_contract(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock, db_url: str
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock, db_url: str
 ) -> None:
     daemon = start_daemon(db_url=db_url)
     ids = dicomgen.StudyIds(accession="ACC-77")
     files = [dicomgen.save(dicomgen.image(ids, seed=i), tmp_path / f"{i}.dcm") for i in range(3)]
     other = dicomgen.StudyIds(accession="ACC-88")
     files.append(dicomgen.save(dicomgen.image(other), tmp_path / "other.dcm"))
-    assert send_files(daemon.scp.address[1], files) == [0, 0, 0, 0]  # type: ignore[union-attr]
+    assert send_files(daemon.scp.address[1], files) == [0, 0, 0, 0]
 
     result = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json"])
     assert result.exit_code == 0, result.output
@@ -59,7 +59,7 @@ def test_studies_json_contract(
 
     clock.advance(60)
     daemon.detect_once()
-    assert daemon.worker is not None and daemon.worker.wait_idle(10)
+    assert daemon.worker.wait_idle(10)
     ready = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--state", "scored"])
     assert len(json.loads(ready.output)) == 2
     assert (
@@ -70,7 +70,7 @@ def test_studies_json_contract(
     today = CliRunner().invoke(cli, ["studies", "--db", db_url, "--today"])
     assert ids.study_uid in today.output and "scored" in today.output
     assert "Doe" not in today.output
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         audit = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
     assert len(audit) == 6 and {a.action for a in audit} == {"cli.studies"}  # every CLI read is audited
     assert all(a.actor.startswith("cli:") and a.client == "local" for a in audit)
@@ -88,18 +88,18 @@ def test_studies_bad_date(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--since" in result.output
 
 
-def test_echo(start_daemon: Callable[..., Daemon]) -> None:
+def test_echo(start_daemon: Callable[..., RunningDaemon]) -> None:
     daemon = start_daemon()
-    port = daemon.scp.address[1]  # type: ignore[union-attr]
+    port = daemon.scp.address[1]
     ok = CliRunner().invoke(cli, ["echo", "127.0.0.1", str(port), "--ae", "FRACWATCH"])
     assert ok.exit_code == 0 and "success" in ok.output
     down = CliRunner().invoke(cli, ["echo", "127.0.0.1", str(free_port()), "--timeout", "2"])
     assert down.exit_code == 1 and "no association" in down.output
 
 
-def test_echo_rejected_by_allow_list(start_daemon: Callable[..., Daemon]) -> None:
+def test_echo_rejected_by_allow_list(start_daemon: Callable[..., RunningDaemon]) -> None:
     daemon = start_daemon(allowed_calling_aets=["PACS"])
-    port = daemon.scp.address[1]  # type: ignore[union-attr]
+    port = daemon.scp.address[1]
     result = CliRunner().invoke(cli, ["echo", "127.0.0.1", str(port), "--calling-ae", "NOBODY"])
     assert result.exit_code == 1 and "rejected" in result.output
 

@@ -18,9 +18,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from fracwatch.model.phantom import render_phantom
-from fracwatch.service.daemon import Daemon
+from fracwatch.daemon import Daemon, RunningDaemon
 from fracwatch.service.queries import create_token
+from fracwatch.synth.phantom import render_phantom
 from tests import dicomgen
 from tests.conftest import FakeClock, send_files
 from tests.integration.test_scoring import complete
@@ -59,12 +59,12 @@ def send_study(daemon: Daemon, directory: Path, accession: str, fractured: bool,
     ids = dicomgen.StudyIds(accession=accession)
     directory.mkdir(parents=True, exist_ok=True)
     path = dicomgen.save(dicomgen.phantom_image(ids, seed, fractured, str(generate_uid())), directory / "1.dcm")
-    assert send_files(daemon.scp.address[1], [path]) == [0]  # type: ignore[union-attr]
+    assert send_files(daemon.scp.address[1], [path]) == [0]
     return ids.study_uid
 
 
 def test_sign_in_filter_open_study_and_upload(
-    start_daemon: Callable[..., Daemon], browser: webdriver.Chrome, tmp_path: Path, clock: FakeClock
+    start_daemon: Callable[..., RunningDaemon], browser: webdriver.Chrome, tmp_path: Path, clock: FakeClock
 ) -> None:
     daemon = start_daemon()
     positive_uid = send_study(daemon, tmp_path / "a", "ACC-POS", True, 901)

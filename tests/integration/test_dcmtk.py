@@ -21,7 +21,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
-from fracwatch.service.daemon import Daemon
+from fracwatch.daemon import RunningDaemon
 from fracwatch.store.models import Instance, StudyResult
 from tests.conftest import FakeClock
 
@@ -50,14 +50,14 @@ def transcode(tool: str, option: str, source: Path, target: Path) -> Path:
     return target
 
 
-def test_echoscu(start_daemon: Callable[..., Daemon]) -> None:
+def test_echoscu(start_daemon: Callable[..., RunningDaemon]) -> None:
     daemon = start_daemon()
-    result = run(dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "FRACWATCH", "127.0.0.1", str(daemon.scp.address[1]))  # type: ignore[union-attr]
+    result = run(dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "FRACWATCH", "127.0.0.1", str(daemon.scp.address[1]))
     assert result.returncode == 0, result.stderr
 
 
 def test_storescu_compressed_radiographs_are_stored_as_sent_and_scored(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock
 ) -> None:
     rg3 = Path(str(get_testdata_file("RG3_UNCR.dcm")))
     files = {
@@ -70,7 +70,7 @@ def test_storescu_compressed_radiographs_are_stored_as_sent_and_scored(
     for syntax, path in files.items():
         assert dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax, path.name
     daemon = start_daemon()
-    port = str(daemon.scp.address[1])  # type: ignore[union-attr]
+    port = str(daemon.scp.address[1])
     # storescu proposes one compressed syntax per run (-xt JPEG-LS, -xr RLE, -xs JPEG lossless, -xv/-xw J2K):
     # a modality configured to send compressed, as is
     propose = {
@@ -84,7 +84,7 @@ def test_storescu_compressed_radiographs_are_stored_as_sent_and_scored(
         storescu = [dcmtk("storescu"), propose[syntax], "-aet", "MODALITY", "-aec", "FRACWATCH", "127.0.0.1", port]
         result = run(*storescu, str(path))
         assert result.returncode == 0, result.stderr
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         stored = {row.sop_instance_uid: row for row in session.scalars(select(Instance))}
     for syntax, path in files.items():
         row = stored[dcmread(path, stop_before_pixels=True).SOPInstanceUID]
@@ -92,8 +92,8 @@ def test_storescu_compressed_radiographs_are_stored_as_sent_and_scored(
         assert dcmread(row.path).PixelData == dcmread(path).PixelData
     clock.advance(60)
     daemon.detect_once()
-    assert daemon.worker is not None and daemon.worker.wait_idle(120)
-    with daemon.sessions() as session:  # type: ignore[misc]
+    assert daemon.worker.wait_idle(120)
+    with daemon.sessions() as session:
         results = session.scalars(select(StudyResult)).all()
     assert sum(r.images_scored for r in results) == len(files)
     assert sum(r.images_failed for r in results) == 0

@@ -18,8 +18,10 @@ from pydicom.uid import (
 )
 from sqlalchemy import func, select
 
-from fracwatch.service.daemon import Daemon
+from fracwatch.config import Settings
+from fracwatch.daemon import Daemon, RunningDaemon
 from fracwatch.store.models import Instance, Series, Study
+from fracwatch.store.repository import HandOver
 from tests import dicomgen
 from tests.conftest import FakeClock, echo_status, send_files
 
@@ -59,7 +61,7 @@ def build_study(tmp_path: Path) -> tuple[dicomgen.StudyIds, list[Path]]:
 
 
 def test_study_lands_on_disk_byte_identical_and_in_database(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, db_url: str
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, db_url: str
 ) -> None:
     daemon = start_daemon(db_url=db_url)
     ids, files = build_study(tmp_path / "src")
@@ -67,7 +69,6 @@ def test_study_lands_on_disk_byte_identical_and_in_database(
     statuses = send_files(daemon.scp.address[1], files)
 
     assert statuses == [0] * len(files)
-    assert daemon.sessions is not None
     with daemon.sessions() as session:
         study = session.scalars(select(Study).where(Study.study_instance_uid == ids.study_uid)).one()
         instances = session.scalars(select(Instance).where(Instance.study_id == study.id)).all()
@@ -96,7 +97,7 @@ def test_study_lands_on_disk_byte_identical_and_in_database(
 
 
 def test_patient_identifiers_are_not_stored(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     daemon = start_daemon()
     ids, files = build_study(tmp_path / "src")
@@ -111,7 +112,7 @@ def test_patient_identifiers_are_not_stored(
 
 
 def test_echo_and_calling_ae_allow_list(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     daemon = start_daemon(allowed_calling_aets=["MODALITY", "PACS"])
     port = daemon.scp.address[1]
@@ -125,19 +126,19 @@ def test_echo_and_calling_ae_allow_list(
     assert send_files(port, files[:1], calling_ae="PACS") == [0]
 
 
-def test_resent_instance_stays_one(start_daemon: Callable[..., Daemon], tmp_path: Path, db_url: str) -> None:
+def test_resent_instance_stays_one(start_daemon: Callable[..., RunningDaemon], tmp_path: Path, db_url: str) -> None:
     daemon = start_daemon(db_url=db_url)
     _, files = build_study(tmp_path / "src")
     port = daemon.scp.address[1]
     assert send_files(port, files[:2]) == [0, 0]
     assert send_files(port, files[:2]) == [0, 0]
     assert send_files(port, [files[0], files[0]]) == [0, 0]
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         assert session.scalar(select(func.count(Instance.id))) == 2
 
 
 def test_unparsable_dataset_gets_failure_status(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     daemon = start_daemon()
     ids = dicomgen.StudyIds()
@@ -151,7 +152,7 @@ def test_unparsable_dataset_gets_failure_status(
 
 
 def test_completion_after_quiet_period_and_late_instance_reopens(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock, db_url: str
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock, db_url: str
 ) -> None:
     daemon = start_daemon(db_url=db_url, stable_after=30)
     ids, files = build_study(tmp_path / "src")
@@ -159,7 +160,7 @@ def test_completion_after_quiet_period_and_late_instance_reopens(
     assert send_files(port, files[:3]) == [0, 0, 0]
 
     def state() -> tuple[str, int]:
-        with daemon.sessions() as session:  # type: ignore[misc]
+        with daemon.sessions() as session:
             study = session.scalars(select(Study).where(Study.study_instance_uid == ids.study_uid)).one()
             return study.state, study.version
 
@@ -169,7 +170,7 @@ def test_completion_after_quiet_period_and_late_instance_reopens(
 
     clock.advance(25)
     daemon.detect_once()
-    assert daemon.worker is not None and daemon.worker.wait_idle(30)
+    assert daemon.worker.wait_idle(30)
     assert state() == ("scored", 1)
 
     # a resent copy (PACS re-forwarding the study) does not re-open it, nor does a document
@@ -180,7 +181,7 @@ def test_completion_after_quiet_period_and_late_instance_reopens(
     # a genuinely new image does
     assert send_files(port, files[4:5]) == [0]
     assert state() == ("receiving", 2)
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         late = session.scalars(select(Instance).where(Instance.study_version == 2)).all()
         assert [i.sop_instance_uid for i in late] == [dcmread(files[4]).SOPInstanceUID]
 
@@ -191,34 +192,32 @@ def test_completion_after_quiet_period_and_late_instance_reopens(
 
 
 def test_restart_requeues_studies_handed_over_but_not_processed(
-    make_settings: Callable[..., object], tmp_path: Path, clock: FakeClock
+    make_settings: Callable[..., Settings], tmp_path: Path, clock: FakeClock
 ) -> None:
     settings = make_settings()
-    blocked: list[object] = []
-    first = Daemon(settings, processor=blocked.append, clock=clock)  # type: ignore[arg-type]
-    first.start()
+    blocked: list[list[HandOver]] = []
+    first = Daemon(settings, processor=blocked.append, clock=clock).start()
     try:
         _, files = build_study(tmp_path / "src")
-        assert send_files(first.scp.address[1], files[:1]) == [0]  # type: ignore[union-attr]
+        assert send_files(first.scp.address[1], files[:1]) == [0]
         clock.advance(60)
         first.detect_once()
-        assert first.worker is not None and first.worker.wait_idle(10)
+        assert first.worker.wait_idle(10)
     finally:
         first.stop()
     assert len(blocked) == 1  # the processor saw it, but did not mark it ready (as if it crashed)
 
-    second = Daemon(settings, clock=clock)  # type: ignore[arg-type]
-    second.start()
+    second = Daemon(settings, clock=clock).start()
     try:
-        assert second.worker is not None and second.worker.wait_idle(10)
-        with second.sessions() as session:  # type: ignore[misc]
+        assert second.worker.wait_idle(10)
+        with second.sessions() as session:
             assert session.scalars(select(Study.state)).one() == "scored"
     finally:
         second.stop()
 
 
 def test_ingest_accepts_every_storage_class_and_reports_explicit_vr(
-    start_daemon: Callable[..., Daemon], tmp_path: Path
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
     daemon = start_daemon()
     ids = dicomgen.StudyIds()

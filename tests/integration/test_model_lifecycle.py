@@ -16,11 +16,24 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fracwatch.cli import cli
+from fracwatch.lab.datasets import (
+    SPACING_BANDS,
+    DatasetError,
+    Item,
+    chosen_tiles,
+    input_boxes,
+    input_spacing_band,
+    item_grids,
+    load_inputs,
+    load_tensors,
+    read_dataset,
+    twin_partners,
+)
+from fracwatch.lab.evaluate import break_rises, breaks_seen, twin_comparison, write_scores
 from fracwatch.model import training
 from fracwatch.model.bundle import load_bundle, sha256_of
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.networks import PRESETS, build_network
-from fracwatch.model.phantom import render_phantom, to_stored
 from fracwatch.model.predictor import (
     PRECISIONS,
     autocast_dtype,
@@ -45,20 +58,7 @@ from fracwatch.model.training import (
     train_network,
 )
 from fracwatch.pipeline.transforms import PreprocessConfig
-from fracwatch.service.datasets import (
-    SPACING_BANDS,
-    DatasetError,
-    Item,
-    chosen_tiles,
-    input_boxes,
-    input_spacing_band,
-    item_grids,
-    load_inputs,
-    load_tensors,
-    read_dataset,
-    twin_partners,
-)
-from fracwatch.service.modelops import break_rises, breaks_seen, twin_comparison, write_scores
+from fracwatch.synth.phantom import render_phantom, to_stored
 from tests import dicomgen
 
 pytestmark = pytest.mark.timeout(300)

@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from fracwatch.config import load_settings
-from fracwatch.service.daemon import Daemon
+from fracwatch.daemon import RunningDaemon
 from tests.conftest import FakeClock, send_files
 from tests.integration.test_scoring import complete, dciodvfy_errors, save, two_image_study
 from tests.pacs import running_pacs
@@ -32,13 +32,13 @@ def flag_everything(tmp_path: Path) -> Path:
 
 
 def test_overlays_and_kos_reach_the_pacs_and_validate(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock, flag_everything: Path
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock, flag_everything: Path
 ) -> None:
     with running_pacs() as pacs:
         daemon = start_daemon(destinations=[pacs.destination], overlays=True, model=flag_everything)
         ids, files = two_image_study(tmp_path / "src")
         before = [f.read_bytes() for f in files]
-        send_files(daemon.scp.address[1], files)  # type: ignore[union-attr]
+        send_files(daemon.scp.address[1], files)
         complete(daemon, clock)
         daemon.deliver_once()
         received = pacs.wait_for(4)
@@ -72,12 +72,12 @@ def test_overlays_and_kos_reach_the_pacs_and_validate(
 
 
 def test_overlays_resent_by_the_pacs_are_not_scored(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock, flag_everything: Path
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock, flag_everything: Path
 ) -> None:
     with running_pacs() as pacs:
         daemon = start_daemon(destinations=[pacs.destination], overlays=True, model=flag_everything)
         _, files = two_image_study(tmp_path / "src")
-        port = daemon.scp.address[1]  # type: ignore[union-attr]
+        port = daemon.scp.address[1]
         send_files(port, files)
         complete(daemon, clock)
         daemon.deliver_once()

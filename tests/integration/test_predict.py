@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fracwatch.cli import cli
-from fracwatch.model.phantom import render_phantom, to_stored
+from fracwatch.synth.phantom import render_phantom, to_stored
 from tests import dicomgen
 from tests.conftest import PHANTOM_MODEL
 

@@ -10,8 +10,8 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from fracwatch.config import Settings
+from fracwatch.daemon import Daemon
 from fracwatch.dicom.spool import Spool
-from fracwatch.service.daemon import Daemon
 from fracwatch.store.models import Instance
 from tests import dicomgen
 
@@ -33,10 +33,8 @@ def test_orphan_spool_files_are_registered_at_start(
     (settings.spool_dir / "junk" / "broken.dcm").write_bytes(b"not dicom")
     (spool.tmp_dir / "tmpabc.part").write_bytes(b"half a file")
 
-    daemon = Daemon(settings)
-    daemon.start()
+    daemon = Daemon(settings).start()
     try:
-        assert daemon.sessions is not None
         with daemon.sessions() as session:
             rows = session.scalars(select(Instance)).all()
         assert [(r.sop_instance_uid, r.path) for r in rows] == [(ds.SOPInstanceUID, str(orphan))]

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from fracwatch.cli import cli
-from fracwatch.service.daemon import Daemon
+from fracwatch.daemon import RunningDaemon
 from fracwatch.store.models import Instance, ProducedObject
 from tests.conftest import FakeClock, send_files
 from tests.integration.test_scoring import complete, two_image_study
@@ -21,20 +21,20 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_retention_deletes_old_files_and_keeps_rows(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock
 ) -> None:
     daemon = start_daemon(retention_days=7)
     data_dir = str(daemon.settings.data_dir)
     _, files = two_image_study(tmp_path / "old")
-    send_files(daemon.scp.address[1], files)  # type: ignore[union-attr]
+    send_files(daemon.scp.address[1], files)
     complete(daemon, clock)
     assert daemon.purge_once() == 0  # nothing is a week old yet
 
     clock.advance(6 * 86400)
     _, young = two_image_study(tmp_path / "young")
-    send_files(daemon.scp.address[1], young)  # type: ignore[union-attr]
+    send_files(daemon.scp.address[1], young)
     clock.advance(2 * 86400)  # the first study is now 8 days old, the second 2 days and not scored yet
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         old_paths = [Path(p) for p in session.scalars(select(Instance.path).order_by(Instance.id)).all()[:2]]
         sr_path = Path(session.scalars(select(ProducedObject.path)).one())
     assert all(p.exists() for p in [*old_paths, sr_path])
@@ -51,7 +51,7 @@ def test_retention_deletes_old_files_and_keeps_rows(
 
     assert daemon.purge_once() == 3  # two images and the SR of the old study
     assert not any(p.exists() for p in [*old_paths, sr_path])
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         instances = session.scalars(select(Instance).order_by(Instance.id)).all()
         assert [i.purged_at is not None for i in instances] == [True, True, False, False]
         assert [i.state for i in instances][:2] == ["purged", "purged"]

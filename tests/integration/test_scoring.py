@@ -13,8 +13,8 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from fracwatch.daemon import Daemon, RunningDaemon
 from fracwatch.model.bundle import load_bundle
-from fracwatch.service.daemon import Daemon
 from fracwatch.store import repository
 from fracwatch.store.models import Delivery, ImageResult, Instance, Study, StudyResult
 from tests import dicomgen
@@ -56,7 +56,7 @@ def text_items(item: Dataset, code_value: str) -> list[str]:
 def complete(daemon: Daemon, clock: FakeClock) -> None:
     clock.advance(daemon.settings.stable_after + 1)
     daemon.detect_once()
-    assert daemon.worker is not None and daemon.worker.wait_idle(60)
+    assert daemon.worker.wait_idle(60)
 
 
 def save(ds: Dataset, path: Path) -> Path:
@@ -65,12 +65,12 @@ def save(ds: Dataset, path: Path) -> Path:
 
 
 def test_two_image_study_gets_an_sr_at_the_pacs(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock, db_url: str
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock, db_url: str
 ) -> None:
     with running_pacs() as pacs:
         daemon = start_daemon(db_url=db_url, destinations=[pacs.destination])
         ids, files = two_image_study(tmp_path / "src")
-        assert send_files(daemon.scp.address[1], files) == [0, 0]  # type: ignore[union-attr]
+        assert send_files(daemon.scp.address[1], files) == [0, 0]
         complete(daemon, clock)
         daemon.deliver_once()
         (received,) = pacs.wait_for(1)
@@ -99,7 +99,7 @@ def test_two_image_study_gets_an_sr_at_the_pacs(
     report = sr.content
     groups = report.get_image_measurement_groups()
     assert len(groups) == 3  # one per image + the study-level group
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         stored = {uid: p for uid, p, _, _ in repository.image_results(session, ids.study_uid)}
         result = session.scalars(select(StudyResult)).one()
     per_image = {}
@@ -127,12 +127,12 @@ def test_two_image_study_gets_an_sr_at_the_pacs(
 
 
 def test_pacs_reforwarding_the_study_with_our_sr_causes_no_second_sr(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock
 ) -> None:
     with running_pacs() as pacs:
         daemon = start_daemon(destinations=[pacs.destination])
         _, files = two_image_study(tmp_path / "src")
-        port = daemon.scp.address[1]  # type: ignore[union-attr]
+        port = daemon.scp.address[1]
         send_files(port, files)
         complete(daemon, clock)
         daemon.deliver_once()
@@ -142,19 +142,19 @@ def test_pacs_reforwarding_the_study_with_our_sr_causes_no_second_sr(
         complete(daemon, clock)
         daemon.deliver_once()
         assert len(pacs.received) == 1
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         study = session.scalars(select(Study)).one()
         assert (study.state, study.version) == ("scored", 1)
         assert len(session.scalars(select(StudyResult)).all()) == 1
 
 
 def test_late_image_rescoring_supersedes_the_earlier_sr(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock
 ) -> None:
     with running_pacs() as pacs:
         daemon = start_daemon(destinations=[pacs.destination])
         _, files = two_image_study(tmp_path / "src")
-        port = daemon.scp.address[1]  # type: ignore[union-attr]
+        port = daemon.scp.address[1]
         send_files(port, files[:1])
         complete(daemon, clock)
         daemon.deliver_once()
@@ -168,21 +168,21 @@ def test_late_image_rescoring_supersedes_the_earlier_sr(
         predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
         == first.SOPInstanceUID
     )
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         versions = [r.study_version for r in session.scalars(select(StudyResult).order_by(StudyResult.id))]
         assert versions == [1, 2]
 
 
 def test_destination_down_then_up_delivers_exactly_once(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock
 ) -> None:
     pacs = FakePacs()
     daemon = start_daemon(destinations=[pacs.destination], retry_base=30, send_timeout=3)
     _, files = two_image_study(tmp_path / "src")
-    send_files(daemon.scp.address[1], files)  # type: ignore[union-attr]
+    send_files(daemon.scp.address[1], files)
     complete(daemon, clock)
     daemon.deliver_once()  # PACS down: connection refused
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         delivery = session.scalars(select(Delivery)).one()
         assert (delivery.state, delivery.attempts) == ("pending", 1)
         assert delivery.next_attempt_at is not None
@@ -199,29 +199,29 @@ def test_destination_down_then_up_delivers_exactly_once(
         assert len(pacs.received) == 1
     finally:
         pacs.stop()
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         delivery = session.scalars(select(Delivery)).one()
         assert (delivery.state, delivery.attempts, delivery.last_status) == ("sent", 2, 0)
 
 
 def test_permanent_rejection_goes_to_dead_letter(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock
 ) -> None:
     with running_pacs(status=0xA900) as pacs:
         daemon = start_daemon(destinations=[pacs.destination])
         _, files = two_image_study(tmp_path / "src")
-        send_files(daemon.scp.address[1], files)  # type: ignore[union-attr]
+        send_files(daemon.scp.address[1], files)
         complete(daemon, clock)
         daemon.deliver_once()
         clock.advance(7200)
         daemon.deliver_once()
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         delivery = session.scalars(select(Delivery)).one()
         assert (delivery.state, delivery.attempts, delivery.last_status) == ("dead", 1, 0xA900)
 
 
 def test_corrupt_pixels_are_an_error_row_and_sr_documents_are_never_scored(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock
 ) -> None:
     with running_pacs() as pacs:
         daemon = start_daemon(destinations=[pacs.destination])
@@ -230,11 +230,11 @@ def test_corrupt_pixels_are_an_error_row_and_sr_documents_are_never_scored(
         broken.PixelData = broken.PixelData[:1000]  # truncated pixel data
         broken_path = dicomgen.save(broken, tmp_path / "broken.dcm")
         sr_path = dicomgen.save(dicomgen.basic_text_sr(ids), tmp_path / "sr.dcm")
-        assert send_files(daemon.scp.address[1], [*files, broken_path, sr_path]) == [0, 0, 0, 0]  # type: ignore[union-attr]
+        assert send_files(daemon.scp.address[1], [*files, broken_path, sr_path]) == [0, 0, 0, 0]
         complete(daemon, clock)
         daemon.deliver_once()
         (sr,) = pacs.wait_for(1)
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         result = session.scalars(select(StudyResult)).one()
         rows = session.execute(
             select(Instance.sop_instance_uid, ImageResult.probability, ImageResult.error).join(Instance)
@@ -248,12 +248,12 @@ def test_corrupt_pixels_are_an_error_row_and_sr_documents_are_never_scored(
 
 
 def test_study_of_documents_only_is_skipped(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock
 ) -> None:
     daemon = start_daemon()
     ids = dicomgen.StudyIds()
-    send_files(daemon.scp.address[1], [dicomgen.save(dicomgen.basic_text_sr(ids), tmp_path / "sr.dcm")])  # type: ignore[union-attr]
+    send_files(daemon.scp.address[1], [dicomgen.save(dicomgen.basic_text_sr(ids), tmp_path / "sr.dcm")])
     complete(daemon, clock)
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         assert session.scalars(select(Study.state)).one() == "skipped"
         assert session.scalars(select(StudyResult)).all() == []

@@ -16,10 +16,10 @@ from cryptography.x509.oid import NameOID
 from pydicom import dcmread
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
+from fracwatch.daemon import RunningDaemon
 from fracwatch.dicom import tls
 from fracwatch.dicom.scu import echo
 from fracwatch.errors import PeerError
-from fracwatch.service.daemon import Daemon
 from tests import dicomgen
 from tests.conftest import FakeClock, echo_status, free_port
 
@@ -78,10 +78,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_listener_requires_tls_and_a_client_certificate(
-    start_daemon: Callable[..., Daemon], pki: dict[str, Path], tmp_path: Path
+    start_daemon: Callable[..., RunningDaemon], pki: dict[str, Path], tmp_path: Path
 ) -> None:
     daemon = start_daemon(tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_ca=pki["ca"])
-    port = daemon.scp.address[1]  # type: ignore[union-attr]
+    port = daemon.scp.address[1]
     client = tls.client_context(pki["ca"], pki["client_cert"], pki["client_key"])
     assert echo("127.0.0.1", port, "FRACWATCH", "MODALITY", ssl_context=client) == 0
     # a plain TCP caller never gets an association
@@ -101,7 +101,7 @@ def test_listener_requires_tls_and_a_client_certificate(
 
 
 def test_results_are_sent_over_tls(
-    start_daemon: Callable[..., Daemon], pki: dict[str, Path], tmp_path: Path, clock: FakeClock
+    start_daemon: Callable[..., RunningDaemon], pki: dict[str, Path], tmp_path: Path, clock: FakeClock
 ) -> None:
     received = []
     server_side = tls.server_context(pki["server_cert"], pki["server_key"], pki["ca"])
@@ -129,12 +129,12 @@ def test_results_are_sent_over_tls(
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(dicomgen.DX_PRESENTATION, "1.2.840.10008.1.2.1")
         client = tls.client_context(pki["ca"], pki["client_cert"], pki["client_key"])
-        assoc = ae.associate("127.0.0.1", daemon.scp.address[1], tls_args=(client, "127.0.0.1"))  # type: ignore[union-attr]
+        assoc = ae.associate("127.0.0.1", daemon.scp.address[1], tls_args=(client, "127.0.0.1"))
         assert int(assoc.send_c_store(source).Status) == 0
         assoc.release()
         clock.advance(60)
         daemon.detect_once()
-        assert daemon.worker is not None and daemon.worker.wait_idle(60)
+        assert daemon.worker.wait_idle(60)
         daemon.deliver_once()
     finally:
         server.shutdown()
@@ -150,9 +150,9 @@ def test_bad_tls_files_are_a_clear_error(tmp_path: Path) -> None:
         tls.server_context(missing, missing)
 
 
-def test_allow_list_by_ae_and_source_address(start_daemon: Callable[..., Daemon]) -> None:
+def test_allow_list_by_ae_and_source_address(start_daemon: Callable[..., RunningDaemon]) -> None:
     daemon = start_daemon(allowed_calling_aets=["MODALITY@127.0.0.1", "PACS@10.9.9.9"])
-    port = daemon.scp.address[1]  # type: ignore[union-attr]
+    port = daemon.scp.address[1]
     assert echo_status(port, "MODALITY") == 0
     assert echo_status(port, "PACS") is None  # right AE title, wrong source address
     assert echo_status(port, "OTHER") is None

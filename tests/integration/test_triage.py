@@ -20,7 +20,7 @@ from hl7.mllp import start_hl7_server
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from fracwatch.service.daemon import Daemon
+from fracwatch.daemon import RunningDaemon
 from fracwatch.service.queries import create_token
 from fracwatch.store.models import Study, StudyResult, TriageMessage
 from tests import dicomgen
@@ -113,16 +113,16 @@ def fractured_study(directory: Path) -> tuple[dicomgen.StudyIds, list[Path]]:
 
 
 def test_positive_study_is_flagged_and_messaged_with_retries(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FRACWATCH_WEBHOOK_TOKEN", "hook-secret")
     with MllpListener(["AE"]) as ris, webhook_receiver([503]) as (url, bodies, hook_received):
         daemon = start_daemon(triage_hl7=[f"127.0.0.1:{ris.port}"], triage_webhooks=[url], retry_base=30)
         ids, files = fractured_study(tmp_path / "src")
-        assert send_files(daemon.scp.address[1], files) == [0, 0]  # type: ignore[union-attr]
+        assert send_files(daemon.scp.address[1], files) == [0, 0]
         complete(daemon, clock)  # scoring kicks the triage sender
         assert ris.received.acquire(timeout=30) and hook_received.acquire(timeout=30)
-        with daemon.sessions() as session:  # type: ignore[misc]
+        with daemon.sessions() as session:
             result = session.scalars(select(StudyResult)).one()
             study = session.scalars(select(Study)).one()
         assert result.category == "positive" and study.triage_priority == "positive"
@@ -140,7 +140,7 @@ def test_positive_study_is_flagged_and_messaged_with_retries(
         metrics = httpx.get(f"{base}/metrics").text
 
     assert len(ris.messages) == 2 and len(bodies) == 2
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         messages = session.scalars(select(TriageMessage).order_by(TriageMessage.channel)).all()
     assert [(m.channel, m.state, m.attempts, m.ack_code) for m in messages] == [
         ("hl7", "sent", 2, "AA"),
@@ -180,16 +180,16 @@ def test_positive_study_is_flagged_and_messaged_with_retries(
 
 
 def test_rejected_message_goes_to_dead_letter(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, clock: FakeClock
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock
 ) -> None:
     with MllpListener(["AR"]) as ris, webhook_receiver([400]) as (url, _bodies, hook_received):
         daemon = start_daemon(triage_hl7=[f"127.0.0.1:{ris.port}"], triage_webhooks=[url])
         _, files = fractured_study(tmp_path / "src")
-        send_files(daemon.scp.address[1], files)  # type: ignore[union-attr]
+        send_files(daemon.scp.address[1], files)
         complete(daemon, clock)
         assert ris.received.acquire(timeout=30) and hook_received.acquire(timeout=30)
         daemon.send_triage_once()
-    with daemon.sessions() as session:  # type: ignore[misc]
+    with daemon.sessions() as session:
         states = session.execute(
             select(TriageMessage.channel, TriageMessage.state, TriageMessage.attempts).order_by(TriageMessage.channel)
         ).all()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from monai.transforms import Compose, ScaleIntensityRangePercentiles
 
-from fracwatch.model.phantom import render_phantom
 from fracwatch.pipeline.transforms import PercentileWindow, PreprocessConfig, inference_transforms, quantiles
+from fracwatch.synth.phantom import render_phantom
 
 
 def arrays() -> list[np.ndarray]:

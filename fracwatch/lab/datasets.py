@@ -33,6 +33,8 @@ from fracwatch.service.scoring import load_file
 
 LOGGER = logging.getLogger(__name__)
 
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
 LAYOUTS = ("manifest", "folder", "csv", "dicom")
 POSITIVE_NAMES = re.compile(r"^(fractured?|positive|abnormal|1|yes|true)$", re.IGNORECASE)
 NEGATIVE_NAMES = re.compile(r"^(non[ _-]?fractured?|not[ _]fractured?|normal|negative|0|no|false)$", re.IGNORECASE)
