@@ -27,7 +27,8 @@ from fracwatch.dicom.spool import Spool
 from fracwatch.errors import DatabaseError
 from fracwatch.model.bundle import Bundle, load_bundle
 from fracwatch.model.predictor import Predictor
-from fracwatch.service.delivery import Deliverer, RetryPolicy
+from fracwatch.service.channels import channels_of, triage_endpoints
+from fracwatch.service.delivery import Deliverer
 from fracwatch.service.ingest import DatabaseSink
 from fracwatch.service.lifecycle import (
     Clock,
@@ -39,14 +40,13 @@ from fracwatch.service.lifecycle import (
     utc_now,
 )
 from fracwatch.service.metrics import Metrics
+from fracwatch.service.outbox import RetryPolicy
 from fracwatch.service.reconcile import reconcile
 from fracwatch.service.retention import purge
 from fracwatch.service.scoring import StudyScorer
 from fracwatch.service.triage import TriagePlanner, TriageSender
 from fracwatch.service.upload import ImageScorer
 from fracwatch.store import db
-from fracwatch.store.triage import Endpoint
-from fracwatch.triage.messages import HL7Header
 from fracwatch.web.app import HttpServer, create_app
 from fracwatch.web.context import WebContext
 
@@ -74,13 +74,6 @@ def listener_options(settings: Settings) -> ListenerOptions:
         dimse_timeout=settings.dimse_timeout,
         network_timeout=settings.network_timeout,
     )
-
-
-def triage_endpoints(settings: Settings) -> list[Endpoint]:
-    """Every configured triage receiver."""
-    return [Endpoint("hl7", str(e)) for e in settings.triage_hl7] + [
-        Endpoint("webhook", url) for url in settings.triage_webhooks
-    ]
 
 
 def open_database(settings: Settings) -> Engine:
@@ -269,20 +262,7 @@ class Daemon:
         deliverer = Deliverer(
             sessions, settings.ae_title, policy, settings.send_timeout, clock, ssl_context=sender_tls, metrics=metrics
         )
-        triage = TriageSender(
-            sessions,
-            HL7Header(
-                settings.hl7_sending_application,
-                settings.hl7_sending_facility,
-                settings.hl7_receiving_application,
-                settings.hl7_receiving_facility,
-            ),
-            policy,
-            settings.webhook_token.get_secret_value() if settings.webhook_token else None,
-            settings.send_timeout,
-            clock,
-            metrics,
-        )
+        triage = TriageSender(sessions, channels_of(settings), policy, clock, metrics)
         scheduler = build_scheduler()
         processor = self._processor
         if processor is None:

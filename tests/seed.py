@@ -1,4 +1,4 @@
-"""Rows for query tests, written through the repository's own units of work (no hand-made SQL)."""
+"""Rows for query tests, written through the store's own units of work (no hand-made SQL)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 from sqlalchemy.orm import sessionmaker
 
 from fracwatch.domain import InstanceHeader, ReceivedInstance
-from fracwatch.store import repository
+from fracwatch.store import instances, results
 from fracwatch.store import triage as triage_store
-from fracwatch.store.repository import HandOver, ImageScore, NewResult, ReportFile
+from fracwatch.store.instances import HandOver
+from fracwatch.store.results import ImageScore, NewResult, ReportFile
 
 
 def seed_study(
@@ -41,14 +42,14 @@ def seed_study(
             uid, f"{uid}.0", sop, "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.1.2.1", "DX", body_part, accession
         )
         with sessions() as session, session.begin():
-            repository.record_instance(session, ReceivedInstance(header, path, 7, sending_ae, received_at))
-            ids.append(repository.find_instance(session, sop).id)  # type: ignore[union-attr]
+            instances.record_instance(session, ReceivedInstance(header, path, 7, sending_ae, received_at))
+            ids.append(instances.find_instance(session, sop).id)  # type: ignore[union-attr]
     if category is None:
         return None
     scored_at = received_at + timedelta(seconds=30)
     with sessions() as session, session.begin():
-        repository.complete_stable_studies(session, received_at + timedelta(seconds=10), 1)
-        repository.mark_ready(session, HandOver(uid, 1), received_at + timedelta(seconds=11))
+        instances.complete_stable_studies(session, received_at + timedelta(seconds=10), 1)
+        instances.mark_ready(session, HandOver(uid, 1), received_at + timedelta(seconds=11))
         report = ReportFile(
             f"{uid}.9",
             "1.2.840.10008.5.1.4.1.1.88.34",
@@ -57,7 +58,7 @@ def seed_study(
         )
         if spool:
             Path(report.path).write_bytes(b"sr")
-        result_id = repository.save_result(
+        result_id = results.save_result(
             session,
             NewResult(
                 study_instance_uid=uid,

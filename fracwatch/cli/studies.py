@@ -20,9 +20,9 @@ from fracwatch.domain import StudyState
 
 @click.command()
 @settings_options
-@click.option("--since", help="Received on or after this date/time (UTC), e.g. 2026-11-01.")
-@click.option("--until", help="Received before this date/time (UTC).")
-@click.option("--today", is_flag=True, help="Received since midnight UTC.")
+@click.option("--since", help="First received on or after this date/time (UTC), e.g. 2026-11-01.")
+@click.option("--until", help="First received before this date/time (UTC); a bare date is its midnight.")
+@click.option("--today", is_flag=True, help="First received since midnight UTC.")
 @click.option("--state", type=click.Choice([s.value for s in StudyState]), help="Only studies in this state.")
 @click.option("--accession", help="Only studies with this accession number.")
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
@@ -40,14 +40,20 @@ def studies(
 ) -> None:
     """List recent studies with their state and instance count."""
     from fracwatch.service.queries import recent_studies
-    from fracwatch.store.repository import StudyFilter
+    from fracwatch.store.search import StudyQuery
 
     settings = load(config_file, **overrides)
     configure_logging("WARNING")
     received_since = parse_day(since, "--since")
     if today:
         received_since = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    filters = StudyFilter(received_since, parse_day(until, "--until"), state, accession, limit)
+    filters = StudyQuery(
+        received_since=received_since,
+        received_until=parse_day(until, "--until"),
+        state=state,
+        accession_number=accession,
+        limit=limit,
+    )
     print_rows(
         lambda: recent_studies(settings, filters),
         as_json,
@@ -63,7 +69,7 @@ def studies(
 @click.command()
 @settings_options
 @click.option("--since", help="Scored on or after this date/time (UTC).")
-@click.option("--until", help="Scored before this date/time (UTC).")
+@click.option("--until", help="Scored before this date/time (UTC); a bare date is its midnight.")
 @click.option("--category", type=click.Choice(["positive", "doubt", "negative", "error"]))
 @click.option("--accession", help="Only studies with this accession number.")
 @click.option("--study", "study_uid", help="Only this Study Instance UID.")
@@ -82,7 +88,7 @@ def results(
 ) -> None:
     """List scored studies: category, probability, model version, turnaround."""
     from fracwatch.service.queries import scored_results
-    from fracwatch.store.repository import ResultFilter
+    from fracwatch.store.results import ResultFilter
 
     settings = load(config_file, **overrides)
     configure_logging("WARNING")

@@ -10,8 +10,7 @@ import logging
 import ssl
 import threading
 from collections import defaultdict
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +20,11 @@ from fracwatch.config import Destination
 from fracwatch.dicom.scu import Outgoing, Peer, StoreOutcome, store_files
 from fracwatch.service.lifecycle import Clock, utc_now
 from fracwatch.service.metrics import Metrics
-from fracwatch.store import repository
-from fracwatch.store.repository import DeliveryJob
+from fracwatch.service.outbox import SENT, Attempt, RetryPolicy, report, settle
+from fracwatch.store import outbox
+from fracwatch.store.outbox import DeliveryJob
 
 LOGGER = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential back-off: base × 2^(attempts-1), capped; dead letter after ``max_attempts``."""
-
-    base_seconds: float = 10.0
-    max_delay_seconds: float = 3600.0
-    max_attempts: int = 12
-
-    def next_attempt(self, attempts: int, now: datetime) -> datetime | None:
-        if attempts >= self.max_attempts:
-            return None
-        delay = min(self.base_seconds * 2 ** max(0, attempts - 1), self.max_delay_seconds)
-        return now + timedelta(seconds=delay)
 
 
 class Deliverer:
@@ -75,7 +60,7 @@ class Deliverer:
 
     def _run(self) -> int:
         with self._sessions() as session:
-            jobs = repository.due_deliveries(session, self._clock())
+            jobs = outbox.due_deliveries(session, self._clock())
         by_destination: dict[str, list[DeliveryJob]] = defaultdict(list)
         for job in jobs:
             by_destination[job.destination].append(job)
@@ -108,28 +93,27 @@ class Deliverer:
         acknowledged = 0
         now = self._clock()
         for job, outcome in zip(jobs, outcomes, strict=True):
+            status = f"0x{outcome.status:04X}" if outcome.status is not None else None
+            attempt = Attempt(outcome.acknowledged, status, outcome.error or "failed", outcome.permanent)
+            settled = settle(self._policy, attempt, job.attempts, now)
             with self._sessions() as session, session.begin():
-                if outcome.acknowledged:
+                if attempt.accepted:
                     assert outcome.status is not None
-                    repository.mark_sent(session, job.id, outcome.status, now)
-                    self._count("sent", job, now)
+                    outbox.mark_sent(session, job.id, outcome.status, now)
                     acknowledged += 1
-                    LOGGER.info("%s acknowledged by %s", job.sop_instance_uid, destination)
-                    continue
-                next_at = None if outcome.permanent else self._policy.next_attempt(job.attempts + 1, now)
-                repository.mark_failed(session, job.id, outcome.status, outcome.error or "failed", next_at)
-            self._count("retry" if next_at is not None else "dead", job, now)
-            if next_at is None:
-                LOGGER.error("%s to %s: dead letter (%s)", job.sop_instance_uid, destination, outcome.error)
+                else:
+                    error = attempt.error or "failed"
+                    outbox.mark_failed(session, job.id, outcome.status, error, settled.next_attempt_at)
+            self._count(settled.outcome, job, now)
+            if attempt.accepted:  # operators' scripts wait for this line
+                LOGGER.info("%s acknowledged by %s", job.sop_instance_uid, destination)
             else:
-                LOGGER.warning(
-                    "%s to %s failed (%s); retry at %s", job.sop_instance_uid, destination, outcome.error, next_at
-                )
+                report(LOGGER, f"{job.sop_instance_uid} to {destination}", settled, attempt)
         return acknowledged
 
     def _count(self, outcome: str, job: DeliveryJob, now: datetime) -> None:
         if self._metrics is None:
             return
         self._metrics.deliveries.labels(outcome).inc()
-        if outcome == "sent":
+        if outcome == SENT:
             self._metrics.delivery_latency.observe(max(0.0, (now - job.created_at).total_seconds()))

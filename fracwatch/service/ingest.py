@@ -11,7 +11,7 @@ from sqlalchemy.orm import sessionmaker
 
 from fracwatch.domain import InstanceHeader, ReceivedInstance, RecordOutcome, is_scorable
 from fracwatch.service.metrics import Metrics
-from fracwatch.store import repository
+from fracwatch.store import instances
 
 LOGGER = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class DatabaseSink:
     def is_held(self, header: InstanceHeader) -> bool:
         """True when the instance has a row and its file is still on disk."""
         with self._sessions() as session:
-            instance = repository.find_instance(session, header.sop_instance_uid)
+            instance = instances.find_instance(session, header.sop_instance_uid)
             return instance is not None and Path(instance.path).exists()
 
     def record(self, received: ReceivedInstance) -> RecordOutcome:
@@ -53,4 +53,4 @@ class DatabaseSink:
         # OT and our manufacturer, none of which is_scorable() accepts (tests send them back to prove it).
         scorable = is_scorable(received.header)
         with self._sessions() as session, session.begin():
-            return repository.record_instance(session, received, scorable)
+            return instances.record_instance(session, received, scorable)

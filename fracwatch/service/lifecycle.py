@@ -17,8 +17,8 @@ from typing import Any, Protocol
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import sessionmaker
 
-from fracwatch.store import repository
-from fracwatch.store.repository import HandOver
+from fracwatch.store import instances
+from fracwatch.store.instances import HandOver
 
 LOGGER = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def claim(sessions: sessionmaker[Any], hand_overs: list[HandOver], now: datetime
     claimed = []
     for hand_over in hand_overs:
         with sessions() as session, session.begin():
-            marked = repository.mark_ready(session, hand_over, now)
+            marked = instances.mark_ready(session, hand_over, now)
         if marked:
             LOGGER.info("study %s version %d ready", hand_over.study_instance_uid, hand_over.version)
             claimed.append(hand_over)
@@ -136,7 +136,7 @@ def detect_complete_studies(
 ) -> list[HandOver]:
     """Mark studies quiet for ``stable_after`` seconds complete, then hand them to ``submit``."""
     with sessions() as session, session.begin():
-        handed = repository.complete_stable_studies(session, clock(), stable_after)
+        handed = instances.complete_stable_studies(session, clock(), stable_after)
     for hand_over in handed:
         LOGGER.info("study %s version %d complete", hand_over.study_instance_uid, hand_over.version)
         submit(hand_over)
@@ -146,7 +146,7 @@ def detect_complete_studies(
 def requeue_pending(sessions: sessionmaker[Any], submit: Callable[[HandOver], None]) -> int:
     """Queue again every study handed over but never processed; return how many."""
     with sessions() as session:
-        pending = repository.pending_hand_overs(session)
+        pending = instances.pending_hand_overs(session)
     for hand_over in pending:
         submit(hand_over)
     if pending:

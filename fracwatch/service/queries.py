@@ -14,24 +14,24 @@ from sqlalchemy.orm import Session
 from fracwatch.config import Settings
 from fracwatch.errors import DatabaseError
 from fracwatch.service.retention import cutoff_for, purge
-from fracwatch.store import access, db, repository, retention
+from fracwatch.store import access, db, results, retention, search
+from fracwatch.store import outbox as outbox_store
 from fracwatch.store.access import Principal, TokenSummary
-from fracwatch.store.repository import (
-    DeliverySummary,
-    ResendOutcome,
-    ResultFilter,
-    ResultSummary,
-    StudyFilter,
-    StudySummary,
-)
+from fracwatch.store.outbox import DeliverySummary, ResendOutcome
+from fracwatch.store.results import ResultFilter, ResultSummary
 from fracwatch.store.retention import PurgeItem
+from fracwatch.store.search import StudyQuery, StudyRow
 
 T = TypeVar("T")
 
 
-def recent_studies(settings: Settings, filters: StudyFilter) -> Sequence[StudySummary]:
-    """The study list for ``fracwatch studies``."""
-    return _with_session(settings, _audited("cli.studies", repr(filters), repository.list_studies, filters), True)
+def recent_studies(settings: Settings, query: StudyQuery) -> Sequence[StudyRow]:
+    """The study list for ``fracwatch studies`` (the API's study search, first page)."""
+    return _with_session(settings, _audited("cli.studies", repr(query), _study_page, query), True)
+
+
+def _study_page(session: Session, query: StudyQuery) -> list[StudyRow]:
+    return search.search_studies(session, query)[1]
 
 
 def upgrade_database(settings: Settings) -> str | None:
@@ -86,12 +86,12 @@ def _check_revision(engine: Engine) -> None:
 
 def scored_results(settings: Settings, filters: ResultFilter) -> Sequence[ResultSummary]:
     """The result list for ``fracwatch results``."""
-    return _with_session(settings, _audited("cli.results", repr(filters), repository.list_results, filters), True)
+    return _with_session(settings, _audited("cli.results", repr(filters), results.list_results, filters), True)
 
 
 def outbox(settings: Settings, states: Sequence[str]) -> Sequence[DeliverySummary]:
     """Deliveries for ``fracwatch outbox``."""
-    return _with_session(settings, lambda session: repository.list_deliveries(session, states))
+    return _with_session(settings, lambda session: outbox_store.list_deliveries(session, states))
 
 
 def resend(settings: Settings, study_instance_uid: str) -> ResendOutcome:
@@ -99,7 +99,7 @@ def resend(settings: Settings, study_instance_uid: str) -> ResendOutcome:
     destinations = [str(d) for d in settings.destinations]
     now = datetime.now(UTC)
     return _with_session(
-        settings, lambda session: repository.requeue_study(session, study_instance_uid, destinations, now), write=True
+        settings, lambda session: outbox_store.requeue_study(session, study_instance_uid, destinations, now), write=True
     )
 
 

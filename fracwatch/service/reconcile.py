@@ -17,7 +17,7 @@ from fracwatch.dicom.header import header_from_file, source_ae_of_file
 from fracwatch.dicom.spool import Spool
 from fracwatch.domain import ReceivedInstance, is_scorable
 from fracwatch.errors import InvalidInstanceError
-from fracwatch.store import repository
+from fracwatch.store import instances
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class ReconcileReport:
 def reconcile(spool: Spool, sessions: sessionmaker[Any]) -> ReconcileReport:
     """Register every spool file unknown to the database; leave unreadable ones in place, logged."""
     with sessions() as session:
-        known = repository.held_paths(session)
+        known = instances.held_paths(session)
     scanned = registered = unreadable = 0
     for path in spool.files():
         scanned += 1
@@ -57,7 +57,7 @@ def reconcile(spool: Spool, sessions: sessionmaker[Any]) -> ReconcileReport:
             received_at=datetime.fromtimestamp(stat.st_mtime, UTC),
         )
         with sessions() as session, session.begin():
-            outcome = repository.record_instance(session, received, is_scorable(header))
+            outcome = instances.record_instance(session, received, is_scorable(header))
         if outcome.created:
             registered += 1
             LOGGER.info("registered orphan spool file for instance %s", header.sop_instance_uid)

@@ -45,9 +45,11 @@ from fracwatch.report.overlay import OverlayImage, build_kos, build_overlay, ren
 from fracwatch.report.sr import AlgorithmIdentity, ScoredImage, build_sr, shallow_copy
 from fracwatch.service.lifecycle import Clock, claim, utc_now
 from fracwatch.service.metrics import Metrics
-from fracwatch.store import repository
+from fracwatch.store import instances as lifecycle
+from fracwatch.store import outbox, results
+from fracwatch.store.instances import HandOver, InstanceRef
 from fracwatch.store.models import StudyResult
-from fracwatch.store.repository import HandOver, ImageScore, InstanceRef, NewResult, ReportFile
+from fracwatch.store.results import ImageScore, NewResult, ReportFile
 
 LOGGER = logging.getLogger(__name__)
 
@@ -254,10 +256,10 @@ class StudyScorer:
         work = []
         for hand_over in claim(self._sessions, hand_overs, self._clock()):
             with self._sessions() as session:
-                instances = repository.scorable_instances(session, hand_over.study_instance_uid)
+                instances = lifecycle.scorable_instances(session, hand_over.study_instance_uid)
             if not instances:
                 with self._sessions() as session, session.begin():
-                    repository.mark_skipped(session, hand_over)
+                    lifecycle.mark_skipped(session, hand_over)
                 LOGGER.info("study %s has nothing scorable; skipped", hand_over.study_instance_uid)
                 continue
             work.append(_StudyWork(hand_over, instances, [self._load(ref) for ref in instances]))
@@ -319,7 +321,7 @@ class StudyScorer:
             attachments=attachments,
         )
         with self._sessions() as session, session.begin():
-            result_id = repository.save_result(session, result)
+            result_id = results.save_result(session, result)
             saved = session.get(StudyResult, result_id)
             completed = saved.completed_at if saved is not None else None
             if self._after_save is not None:
@@ -385,7 +387,7 @@ class StudyScorer:
         self, study_uid: str, scored: list[ScoredImage], probability: float, category: str, now: datetime
     ) -> ReportFile | None:
         with self._sessions() as session:
-            previous_object = repository.latest_report(session, study_uid)
+            previous_object = outbox.latest_report(session, study_uid)
             previous_path = previous_object.path if previous_object else None
         previous = None
         if previous_path is not None:

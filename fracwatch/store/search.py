@@ -1,6 +1,9 @@
 """What admins ask of the result database: study search, a study's full record, statistics, the worklist.
 
-Read-only queries; callers own the session. Each study is shown with its latest result.
+Read-only queries; callers own the session. Each study is shown with its latest result. The one study query
+(:class:`StudyQuery`) serves the CLI's ``fracwatch studies``, ``GET /api/studies``, the CSV export and the
+dashboard alike: ``received_since`` / ``received_until`` bound the study's *first received* time, half-open
+(``since`` included, ``until`` not).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from fracwatch.store.models import (
     StudyResult,
     TriageMessage,
 )
-from fracwatch.store.repository import turnaround_seconds
-from fracwatch.store.triage import PRIORITY_RANK, MessageSummary, result_messages
+from fracwatch.store.outbox import MessageSummary, result_messages
+from fracwatch.store.results import turnaround_seconds
+from fracwatch.store.triage import PRIORITY_RANK
 
 SORTS = ("received", "-received", "scored", "-scored", "probability", "-probability")
 
@@ -37,6 +41,7 @@ class StudyQuery:
 
     received_since: datetime | None = None
     received_until: datetime | None = None
+    state: str | None = None
     category: str | None = None
     body_part: str | None = None
     accession_number: str | None = None
@@ -60,8 +65,10 @@ class StudyRow:
     state: str
     version: int
     instances: int
+    series: int
     first_received_at: datetime
     last_received_at: datetime
+    completed_at: datetime | None
     category: str | None
     probability: float | None
     model_name: str | None
@@ -79,19 +86,27 @@ def _instance_counts() -> Any:
     return select(Instance.study_id, func.count(Instance.id).label("n")).group_by(Instance.study_id).subquery()
 
 
+def _series_counts() -> Any:
+    return select(Series.study_id, func.count(Series.id).label("n")).group_by(Series.study_id).subquery()
+
+
 def _study_rows_query(query: StudyQuery) -> Select[Any]:
     latest = _latest_result_ids()
     counts = _instance_counts()
+    series = _series_counts()
     stmt = (
-        select(Study, StudyResult, counts.c.n)
+        select(Study, StudyResult, counts.c.n, series.c.n)
         .select_from(Study)
         .outerjoin(StudyResult, and_(StudyResult.study_id == Study.id, StudyResult.id.in_(select(latest.c.id))))
         .outerjoin(counts, counts.c.study_id == Study.id)
+        .outerjoin(series, series.c.study_id == Study.id)
     )
     if query.received_since is not None:
         stmt = stmt.where(Study.first_received_at >= query.received_since)
     if query.received_until is not None:
         stmt = stmt.where(Study.first_received_at < query.received_until)
+    if query.state is not None:
+        stmt = stmt.where(Study.state == query.state)
     if query.category is not None:
         stmt = stmt.where(StudyResult.category == query.category)
     if query.body_part is not None:
@@ -119,7 +134,7 @@ def _order(stmt: Select[Any], sort: str) -> Select[Any]:
     return stmt.order_by(direction, Study.id.desc() if sort.startswith("-") else Study.id.asc())
 
 
-def _row(study: Study, result: StudyResult | None, instances: int | None) -> StudyRow:
+def _row(study: Study, result: StudyResult | None, instances: int | None, series: int | None) -> StudyRow:
     return StudyRow(
         study_instance_uid=study.study_instance_uid,
         accession_number=study.accession_number,
@@ -129,8 +144,10 @@ def _row(study: Study, result: StudyResult | None, instances: int | None) -> Stu
         state=study.state,
         version=study.version,
         instances=instances or 0,
+        series=series or 0,
         first_received_at=study.first_received_at,
         last_received_at=study.last_received_at,
+        completed_at=study.completed_at,
         category=result.category if result else None,
         probability=result.probability if result else None,
         model_name=result.model_name if result else None,
@@ -146,14 +163,14 @@ def search_studies(session: Session, query: StudyQuery) -> tuple[int, list[Study
     stmt = _study_rows_query(query)
     total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
     page = session.execute(_order(stmt, query.sort).limit(query.limit).offset(query.offset)).all()
-    return total, [_row(study, result, n) for study, result, n in page]
+    return total, [_row(*row) for row in page]
 
 
 def worklist(session: Session, limit: int = 200) -> list[StudyRow]:
     """Flagged studies: positive before doubt, then the longest waiting first."""
     rank = case(PRIORITY_RANK, value=Study.triage_priority, else_=0)
     stmt = _study_rows_query(StudyQuery(flagged=True)).order_by(rank.desc(), Study.flagged_at.asc(), Study.id)
-    return [_row(study, result, n) for study, result, n in session.execute(stmt.limit(limit)).all()]
+    return [_row(*row) for row in session.execute(stmt.limit(limit)).all()]
 
 
 # --- one study in full ----------------------------------------------------------------------------------
@@ -235,7 +252,7 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
     ).first()
     if found is None:
         return None
-    study, latest, n = found
+    study, latest, n, n_series = found
     instances = [
         InstanceRow(
             i.sop_instance_uid,
@@ -261,7 +278,7 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
             select(StudyResult).where(StudyResult.study_id == study.id).order_by(StudyResult.id.desc())
         )
     ]
-    return StudyDetail(_row(study, latest, n), instances, results, study.id)
+    return StudyDetail(_row(study, latest, n, n_series), instances, results, study.id)
 
 
 def _result_detail(session: Session, result: StudyResult) -> ResultDetail:
@@ -311,20 +328,6 @@ def _result_detail(session: Session, result: StudyResult) -> ResultDetail:
         images=images,
         objects=objects,
         triage=triage,
-    )
-
-
-def produced_path(session: Session, study_instance_uid: str, sop_instance_uid: str) -> str | None:
-    """The file of an object fracwatch produced for this study (for dashboard thumbnails)."""
-    return session.scalar(
-        select(ProducedObject.path)
-        .join(StudyResult, StudyResult.id == ProducedObject.study_result_id)
-        .join(Study, Study.id == StudyResult.study_id)
-        .where(
-            Study.study_instance_uid == study_instance_uid,
-            ProducedObject.sop_instance_uid == sop_instance_uid,
-            ProducedObject.purged_at.is_(None),
-        )
     )
 
 

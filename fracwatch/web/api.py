@@ -17,8 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from fracwatch.store import access, search
-from fracwatch.store import triage as triage_store
-from fracwatch.store.repository import list_deliveries
+from fracwatch.store import outbox as outbox_store
 from fracwatch.store.search import StudyQuery, StudyRow
 from fracwatch.web.context import Admin, Viewer, WebContext, parse_bound
 
@@ -155,8 +154,8 @@ def build_router(ctx: WebContext) -> APIRouter:
         ctx.audit(request, principal, "outbox.list", None)
         with ctx.read() as session:
             return {
-                "deliveries": jsonable_encoder(list_deliveries(session, states)),
-                "triage_messages": jsonable_encoder(triage_store.list_messages(session, states)),
+                "deliveries": jsonable_encoder(outbox_store.list_deliveries(session, states)),
+                "triage_messages": jsonable_encoder(outbox_store.list_messages(session, states)),
             }
 
     @router.post("/predict", summary="Score an uploaded PNG/JPEG/DICOM image (nothing is stored)")

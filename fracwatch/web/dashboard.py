@@ -13,10 +13,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from PIL import Image
 
-from fracwatch.store import access, search
-from fracwatch.store import triage as triage_store
+from fracwatch.store import access, outbox, search
 from fracwatch.store.access import Principal
-from fracwatch.store.repository import list_deliveries
+from fracwatch.store.outbox import list_deliveries
 from fracwatch.web import charts
 from fracwatch.web.api import StudyFilters
 from fracwatch.web.context import COOKIE, WebContext, parse_bound
@@ -205,7 +204,7 @@ def build_router(ctx: WebContext) -> APIRouter:
         ctx.audit(request, principal, "outbox.list", None)
         with ctx.read() as session:
             deliveries = list_deliveries(session, ["pending", "dead"])
-            messages = triage_store.list_messages(session, ["pending", "dead"])
+            messages = outbox.list_messages(session, ["pending", "dead"])
         return page(request, "outbox.html", principal, deliveries=deliveries, messages=messages)
 
     @router.get("/upload", response_class=HTMLResponse)

@@ -8,10 +8,12 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pydicom import dcmread
 from sqlalchemy import select
 
 from fracwatch.cli import cli
@@ -53,6 +55,10 @@ def test_studies_json_contract(
     assert isinstance(rows[ids.study_uid]["instances"], int)
     assert rows[ids.study_uid]["state"] == "receiving"
     assert rows[other.study_uid]["instances"] == 1
+    # the --json contract: the fields it always had, from the one study query the API uses too
+    assert {"series", "completed_at", "first_received_at", "last_received_at", "version"} <= set(rows[ids.study_uid])
+    series = {dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in files[:3]}
+    assert rows[ids.study_uid]["series"] == len(series) and rows[ids.study_uid]["completed_at"] is None
 
     by_accession = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--accession", "ACC-88"])
     assert [r["study_instance_uid"] for r in json.loads(by_accession.output)] == [other.study_uid]
@@ -67,12 +73,19 @@ def test_studies_json_contract(
     )
     future = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--since", "2999-01-01"])
     assert json.loads(future.output) == []
+    # a bare --until date is its midnight and excluded, as in the API: until today shows nothing received today
+    today_date = datetime.now(UTC).date().isoformat()
+    tomorrow = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
+    until_today = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--until", today_date])
+    assert json.loads(until_today.output) == []
+    until_tomorrow = CliRunner().invoke(cli, ["studies", "--db", db_url, "--json", "--until", tomorrow])
+    assert len(json.loads(until_tomorrow.output)) == 2
     today = CliRunner().invoke(cli, ["studies", "--db", db_url, "--today"])
     assert ids.study_uid in today.output and "scored" in today.output
     assert "Doe" not in today.output
     with daemon.sessions() as session:
         audit = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
-    assert len(audit) == 6 and {a.action for a in audit} == {"cli.studies"}  # every CLI read is audited
+    assert len(audit) == 8 and {a.action for a in audit} == {"cli.studies"}  # every CLI read is audited
     assert all(a.actor.startswith("cli:") and a.client == "local" for a in audit)
     assert "ACC-88" in audit[1].target
 

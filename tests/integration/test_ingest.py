@@ -20,8 +20,8 @@ from sqlalchemy import func, select
 
 from fracwatch.config import Settings
 from fracwatch.daemon import Daemon, RunningDaemon
+from fracwatch.store.instances import HandOver
 from fracwatch.store.models import Instance, Series, Study
-from fracwatch.store.repository import HandOver
 from tests import dicomgen
 from tests.conftest import FakeClock, echo_status, send_files
 

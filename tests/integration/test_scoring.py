@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from fracwatch.daemon import Daemon, RunningDaemon
 from fracwatch.model.bundle import load_bundle
-from fracwatch.store import repository
+from fracwatch.store import results
 from fracwatch.store.models import Delivery, ImageResult, Instance, Study, StudyResult
 from tests import dicomgen
 from tests.conftest import FakeClock, send_files
@@ -100,7 +100,7 @@ def test_two_image_study_gets_an_sr_at_the_pacs(
     groups = report.get_image_measurement_groups()
     assert len(groups) == 3  # one per image + the study-level group
     with daemon.sessions() as session:
-        stored = {uid: p for uid, p, _, _ in repository.image_results(session, ids.study_uid)}
+        stored = {uid: p for uid, p, _, _ in results.image_results(session, ids.study_uid)}
         result = session.scalars(select(StudyResult)).one()
     per_image = {}
     for group in groups:

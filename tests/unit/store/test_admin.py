@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from fracwatch.store import access, repository, retention, search
+from fracwatch.store import access, results, retention, search
 from fracwatch.store import triage as triage_store
 from fracwatch.store.models import ApiToken, Delivery, Study, TriageMessage
 from fracwatch.store.search import StudyQuery
@@ -106,9 +106,9 @@ def rescore(
 ) -> int:
     """A second result for the study (as after a late image re-opened it)."""
     with sessions() as session, session.begin():
-        return repository.save_result(
+        return results.save_result(
             session,
-            repository.NewResult(
+            results.NewResult(
                 study_instance_uid=uid,
                 study_version=version,
                 model_name="fracwatch-phantom",

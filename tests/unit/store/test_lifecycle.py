@@ -1,4 +1,4 @@
-"""Queries and lifecycle transitions against real SQLite and PostgreSQL databases."""
+"""Recording instances, lifecycle transitions, results and the outbox against real SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import Engine, inspect
 from sqlalchemy.orm import sessionmaker
 
-from fracwatch.domain import InstanceHeader, ReceivedInstance
-from fracwatch.store import db, repository
-from fracwatch.store.repository import HandOver, StudyFilter
+from fracwatch.domain import InstanceHeader, ReceivedInstance, RecordOutcome
+from fracwatch.store import db, instances, search
+from fracwatch.store.instances import HandOver
+from fracwatch.store.search import StudyQuery
 
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 
@@ -33,9 +34,9 @@ def received(
     return ReceivedInstance(header, Path(f"/spool/{sop}.dcm"), 100, "MODALITY", at)
 
 
-def record(sessions: sessionmaker[Any], item: ReceivedInstance) -> repository.RecordOutcome:
+def record(sessions: sessionmaker[Any], item: ReceivedInstance) -> RecordOutcome:
     with sessions() as session, session.begin():
-        return repository.record_instance(session, item)
+        return instances.record_instance(session, item)
 
 
 def test_schema_at_head(engine: Engine) -> None:
@@ -49,7 +50,7 @@ def test_record_and_resend(sessions: sessionmaker[Any]) -> None:
     again = record(sessions, received("1.2.3.1.1", at=T0 + timedelta(minutes=5)))
     assert first.created and not again.created
     with sessions() as session:
-        (summary,) = repository.list_studies(session, StudyFilter())
+        (summary,) = search.search_studies(session, StudyQuery())[1]
     assert summary.instances == 1 and summary.series == 1
     assert summary.last_received_at == T0  # a resend does not extend the quiet period
     assert summary.first_received_at.tzinfo is not None
@@ -59,27 +60,27 @@ def test_completion_waits_for_quiet_period(sessions: sessionmaker[Any]) -> None:
     record(sessions, received("1.2.3.1.1", at=T0))
     record(sessions, received("1.2.3.1.2", at=T0 + timedelta(seconds=20)))
     with sessions() as session, session.begin():
-        assert repository.complete_stable_studies(session, T0 + timedelta(seconds=45), 30) == []
+        assert instances.complete_stable_studies(session, T0 + timedelta(seconds=45), 30) == []
     with sessions() as session, session.begin():
-        handed = repository.complete_stable_studies(session, T0 + timedelta(seconds=51), 30)
+        handed = instances.complete_stable_studies(session, T0 + timedelta(seconds=51), 30)
     assert handed == [HandOver("1.2.3", 1)]
     with sessions() as session, session.begin():  # not handed over twice
-        assert repository.complete_stable_studies(session, T0 + timedelta(seconds=99), 30) == []
-        assert repository.pending_hand_overs(session) == [HandOver("1.2.3", 1)]
-        assert repository.mark_ready(session, HandOver("1.2.3", 1), T0 + timedelta(seconds=100))
-        assert repository.pending_hand_overs(session) == []
+        assert instances.complete_stable_studies(session, T0 + timedelta(seconds=99), 30) == []
+        assert instances.pending_hand_overs(session) == [HandOver("1.2.3", 1)]
+        assert instances.mark_ready(session, HandOver("1.2.3", 1), T0 + timedelta(seconds=100))
+        assert instances.pending_hand_overs(session) == []
 
 
 def test_late_instance_reopens_as_new_version(sessions: sessionmaker[Any]) -> None:
     record(sessions, received("1.2.3.1.1"))
     with sessions() as session, session.begin():
-        repository.complete_stable_studies(session, T0 + timedelta(minutes=1), 30)
+        instances.complete_stable_studies(session, T0 + timedelta(minutes=1), 30)
     outcome = record(sessions, received("1.2.3.2.1", series="1.2.3.2", at=T0 + timedelta(minutes=2)))
     assert outcome.reopened and outcome.study_version == 2
     with sessions() as session, session.begin():
         # the stale hand-over of version 1 must not mark the re-opened study ready
-        assert not repository.mark_ready(session, HandOver("1.2.3", 1), T0 + timedelta(minutes=2))
-        (summary,) = repository.list_studies(session, StudyFilter())
+        assert not instances.mark_ready(session, HandOver("1.2.3", 1), T0 + timedelta(minutes=2))
+        (summary,) = search.search_studies(session, StudyQuery())[1]
         assert (summary.state, summary.version, summary.instances, summary.series) == ("receiving", 2, 2, 2)
     resend = record(sessions, received("1.2.3.1.1", at=T0 + timedelta(minutes=3)))
     assert not resend.created and not resend.reopened
@@ -90,11 +91,11 @@ def test_list_filters(sessions: sessionmaker[Any]) -> None:
     record(sessions, received("2.1.1", study="2.1", series="2.1.0", at=T0 + timedelta(days=1), accession="A2"))
     record(sessions, received("3.1.1", study="3.1", series="3.1.0", at=T0 + timedelta(days=2), accession="A3"))
     with sessions() as session, session.begin():
-        repository.complete_stable_studies(session, T0 + timedelta(days=1, hours=1), 30)
+        instances.complete_stable_studies(session, T0 + timedelta(days=1, hours=1), 30)
 
     def uids(**kwargs: Any) -> list[str]:
         with sessions() as session:
-            return [s.study_instance_uid for s in repository.list_studies(session, StudyFilter(**kwargs))]
+            return [s.study_instance_uid for s in search.search_studies(session, StudyQuery(**kwargs))[1]]
 
     assert uids() == ["3.1", "2.1", "1.1"]
     assert uids(state="complete") == ["2.1", "1.1"]
