@@ -9,15 +9,26 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fracwatch import __version__
 from fracwatch.errors import FracwatchError
-from fracwatch.web import api, dashboard
+from fracwatch.web import api, health
 from fracwatch.web.context import WebContext
+from fracwatch.web.pages import auth, outbox, stats, studies, upload, worklist
+from fracwatch.web.pages.common import SignInNeeded, sign_in_redirect
 
 LOGGER = logging.getLogger(__name__)
+
+ROUTERS = (
+    health.router,
+    api.router,
+    auth.router,
+    studies.router,
+    worklist.router,
+    stats.router,
+    outbox.router,
+    upload.router,
+)
 
 
 def create_app(ctx: WebContext) -> FastAPI:
@@ -29,9 +40,10 @@ def create_app(ctx: WebContext) -> FastAPI:
         "(create one with `fracwatch token create`).",
     )
     app.state.ctx = ctx
-    app.include_router(api.build_router(ctx))
-    app.include_router(dashboard.build_router(ctx))
-    app.add_exception_handler(dashboard._SignIn, dashboard.sign_in_redirect)
+    app.state.cam_cache = studies.CamCache()
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_exception_handler(SignInNeeded, sign_in_redirect)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -40,22 +52,6 @@ def create_app(ctx: WebContext) -> FastAPI:
         path = getattr(route, "path", "unmatched")
         ctx.metrics.http_requests.labels(path, f"{response.status_code // 100}xx").inc()
         return response
-
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
-        """The process is up."""
-        return {"status": "ok", "version": __version__}
-
-    @app.get("/readyz", tags=["health"])
-    def readyz() -> JSONResponse:
-        """Database reachable, listener accepting, worker running: 200, else 503."""
-        ok, checks = ctx.ready()
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
-
-    @app.get("/metrics", tags=["health"])
-    def metrics() -> Response:
-        """Prometheus exposition of every fracwatch_* metric."""
-        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

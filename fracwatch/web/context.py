@@ -83,14 +83,17 @@ def context_of(request: Request) -> WebContext:
     return ctx
 
 
-def require_viewer(request: Request) -> Principal:
+Ctx = Annotated[WebContext, Depends(context_of)]
+
+
+def require_viewer(request: Request, ctx: Ctx) -> Principal:
     """Dependency: a viewer (or admin) token, else 401/403."""
-    return api_principal(context_of(request), request, "viewer")
+    return api_principal(ctx, request, "viewer")
 
 
-def require_admin(request: Request) -> Principal:
+def require_admin(request: Request, ctx: Ctx) -> Principal:
     """Dependency: an admin token, else 401/403."""
-    return api_principal(context_of(request), request, "admin")
+    return api_principal(ctx, request, "admin")
 
 
 Viewer = Annotated[Principal, Depends(require_viewer)]

@@ -1,0 +1,1 @@
+"""The web dashboard: server-rendered Jinja2 pages, one module per area, signed in with an HttpOnly cookie."""
