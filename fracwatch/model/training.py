@@ -323,6 +323,49 @@ def load_initial_weights(network: torch.nn.Module, path: Path) -> int:
     return len(fitting)
 
 
+@dataclass
+class _Inputs:
+    """What one training run reads and never changes: data, loss, device, plan."""
+
+    config: TrainConfig
+    images: torch.Tensor
+    labels: torch.Tensor
+    validation: tuple[torch.Tensor, torch.Tensor]
+    validation_owners: torch.Tensor | None
+    boxes: torch.Tensor | None  # None unless the network localises (a binary logit map)
+    partners: torch.Tensor | None
+    loss_fn: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype | None
+    plan: list[Phase]
+    steps_per_epoch: int
+    progress: Callable[[int, int], None] | None
+
+    @property
+    def truth(self) -> np.ndarray:
+        return (self.validation[1] > 0).numpy().astype(np.int64)
+
+
+@dataclass
+class _State:
+    """What one training run changes as it goes, and what a checkpoint holds."""
+
+    network: torch.nn.Module
+    optimiser: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    augment: Augmentation
+    averaged: AveragedModel | None
+    phase: Phase
+    result: TrainResult
+    best_state: dict[str, Any]
+    best_auc: float = -1.0
+    stale: int = 0
+    first_epoch: int = 1
+    scale: float = 1.0  # float16's loss scale for the next step (1.0 when the scaler is off)
+
+
 def train_network(
     train: tuple[torch.Tensor, torch.Tensor],
     validation: tuple[torch.Tensor, torch.Tensor],
@@ -351,18 +394,49 @@ def train_network(
     """
     torch.manual_seed(config.seed)
     device = select_device(config.device)
+    network = _build(config, device)
+    inputs = _prepare(train, validation, validation_owners, config, network, device, boxes, partners, progress)
+    saved = _read_checkpoint(checkpoint)
+    state = _initial_state(network, inputs, saved)
+    if saved is not None:
+        _resume(state, saved, checkpoint)
+    for epoch in range(state.first_epoch, config.epochs + 1):
+        _enter_phase(state, inputs, epoch)
+        if state.stale >= config.patience and state.phase is inputs.plan[-1]:
+            break
+        record = _train_epoch(state, inputs, epoch)
+        if _validates(epoch, state.phase, inputs.plan, config.validate_every):
+            _validate(state, inputs, epoch, record)
+        _log_epoch(state, inputs, record)
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, epoch, state)
+    return _finish(state, inputs)
+
+
+def _build(config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The preset's network on ``device`` in channels_last, from ``init_weights`` when given."""
     builder, params = PRESETS[config.arch]
-    # channels_last: a tiny-resnet-map16 step on this CPU takes 0.57–0.75× the time (bench/training_step.py); on
-    # CUDA it is what tensor cores want under autocast
     network = build_network(builder, {**params, "outputs": config.outputs}).to(device)
+    # channels_last: faster on CPU (bench/training_step.py) and what tensor cores want under autocast
     network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # in place, like every Module.to
     if config.init_weights:
         load_initial_weights(network, Path(config.init_weights))
+    return network
+
+
+def _prepare(
+    train: tuple[torch.Tensor, torch.Tensor],
+    validation: tuple[torch.Tensor, torch.Tensor],
+    validation_owners: torch.Tensor | None,
+    config: TrainConfig,
+    network: torch.nn.Module,
+    device: torch.device,
+    boxes: torch.Tensor | None,
+    partners: torch.Tensor | None,
+    progress: Callable[[int, int], None] | None,
+) -> _Inputs:
+    """Check the configuration against the data and the network; fix loss, precision and plan."""
     images, labels = train
-    loss_fn = _loss(labels, config, device)
-    optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    steps_per_epoch = (len(images) + config.batch_size - 1) // config.batch_size
-    plan = phases(config)
     dtype = autocast_dtype(device, config.precision)
     if dtype == torch.bfloat16 and not native_bfloat16(device):
         LOGGER.warning(
@@ -370,9 +444,6 @@ def train_network(
             "than --precision fp32",
             device,
         )
-    # float16 needs its loss scaled; bfloat16 has float32's exponent range and does not
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    augment = Augmentation(config.seed)
     localise = boxes is not None and config.outputs == 1 and hasattr(network, "logit_map")
     if config.crop is not None and (not localise or config.crop > images.shape[-1]):
         raise ValueError(
@@ -383,123 +454,186 @@ def train_network(
         raise ValueError(problem)
     if boxes is not None and not localise:
         LOGGER.info("boxes ignored: %s has no logit map or the task is not binary", config.arch)
+    return _Inputs(
+        config=config,
+        images=images,
+        labels=labels,
+        validation=validation,
+        validation_owners=validation_owners,
+        boxes=boxes if localise else None,
+        partners=partners,
+        loss_fn=_loss(labels, config, device),
+        device=device,
+        dtype=dtype,
+        plan=phases(config),
+        steps_per_epoch=(len(images) + config.batch_size - 1) // config.batch_size,
+        progress=progress,
+    )
+
+
+def _read_checkpoint(checkpoint: Path | None) -> dict[str, Any] | None:
+    """A run's saved state, if there is one to resume.
+
+    Read onto the CPU: the random generators' states must stay CPU byte tensors (a CUDA map_location moves
+    them and the resume fails on a GPU); the network, optimiser and average copy their tensors onto the
+    device as they load.
+    """
+    if checkpoint is None or not checkpoint.is_file():
+        return None
+    loaded: dict[str, Any] = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return loaded
+
+
+def _initial_state(network: torch.nn.Module, inputs: _Inputs, saved: dict[str, Any] | None) -> _State:
+    """Optimiser, schedule, loss scaler, generators and average for a fresh run (or the phase ``saved`` was in)."""
+    config = inputs.config
+    optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    # float16 needs its loss scaled; bfloat16 has float32's exponent range and does not
+    scaler = torch.amp.GradScaler("cuda", enabled=inputs.dtype == torch.float16)
+    augment = Augmentation(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(network=network)
-    best_auc, best_state, stale, first_epoch = -1.0, copy.deepcopy(network.state_dict()), 0, 1
-    # read onto the CPU: the random generators' states must stay CPU byte tensors (a CUDA map_location moved them and
-    # the resume failed on a GPU); the network, optimiser and average copy their tensors onto ``device`` as they load
-    saved = (
-        torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint and checkpoint.is_file() else None
-    )
+    best_state = copy.deepcopy(network.state_dict())
+    plan = inputs.plan
     phase = plan[0] if saved is None else _phase_of(min(saved["epoch"], config.epochs), plan)
-    scheduler = _schedule(optimiser, phase, steps_per_epoch)
+    scheduler = _schedule(optimiser, phase, inputs.steps_per_epoch)
     averaged = _averaging(network, config)
-    if saved is not None:
-        if saved["scheduler"].get("total_steps") != scheduler.total_steps:
-            raise ValueError(
-                f"{checkpoint} was made with other --epochs/--crop-epochs/--batch-size or data; resume with the same"
-            )
-        network.load_state_dict(saved["network"])
-        if ("ema" in saved) != (averaged is not None):
-            raise ValueError(f"{checkpoint} was made with{'' if 'ema' in saved else 'out'} --ema; resume with the same")
-        if averaged is not None:
-            averaged.load_state_dict(saved["ema"])
-        optimiser.load_state_dict(saved["optimiser"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if saved.get("scaler"):  # a float16 run's loss scale: without it the resumed steps start over at 65536
-            scaler.load_state_dict(saved["scaler"])
-        generator.set_state(saved["generator"])
-        if "augmentation" in saved:
-            augment.set_state(saved["augmentation"])
-        best_auc, best_state, stale = saved["best_auc"], saved["best_state"], saved["stale"]
-        result.history, result.best_epoch, first_epoch = saved["history"], saved["best_epoch"], saved["epoch"] + 1
-        LOGGER.info("resuming from %s after epoch %d", checkpoint, saved["epoch"])
-    scale = scaler.get_scale()  # float16's loss scale for the next step (1.0 when the scaler is off)
-    truth = (validation[1] > 0).numpy().astype(np.int64)
-    for epoch in range(first_epoch, config.epochs + 1):
-        if (current := _phase_of(epoch, plan)) != phase:
-            phase = current
-            network.load_state_dict(best_state)  # the next phase starts from this one's best epoch
-            scheduler, stale = _schedule(optimiser, phase, steps_per_epoch), 0
-            averaged = _averaging(network, config)  # and averages afresh from there
-            LOGGER.info("epoch %d: %s from here", epoch, f"{phase.crop}-px crops" if phase.crop else "whole images")
-        if stale >= config.patience and phase is plan[-1]:
-            break
-        if config.freeze_stem:  # at every epoch, so a run resumed in the whole-image phase freezes too
-            set_stem_frozen(network, frozen=phase.crop is None)
-        network.train()
-        started, total = time.monotonic(), 0.0
-        order = _epoch_order(len(images), partners, generator)
-        for batch_number, start in enumerate(range(0, len(images), config.batch_size), start=1):
-            batch_index = order[start : start + config.batch_size]
-            x, masks = _batch(
-                images,
-                batch_index,
-                boxes if localise else None,
-                augment if config.augment else None,
-                partners,
-                (phase.crop, generator) if phase.crop is not None else None,
-                device,
-            )
-            y = labels[batch_index].to(device)
-            optimiser.zero_grad(set_to_none=True)
-            with autocast(device, dtype):
-                if masks is None:
-                    out = network(x).float()  # the loss in float32 whatever the autocast
-                    loss = loss_fn(out.reshape(-1), y.float()) if config.outputs == 1 else loss_fn(out, y.long())
-                else:
-                    assert boxes is not None
-                    cells = network.logit_map(x).float()  # type: ignore[operator]
-                    known = (labels[batch_index] == 0) | ~torch.isnan(boxes[batch_index, 0])
-                    loss = loss_fn(torch.amax(cells, dim=(2, 3)).reshape(-1), y.float())
-                    loss = loss + localisation_loss(cells, masks, known.to(device))
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-            # float16: a step skipped for overflow lowers the scale, and the schedule waits for the optimiser; read
-            # once per step, after the update (a read before the step made the CPU wait for the backward pass)
-            previous, scale = scale, scaler.get_scale()
-            if scale >= previous:
-                scheduler.step()
-            if averaged is not None:
-                averaged.update_parameters(network)
-            total += loss.item() * len(batch_index)
-            if progress is not None:
-                progress(epoch, batch_number)
-        record: dict[str, float] = {"epoch": epoch, "loss": total / len(images)}
-        if _validates(epoch, phase, plan, config.validate_every):
-            kept = network if averaged is None else averaged.module
-            val_auc = auroc(truth, _validation_probabilities(kept, validation[0], validation_owners, config, device))
-            record["val_auroc"] = val_auc
-            if averaged is not None:  # the steps' own weights, for comparison
-                own = _validation_probabilities(network, validation[0], validation_owners, config, device)
-                record["val_auroc_raw"] = auroc(truth, own)
-            if val_auc > best_auc:
-                best_auc, best_state, stale = val_auc, copy.deepcopy(kept.state_dict()), 0
-                result.best_epoch = epoch
-            else:
-                stale += 1
-        record["seconds"] = time.monotonic() - started
-        result.history.append(record)
-        LOGGER.info(
-            "epoch %d: loss %.4f%s%s (%.0f s)",
-            epoch,
-            record["loss"],
-            f", validation AUROC {record['val_auroc']:.4f}" if "val_auroc" in record else "",
-            f" (averaged; the steps' own weights {record['val_auroc_raw']:.4f})" if "val_auroc_raw" in record else "",
-            record["seconds"],
+    return _State(
+        network, optimiser, scheduler, scaler, generator, augment, averaged, phase, result, best_state,
+        scale=scaler.get_scale(),
+    )  # fmt: skip
+
+
+def _resume(state: _State, saved: dict[str, Any], checkpoint: Path | None) -> None:
+    """Continue a run from its checkpoint: every weight, moment, schedule step, loss scale and random state."""
+    if saved["scheduler"].get("total_steps") != state.scheduler.total_steps:
+        raise ValueError(
+            f"{checkpoint} was made with other --epochs/--crop-epochs/--batch-size or data; resume with the same"
         )
-        if stale >= config.patience and phase is plan[-1]:
-            LOGGER.info("early stop: no AUROC gain for %d epochs", stale)
-        if checkpoint is not None:
-            _save_checkpoint(
-                checkpoint, epoch, network, optimiser, scheduler, scaler, generator, augment, best_auc, best_state,
-                stale, result, averaged,
-            )
-    network.load_state_dict(best_state)
-    result.network = network.cpu().eval()
+    state.network.load_state_dict(saved["network"])
+    if ("ema" in saved) != (state.averaged is not None):
+        raise ValueError(f"{checkpoint} was made with{'' if 'ema' in saved else 'out'} --ema; resume with the same")
+    if state.averaged is not None:
+        state.averaged.load_state_dict(saved["ema"])
+    state.optimiser.load_state_dict(saved["optimiser"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler"):  # a float16 run's loss scale: without it the resumed steps start over at 65536
+        state.scaler.load_state_dict(saved["scaler"])
+    state.generator.set_state(saved["generator"])
+    if "augmentation" in saved:
+        state.augment.set_state(saved["augmentation"])
+    state.best_auc, state.best_state, state.stale = saved["best_auc"], saved["best_state"], saved["stale"]
+    state.result.history, state.result.best_epoch = saved["history"], saved["best_epoch"]
+    state.first_epoch = saved["epoch"] + 1
+    state.scale = state.scaler.get_scale()
+    LOGGER.info("resuming from %s after epoch %d", checkpoint, saved["epoch"])
+
+
+def _enter_phase(state: _State, inputs: _Inputs, epoch: int) -> None:
+    """At a phase boundary, start the next phase from this one's best epoch with a fresh schedule and average."""
+    current = _phase_of(epoch, inputs.plan)
+    if current != state.phase:
+        state.phase = current
+        state.network.load_state_dict(state.best_state)
+        state.scheduler, state.stale = _schedule(state.optimiser, current, inputs.steps_per_epoch), 0
+        state.averaged = _averaging(state.network, inputs.config)
+        LOGGER.info("epoch %d: %s from here", epoch, f"{current.crop}-px crops" if current.crop else "whole images")
+
+
+def _train_epoch(state: _State, inputs: _Inputs, epoch: int) -> dict[str, float]:
+    """One pass over the training set in the epoch's order; returns the epoch's record (mean loss, start time)."""
+    config, images = inputs.config, inputs.images
+    if config.freeze_stem:  # at every epoch, so a run resumed in the whole-image phase freezes too
+        set_stem_frozen(state.network, frozen=state.phase.crop is None)
+    state.network.train()
+    started, total = time.monotonic(), 0.0
+    order = _epoch_order(len(images), inputs.partners, state.generator)
+    for batch_number, start in enumerate(range(0, len(images), config.batch_size), start=1):
+        batch_index = order[start : start + config.batch_size]
+        total += _step(state, inputs, batch_index) * len(batch_index)
+        if inputs.progress is not None:
+            inputs.progress(epoch, batch_number)
+    return {"epoch": epoch, "loss": total / len(images), "started": started}
+
+
+def _step(state: _State, inputs: _Inputs, batch_index: torch.Tensor) -> float:
+    """One optimiser step on one batch; returns its loss."""
+    config, labels, boxes, device = inputs.config, inputs.labels, inputs.boxes, inputs.device
+    phase = state.phase
+    x, masks = _batch(
+        inputs.images,
+        batch_index,
+        boxes,
+        state.augment if config.augment else None,
+        inputs.partners,
+        (phase.crop, state.generator) if phase.crop is not None else None,
+        device,
+    )
+    y = labels[batch_index].to(device)
+    state.optimiser.zero_grad(set_to_none=True)
+    with autocast(device, inputs.dtype):
+        if masks is None:
+            out = state.network(x).float()  # the loss in float32 whatever the autocast
+            loss = inputs.loss_fn(out.reshape(-1), y.float()) if config.outputs == 1 else inputs.loss_fn(out, y.long())
+        else:
+            assert boxes is not None
+            cells = state.network.logit_map(x).float()  # type: ignore[operator]
+            known = (labels[batch_index] == 0) | ~torch.isnan(boxes[batch_index, 0])
+            loss = inputs.loss_fn(torch.amax(cells, dim=(2, 3)).reshape(-1), y.float())
+            loss = loss + localisation_loss(cells, masks, known.to(device))
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimiser)
+    state.scaler.update()
+    # float16: a step skipped for overflow lowers the scale, and the schedule waits for the optimiser; read
+    # once per step, after the update (a read before the step made the CPU wait for the backward pass)
+    previous, state.scale = state.scale, state.scaler.get_scale()
+    if state.scale >= previous:
+        state.scheduler.step()
+    if state.averaged is not None:
+        state.averaged.update_parameters(state.network)
+    return float(loss.item())
+
+
+def _validate(state: _State, inputs: _Inputs, epoch: int, record: dict[str, float]) -> None:
+    """Score validation with the weights the run keeps (the average, with --ema); keep the best epoch."""
+    config, device, (images, _) = inputs.config, inputs.device, inputs.validation
+    kept = state.network if state.averaged is None else state.averaged.module
+    truth = inputs.truth
+    val_auc = auroc(truth, _validation_probabilities(kept, images, inputs.validation_owners, config, device))
+    record["val_auroc"] = val_auc
+    if state.averaged is not None:  # the steps' own weights, for comparison
+        own = _validation_probabilities(state.network, images, inputs.validation_owners, config, device)
+        record["val_auroc_raw"] = auroc(truth, own)
+    if val_auc > state.best_auc:
+        state.best_auc, state.best_state, state.stale = val_auc, copy.deepcopy(kept.state_dict()), 0
+        state.result.best_epoch = epoch
+    else:
+        state.stale += 1
+
+
+def _log_epoch(state: _State, inputs: _Inputs, record: dict[str, float]) -> None:
+    """Time the epoch, add it to the history, log it (and an early stop)."""
+    record["seconds"] = time.monotonic() - record.pop("started")
+    state.result.history.append(record)
+    LOGGER.info(
+        "epoch %d: loss %.4f%s%s (%.0f s)",
+        record["epoch"],
+        record["loss"],
+        f", validation AUROC {record['val_auroc']:.4f}" if "val_auroc" in record else "",
+        f" (averaged; the steps' own weights {record['val_auroc_raw']:.4f})" if "val_auroc_raw" in record else "",
+        record["seconds"],
+    )
+    if state.stale >= inputs.config.patience and state.phase is inputs.plan[-1]:
+        LOGGER.info("early stop: no AUROC gain for %d epochs", state.stale)
+
+
+def _finish(state: _State, inputs: _Inputs) -> TrainResult:
+    """The best epoch's weights, on the CPU, with their validation probabilities scored there."""
+    state.network.load_state_dict(state.best_state)
+    result = state.result
+    result.network = state.network.cpu().eval()
     result.validation_probabilities = _validation_probabilities(
-        result.network, validation[0], validation_owners, config, torch.device("cpu")
+        result.network, inputs.validation[0], inputs.validation_owners, inputs.config, torch.device("cpu")
     )
     return result
 
@@ -636,37 +770,25 @@ def _loss(labels: torch.Tensor, config: TrainConfig, device: torch.device) -> to
     return torch.nn.CrossEntropyLoss(weight=weights.to(device))
 
 
-def _save_checkpoint(
-    path: Path,
-    epoch: int,
-    network: torch.nn.Module,
-    optimiser: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler,
-    generator: torch.Generator,
-    augment: Augmentation,
-    best_auc: float,
-    best_state: dict[str, Any],
-    stale: int,
-    result: TrainResult,
-    averaged: AveragedModel | None = None,
-) -> None:
+def _save_checkpoint(path: Path, epoch: int, state: _State) -> None:
+    """Everything a resumed run needs to go on as the unbroken one would, written atomically."""
     temporary = path.with_suffix(".tmp")
+    averaged = state.averaged
     torch.save(
         {
             **({"ema": averaged.state_dict()} if averaged is not None else {}),
             "epoch": epoch,
-            "network": network.state_dict(),
-            "optimiser": optimiser.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),  # float16's loss scale ({} when off: bfloat16, float32)
-            "generator": generator.get_state(),
-            "augmentation": augment.state(),
-            "best_auc": best_auc,
-            "best_state": best_state,
-            "stale": stale,
-            "history": result.history,
-            "best_epoch": result.best_epoch,
+            "network": state.network.state_dict(),
+            "optimiser": state.optimiser.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "scaler": state.scaler.state_dict(),  # float16's loss scale ({} when off: bfloat16, float32)
+            "generator": state.generator.get_state(),
+            "augmentation": state.augment.state(),
+            "best_auc": state.best_auc,
+            "best_state": state.best_state,
+            "stale": state.stale,
+            "history": state.result.history,
+            "best_epoch": state.result.best_epoch,
         },
         temporary,
     )
