@@ -15,8 +15,8 @@ def downsample_factor(shape: tuple[int, ...], target_longest: int) -> int:
 def block_mean(array: np.ndarray, factor: int) -> np.ndarray:
     """Mean over ``factor`` × ``factor`` blocks of the last two axes of a (C, H, W) float32 array.
 
-    Uses torch's average pooling: multi-threaded, ~5× faster than numpy's reshape-mean (measured here on a
-    1955 × 1841 float32 image: 5 ms against 25 ms). Edge rows and columns that do not fill a block are dropped.
+    Uses torch's average pooling, multi-threaded and faster than numpy's reshape-mean. Edge rows and columns that
+    do not fill a block are dropped.
     """
     if factor <= 1:
         return array

@@ -113,8 +113,8 @@ from fracwatch.errors import FracwatchError
     "--freeze-stem",
     is_flag=True,
     help="With --crop-epochs: in the whole-image phase keep the stem and first stage as the crops trained them "
-    "(a 256-px bfloat16 step 0.51-0.66x the time on AVX512-BF16 and AMX CPUs; at full scale no accuracy gain, see the "
-    "README); ResNet presets.",
+    "(a 256-px bfloat16 step 0.51-0.66x the time on AVX512-BF16 and AMX CPUs; at full scale no accuracy gain, see "
+    "docs/model-development.md); ResNet presets.",
 )
 @click.option("--train-count", type=click.IntRange(10, 10_000_000), default=3000, show_default=True)
 @click.option("--val-count", type=click.IntRange(10, 10_000_000), default=600, show_default=True)

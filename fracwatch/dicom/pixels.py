@@ -9,10 +9,9 @@ MONOCHROME1 image and its MONOCHROME2 twin give the same network input.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
 from fracwatch.errors import FracwatchError
@@ -94,12 +93,3 @@ def decode_dataset(ds: Dataset, target_longest: int | None = None) -> DecodedIma
     if spacing is not None and factor > 1:
         spacing = (spacing[0] * factor, spacing[1] * factor)
     return DecodedImage(frames=out, pixel_spacing=spacing)
-
-
-def decode_file(path: Path, target_longest: int | None = None) -> DecodedImage:
-    """Read ``path`` and decode it (see :func:`decode_dataset`)."""
-    try:
-        ds = dcmread(path)
-    except Exception as exc:
-        raise PixelDataError(f"{path.name} cannot be read: {exc}") from exc
-    return decode_dataset(ds, target_longest)

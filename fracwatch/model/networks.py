@@ -56,8 +56,8 @@ def _monai_resnet_logit_map(params: dict[str, Any]) -> torch.nn.Module:
 class LogitMapEnsemble(torch.nn.Module):
     """Logit-map networks of the same input and map stride whose maps are averaged cell by cell: the image's logit
     is the mean map's maximum, so the members must agree on where a break is for it to count. Whether the mean
-    ranks better than its members is a question for validation data (README, "The model": on the synth set, not
-    clearly); scoring costs one member's time per member."""
+    ranks better than its members is a question for validation data (docs/model-development.md: on the synth set,
+    not clearly); scoring costs one member's time per member."""
 
     def __init__(self, members: list[torch.nn.Module]) -> None:
         super().__init__()
@@ -167,7 +167,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-resnet-map": ("monai.ResNetLogitMap", _small_resnet([1, 1, 1, 1], [16, 32, 64, 128])),
     "small-resnet-map": ("monai.ResNetLogitMap", _small_resnet([1, 1, 2, 1], [24, 48, 96, 192])),
     # A map at 1/16 of the input (no max pool in the stem): finer cells, twice the detail at every layer; on
-    # DRR twins it learnt the break far faster than the 1/32 map (README, "The model").
+    # DRR twins it learnt the break far faster than the 1/32 map (docs/model-development.md).
     "tiny-resnet-map16": ("monai.ResNetLogitMap", _small_resnet([1, 1, 1, 1], [16, 32, 64, 128], max_pool=False)),
     "small-resnet-map16": (
         "monai.ResNetLogitMap",

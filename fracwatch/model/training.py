@@ -75,14 +75,14 @@ class TrainConfig:
     # validation (and the card) divide a tiled image's strongest-tile odds by its tile count
     tile_count_correction: bool = False
     # training steps' autocast (predictor.autocast_dtype; validation and the bundle's scoring stay "auto"):
-    # "auto" float16 on CUDA, float32 on a CPU; "bf16" bfloat16 on either (an AVX512-BF16 CPU took 0.53-0.73x the
-    # time a step, bench/training_step.py); "fp32" float32 everywhere
+    # "auto" float16 on CUDA, float32 on a CPU; "bf16" bfloat16 on either (faster only where the CPU has native
+    # bfloat16: docs/model-development.md, "Measured in the code"); "fp32" float32 everywhere
     precision: str = "auto"
     # an exponential moving average of the weights, updated after every step with this decay (None: none):
     # validation scores the average, and the average is what each phase keeps and the bundle holds
     ema_decay: float | None = None
     # in the whole-image phase after crop phases, keep the stem and first stage (``FROZEN_IN_WHOLE``) as the crops
-    # trained them: no gradient flows below the second stage, so a 256-px bfloat16 step takes 0.51-0.66x the time
+    # trained them: no gradient flows below the second stage, so a whole-image step is cheaper
     freeze_stem: bool = False
 
     @property
@@ -156,8 +156,7 @@ def _averaging(network: torch.nn.Module, config: TrainConfig) -> AveragedModel |
 
 
 # what ``freeze_stem`` keeps fixed in the whole-image phase: a ResNet's stem and first stage, the layers at the
-# largest feature maps (a 256-px small-resnet-map16 step: 18.5 ms per image, 11.7 with these frozen; 2-core EPYC,
-# bfloat16). Their BatchNorm statistics still follow the whole images.
+# largest feature maps and so the costliest backward pass. Their BatchNorm statistics still follow the whole images.
 FROZEN_IN_WHOLE = ("conv1", "bn1", "layer1")
 
 

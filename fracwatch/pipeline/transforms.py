@@ -2,8 +2,8 @@
 
 A radiograph of any size becomes a (1, S, S) float tensor in [0, 1]: area-downsample first (integer block mean),
 then an aspect-preserving area resize of the longest side to S, robust percentile scaling to [0, 1], and a
-centred zero pad. Measured here on NEMA WG04 RG1/RG3 (1955 × 1841, 1760 × 1760): 15–20 ms after decoding; the
-project measured 88 ms for a naive full-size percentile + resize of a 2500 × 2048 image.
+centred zero pad. Downsampling before the percentiles keeps the cost of a full-size radiograph small
+(docs/model-development.md, "Measured in the code").
 """
 
 from __future__ import annotations
@@ -168,8 +168,8 @@ class PercentileWindow(Transform):
 
 
 def _windowed_tile(tile: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
-    # The window of ``PercentileWindow`` in numpy, written when MONAI's went through torch.quantile (81 ms for nine
-    # tiles' windows against 6 ms here; bench/tiles.py). Not bit-equal to ``PercentileWindow``: numpy interpolates
+    # The window of ``PercentileWindow`` in numpy, written when MONAI's went through torch.quantile (far slower for
+    # nine tiles; bench/tiles.py). Not bit-equal to ``PercentileWindow``: numpy interpolates
     # the percentiles and scales in float64. Kept as it is: every tiled figure of the shipped bundles (0.6.1 on) was
     # measured with it, and rounding-level changes move the operating points' boundary cases.
     low, high = np.percentile(tile, [config.percentile_low, config.percentile_high])

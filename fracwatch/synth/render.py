@@ -388,9 +388,8 @@ def _write_sample(out: Path, pose_index: int, sample: Sample, config: SynthConfi
     """Write one sample's PNG (and DICOM); return its manifest row."""
     name = f"p{pose_index:04d}_i{sample.record['index']:02d}"
     record = dict(sample.record)
-    # MONOCHROME2 appearance, 16-bit. zlib level 1: the same pixels (PNG is lossless) for 4 % more bytes, and an
-    # encode of a 320-512-px image about 4x faster than at Pillow's default level 6 (48 against 11 ms a picture,
-    # measured beside a CI run; bench/README.md has the render's time before and after)
+    # MONOCHROME2 appearance, 16-bit. zlib level 1: the same pixels (PNG is lossless) for a few per cent more bytes
+    # and a much faster encode than Pillow's default level 6 (docs/model-development.md, "Measured in the code")
     Image.fromarray(sample.pixels).save(out / "images" / f"{name}.png", compress_level=1)
     record["image"] = f"images/{name}.png"
     record["photometric"] = sample.photometric
