@@ -11,6 +11,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -60,10 +61,13 @@ def header_from_file(path: Path) -> InstanceHeader:
     return header_from_dataset(ds, str(syntax), str(media_class) if media_class else None)
 
 
+MAX_UID = 64  # PS3.5 9.1: a UID is at most 64 characters
+
+
 def _text(ds: Dataset, keyword: str) -> str | None:
     try:
         value = ds.get(keyword)
-    except Exception:  # a malformed optional attribute must not reject the image
+    except Exception:  # a malformed optional attribute (unknown VR, bad length) must not reject the image
         return None
     if value is None or value == "":
         return None
@@ -72,10 +76,27 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    value = _text(ds, keyword)
-    if not value:
+    """An identifying UID exactly as sent, or InvalidInstanceError (answered 0xC210): never cut or merged."""
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # unknown VR, undecodable value
+        raise InvalidInstanceError(f"{keyword} cannot be read: {exc}") from exc
+    if isinstance(value, MultiValue):
+        raise InvalidInstanceError(f"{keyword} has {len(value)} values; a UID has one")
+    text = str(value).strip(" \x00") if value is not None else ""
+    if not text:
         raise InvalidInstanceError(f"dataset has no {keyword}")
-    return value
+    if len(text) > MAX_UID:
+        raise InvalidInstanceError(f"{keyword} is {len(text)} characters long; a UID has at most {MAX_UID}")
+    return text
+
+
+def _series_number(ds: Dataset) -> int | None:
+    try:
+        raw = ds.get("SeriesNumber")
+        return int(raw) if raw not in (None, "") else None
+    except Exception:  # optional: an unknown VR or a non-number leaves it unknown
+        return None
 
 
 def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, sop_class_uid: str | None = None) -> InstanceHeader:
@@ -83,12 +104,15 @@ def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, sop_class_uid: st
     sop_class = _text(ds, "SOPClassUID") or sop_class_uid
     if not sop_class:
         raise InvalidInstanceError("dataset has no SOPClassUID")
-    series_number: int | None
     try:
-        raw_number = ds.get("SeriesNumber")
-        series_number = int(raw_number) if raw_number not in (None, "") else None
-    except (TypeError, ValueError):
-        series_number = None
+        return _header(ds, transfer_syntax_uid, sop_class)
+    except InvalidInstanceError:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed input: all of them mean 0xC210
+        raise InvalidInstanceError(f"dataset header cannot be read: {exc}") from exc
+
+
+def _header(ds: Dataset, transfer_syntax_uid: str, sop_class: str) -> InstanceHeader:
     return InstanceHeader(
         study_instance_uid=_uid(ds, "StudyInstanceUID"),
         series_instance_uid=_uid(ds, "SeriesInstanceUID"),
@@ -98,7 +122,7 @@ def header_from_dataset(ds: Dataset, transfer_syntax_uid: str, sop_class_uid: st
         modality=_text(ds, "Modality"),
         body_part=_text(ds, "BodyPartExamined"),
         accession_number=_text(ds, "AccessionNumber"),
-        series_number=series_number,
+        series_number=_series_number(ds),
         laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
         manufacturer=_text(ds, "Manufacturer"),
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import struct
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -149,6 +152,64 @@ def test_unparsable_dataset_gets_failure_status(
         assert send_files(daemon.scp.address[1], [path]) == [0xC210]
     assert "StudyInstanceUID" in caplog.text
     assert list(daemon.settings.spool_dir.rglob("*.dcm")) == []
+
+
+def test_uids_are_kept_whole_or_refused_never_cut(
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Six 71-character SOP Instance UIDs that differ after character 64 were once cut to one and acknowledged.
+
+    pynetdicom's SCU refuses to send such UIDs; DCMTK's storescu (the modality here) sends them as they are.
+    """
+    daemon = start_daemon()
+    ids = dicomgen.StudyIds()
+    long_prefix = "1.2.826.0.1.3680043.8.498." + "1" * 38  # 64 characters
+    files = []
+    for n in range(6):
+        ds = dicomgen.image(ids, seed=n)
+        ds.SOPInstanceUID = f"{long_prefix}.{n:06d}"  # 71 characters
+        files.append(dicomgen.save(ds, tmp_path / f"long{n}.dcm"))
+    storescu = ["/usr/bin/storescu", "-v", "--no-halt", "-aet", "MODALITY", "-aec", "FRACWATCH", "127.0.0.1"]
+    with caplog.at_level("WARNING"):
+        sent = subprocess.run(
+            [*storescu, str(daemon.scp.address[1]), *map(str, files)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
+            check=False,
+        )
+    output = sent.stdout + sent.stderr
+    assert output.count("Received Store Response (Error: CannotUnderstand)") == 6, output
+    assert "71 characters" in caplog.text
+    multi = dicomgen.image(ids, seed=9)
+    multi.StudyInstanceUID = [ids.study_uid, "1.2.3.4"]  # a backslash: two values
+    with caplog.at_level("WARNING"):
+        assert send_files(daemon.scp.address[1], [dicomgen.save(multi, tmp_path / "multi.dcm")]) == [0xC210]
+    assert "2 values" in caplog.text
+    assert list(daemon.settings.spool_dir.rglob("*.dcm")) == []
+    with daemon.sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 0
+    exactly = dicomgen.image(ids, seed=10)
+    exactly.SOPInstanceUID = long_prefix  # 64 characters: valid, stored whole
+    assert send_files(daemon.scp.address[1], [dicomgen.save(exactly, tmp_path / "64.dcm")]) == [0]
+    with daemon.sessions() as session:
+        assert session.scalars(select(Instance.sop_instance_uid)).all() == [long_prefix]
+
+
+def test_unreadable_optional_attribute_is_not_an_error(
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SeriesNumber with an unknown VR once escaped header parsing as 0xC211 with a traceback."""
+    daemon = start_daemon()
+    path = dicomgen.save(dicomgen.image(dicomgen.StudyIds()), tmp_path / "a.dcm")
+    raw = path.read_bytes()
+    at = raw.index(struct.pack("<HH", 0x0020, 0x0011) + b"IS")
+    path.write_bytes(raw[: at + 4] + b"ZZ" + raw[at + 6 :])  # (0020,0011) with the unknown VR "ZZ"
+    with caplog.at_level("WARNING"):
+        assert send_files(daemon.scp.address[1], [path]) == [0]
+    assert "Traceback" not in caplog.text
+    with daemon.sessions() as session:
+        assert session.scalars(select(Series.series_number)).all() == [None]
 
 
 def test_completion_after_quiet_period_and_late_instance_reopens(
