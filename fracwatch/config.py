@@ -5,6 +5,7 @@ No instance is created at import; call :func:`load_settings`.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import ipaddress
 import os
@@ -252,6 +253,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     ``config_file`` defaults to ``$FRACWATCH_CONFIG``. Overrides whose value is ``None`` are ignored so
     that unset CLI flags fall through to the environment and file. Raises :class:`ConfigError`.
     """
+    _check_environment()
     if config_file is None and os.environ.get(CONFIG_ENV):
         config_file = Path(os.environ[CONFIG_ENV])
     if config_file is not None:
@@ -280,6 +282,17 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(_describe(exc)) from None
     except ValueError as exc:  # an environment value that is not valid JSON for a list setting
         raise ConfigError(f"invalid setting: {exc}") from None
+
+
+def _check_environment() -> None:
+    """An unknown ``FRACWATCH_*`` variable stops fracwatch, as an unknown key in the file does (a typo would
+    otherwise be ignored silently)."""
+    known = {CONFIG_ENV} | {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    for name in sorted(os.environ):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"invalid setting '{name}' in the environment: unknown setting{hint}")
 
 
 def _check_toml(path: Path) -> None:

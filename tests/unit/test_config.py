@@ -97,6 +97,15 @@ def test_bad_environment_value(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings()
 
 
+def test_unknown_environment_variable_stops_like_an_unknown_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRACWATCH_STABLE_AFER", "3")  # a typo once silently ignored
+    with pytest.raises(ConfigError, match=r"FRACWATCH_STABLE_AFER.*did you mean FRACWATCH_STABLE_AFTER"):
+        load_settings()
+    monkeypatch.delenv("FRACWATCH_STABLE_AFER")
+    monkeypatch.setenv("FRACWATCH_STABLE_AFTER", "3")
+    assert load_settings().stable_after == 3.0
+
+
 def test_destination_parse_ipv6() -> None:
     assert Destination.parse("PACS@[::1]:104") == Destination(ae_title="PACS", host="::1", port=104)
     assert str(Destination.parse("PACS@10.0.0.1:104")) == "PACS@10.0.0.1:104"

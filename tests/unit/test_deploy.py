@@ -85,6 +85,6 @@ def test_compose_file() -> None:
         [tool, "-f", str(DEPLOY / "compose.yaml"), "config", "-q"],
         capture_output=True,
         text=True,
-        env={**os.environ, "FRACWATCH_DB_PASSWORD": "check"},
+        env={**os.environ, "POSTGRES_PASSWORD": "check"},
     )
     assert result.returncode == 0, result.stderr
