@@ -108,4 +108,9 @@ def parse_time_bound(text: str) -> datetime:
         moment = datetime.combine(date.fromisoformat(value), time.min)
     else:
         moment = datetime.fromisoformat(value)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-12:00 is past the last datetime in UTC
+        raise ValueError(f"{text!r} is out of range in UTC") from None

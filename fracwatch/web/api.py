@@ -19,10 +19,11 @@ from pydantic import BaseModel, Field
 from fracwatch.store import access, search
 from fracwatch.store import outbox as outbox_store
 from fracwatch.store.search import StudyRow
-from fracwatch.web.context import Admin, Ctx, Viewer, parse_bound
+from fracwatch.web.context import MAX_OFFSET, Admin, Ctx, Viewer, parse_bound
 from fracwatch.web.filters import StudyFilters
 
 EXPORT_LIMIT = 100_000
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL stores no NUL in text
 CSV_FIELDS = [f.name for f in dataclasses.fields(StudyRow)]
 
 
@@ -30,7 +31,7 @@ class FeedbackIn(BaseModel):
     """A radiologist's verdict on the study's latest result."""
 
     verdict: Literal["agree", "disagree", "note"]
-    note: str | None = Field(None, max_length=4000)
+    note: str | None = Field(None, max_length=4000, pattern=NO_NUL)
 
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -43,7 +44,7 @@ def list_studies(
     principal: Viewer,
     filters: Annotated[StudyFilters, Query()],
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> dict[str, Any]:
     query = filters.query(limit, offset)
     ctx.audit(request, principal, "studies.list", filters.describe() or None)
@@ -121,7 +122,7 @@ def audit(
     actor: str | None = None,
     action: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> dict[str, Any]:
     with ctx.read() as session:
         total, rows = access.list_audit(session, parse_bound(since, "since"), actor, action, limit, offset)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 
 from fracwatch import __version__
 from fracwatch.errors import FracwatchError
@@ -46,6 +47,26 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.add_exception_handler(SignInNeeded, sign_in_redirect)
 
     @app.middleware("http")
+    async def refuse_nul(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # No text fracwatch stores or matches holds a NUL, and PostgreSQL refuses one in any string (a 500):
+        # the request is refused here, naming the parameter.
+        where = nul_parameter(request)
+        if where is not None:
+            return JSONResponse(
+                {
+                    "detail": [
+                        {
+                            "loc": list(where),
+                            "msg": f"{where[1]} must not contain a NUL character",
+                            "type": "value_error",
+                        }
+                    ]
+                },
+                status_code=422,
+            )
+        return await call_next(request)
+
+    @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         response = await call_next(request)
         route = request.scope.get("route")
@@ -54,6 +75,16 @@ def create_app(ctx: WebContext) -> FastAPI:
         return response
 
     return app
+
+
+def nul_parameter(request: Request) -> tuple[str, str] | None:
+    """("path", "path") or ("query", NAME) where the request carries a NUL character, else None."""
+    if "\x00" in request.url.path or "%00" in request.url.path:
+        return ("path", "path")
+    for name, value in request.query_params.multi_items():
+        if "\x00" in name or "\x00" in value:
+            return ("query", name.replace("\x00", ""))
+    return None
 
 
 class HttpServer:

@@ -19,6 +19,7 @@ from fracwatch.service.upload import ImageScorer
 from fracwatch.store.access import Principal, authenticate, record_audit
 
 COOKIE = "fracwatch_token"
+MAX_OFFSET = 1_000_000_000  # paging offsets above this are refused (422), far past any real result count
 
 
 @dataclass

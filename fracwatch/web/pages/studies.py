@@ -8,18 +8,19 @@ from pathlib import Path
 from threading import Lock
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from PIL import Image
 
 from fracwatch.store import access, search
-from fracwatch.web.context import Ctx
+from fracwatch.web.context import MAX_OFFSET, Ctx
 from fracwatch.web.filters import StudyFilters
 from fracwatch.web.pages.common import User, page
 
 router = APIRouter(include_in_schema=False)
 
 PAGE_SIZE = 50
+MAX_PAGE = MAX_OFFSET // PAGE_SIZE
 THUMBNAIL_PX = 384
 
 
@@ -54,7 +55,9 @@ Cams = Annotated[CamCache, Depends(cam_cache)]
 
 
 @router.get("/", response_class=HTMLResponse)
-def studies_page(request: Request, ctx: Ctx, principal: User, page_no: int = 1) -> HTMLResponse:
+def studies_page(
+    request: Request, ctx: Ctx, principal: User, page_no: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1
+) -> HTMLResponse:
     raw = {k: v for k, v in request.query_params.items() if k in StudyFilters.model_fields and v != ""}
     try:
         filters = StudyFilters.model_validate(raw)
@@ -101,6 +104,8 @@ def feedback_form(
 ) -> Response:
     if verdict not in access.VERDICTS:
         raise HTTPException(422, "verdict must be agree, disagree or note")
+    if "\x00" in note:
+        raise HTTPException(422, "note must not contain a NUL character")
     with ctx.write() as session:
         saved = access.add_feedback(session, study_uid, verdict, note.strip() or None, principal.name, ctx.clock())
     if saved is None:
