@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from fracwatch import __version__
 from fracwatch.errors import FracwatchError
-from fracwatch.web import api, health
+from fracwatch.web import api, health, security
 from fracwatch.web.context import WebContext
 from fracwatch.web.pages import auth, outbox, stats, studies, upload, worklist
 from fracwatch.web.pages.common import SignInNeeded, sign_in_redirect
@@ -72,6 +72,17 @@ def create_app(ctx: WebContext) -> FastAPI:
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         ctx.metrics.http_requests.labels(path, f"{response.status_code // 100}xx").inc()
+        return response
+
+    @app.middleware("http")  # added last: the outermost, so every answer gets the headers
+    async def browser_protections(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if security.cross_site(request):
+            LOGGER.warning("refused a cross-site %s %s", request.method, request.url.path)
+            response: Response = JSONResponse({"detail": "cross-site request refused"}, status_code=403)
+        else:
+            response = await call_next(request)
+        for name, value in security.security_headers(request.url.path, response.headers.get("content-type")).items():
+            response.headers.setdefault(name, value)
         return response
 
     return app

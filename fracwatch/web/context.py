@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from fracwatch.config import Settings
@@ -52,6 +53,10 @@ class WebContext:
         with self.write() as session:
             return authenticate(session, token, self.clock())
 
+    def audit_refused(self, request: Request, action: str) -> None:
+        """Write an audit row for a presented token that was refused (unknown, revoked): who tried, from where."""
+        self.audit(request, Principal(0, "(invalid token)", "none"), action, None)
+
     def audit(self, request: Request, principal: Principal, action: str, target: str | None) -> None:
         """Write one audit row for this request."""
         client = request.client.host if request.client else None
@@ -69,9 +74,12 @@ def request_token(request: Request) -> str | None:
 
 
 def api_principal(ctx: WebContext, request: Request, role: str) -> Principal:
-    """The caller, or HTTP 401 (no/unknown token) / 403 (role too low)."""
-    principal = ctx.principal(request_token(request))
+    """The caller, or HTTP 401 (no/unknown token; an unknown one is audited) / 403 (role too low)."""
+    token = request_token(request)
+    principal = ctx.principal(token)
     if principal is None:
+        if token:
+            ctx.audit_refused(request, "api.token_refused")
         raise HTTPException(401, "a valid API token is required", headers={"WWW-Authenticate": "Bearer"})
     if not principal.may(role):
         raise HTTPException(403, f"the {role} role is required")
@@ -87,12 +95,18 @@ def context_of(request: Request) -> WebContext:
 Ctx = Annotated[WebContext, Depends(context_of)]
 
 
-def require_viewer(request: Request, ctx: Ctx) -> Principal:
+# Declares the scheme in the OpenAPI document (the token itself is read by ``request_token``, which also takes
+# the dashboard's cookie).
+BEARER = HTTPBearer(auto_error=False, description="An API token from `fracwatch token create`")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+
+
+def require_viewer(request: Request, ctx: Ctx, _bearer: Bearer) -> Principal:
     """Dependency: a viewer (or admin) token, else 401/403."""
     return api_principal(ctx, request, "viewer")
 
 
-def require_admin(request: Request, ctx: Ctx) -> Principal:
+def require_admin(request: Request, ctx: Ctx, _bearer: Bearer) -> Principal:
     """Dependency: an admin token, else 401/403."""
     return api_principal(ctx, request, "admin")
 

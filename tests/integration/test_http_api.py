@@ -195,3 +195,43 @@ def test_hostile_query_values_are_422_naming_the_parameter(
         assert nul_note.status_code == 422 and "note" in nul_note.text
         assert client.get("/api/studies", params={"offset": "1000"}).status_code == 200  # a large, legal page
         assert client.get("/healthz").status_code == 200  # and the server is still up
+
+
+def test_browser_protections_csrf_headers_and_refused_sign_ins(
+    server: str, sessions: sessionmaker[Any], tokens: dict[str, dict[str, str]]
+) -> None:
+    seed_study(sessions, "1.5.1", received_at=T0, category="positive", probability=0.9)
+    viewer_token = tokens["viewer"]["Authorization"].removeprefix("Bearer ")
+    own = {"Origin": server}
+    evil = {"Origin": "https://attacker.example"}
+    with httpx.Client(base_url=server) as client:
+        # login CSRF: a cross-site sign-in under someone's token is refused; a failed sign-in is audited
+        assert client.post("/login", data={"token": viewer_token}, headers=evil).status_code == 403
+        assert client.post("/login", data={"token": "fw_wrong"}, headers=own).status_code == 200
+        signed_in = client.post("/login", data={"token": viewer_token}, headers=own)
+        assert signed_in.status_code == 303 and client.cookies.get("fracwatch_token")
+        # the cookie rides along, but a cross-site form post or JSON post is refused
+        form = {"verdict": "agree", "note": "x"}
+        assert client.post("/studies/1.5.1/feedback", data=form, headers=evil).status_code == 403
+        assert client.post("/studies/1.5.1/feedback", data=form).status_code == 403  # no Origin, no Referer
+        refused = client.post("/api/studies/1.5.1/feedback", json={"verdict": "agree"}, headers=evil)
+        assert refused.status_code == 403
+        assert client.post("/studies/1.5.1/feedback", data=form, headers=own).status_code == 303
+        referer = {"Referer": f"{server}/studies/1.5.1"}
+        assert client.post("/studies/1.5.1/feedback", data=form, headers=referer).status_code == 303
+        page = client.get("/studies/1.5.1")
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+        assert page.headers["referrer-policy"] == "no-referrer"
+    with httpx.Client(base_url=server, headers=tokens["viewer"]) as api:
+        # an API client with a bearer token is not a browser riding a cookie: no Origin needed
+        assert api.post("/api/studies/1.5.1/feedback", json={"verdict": "note", "note": "ok"}).status_code == 201
+        listing = api.get("/api/studies")
+        assert listing.headers["cache-control"] == "no-store" and listing.headers["x-content-type-options"] == "nosniff"
+        schemes = api.get("/openapi.json").json()["components"]["securitySchemes"]
+        assert any(s.get("scheme") == "bearer" for s in schemes.values())
+        assert api.get("/api/studies", headers={"Authorization": "Bearer fw_guess"}).status_code == 401
+    with sessions() as session:
+        actions = [e.action for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    assert "dashboard.sign_in_refused" in actions and "api.token_refused" in actions
+    assert actions.count("study.feedback") == 3

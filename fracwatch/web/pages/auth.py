@@ -24,6 +24,7 @@ def login_form(request: Request, error: str | None = None) -> HTMLResponse:
 def login(request: Request, ctx: Ctx, token: Annotated[str, Form()]) -> Response:
     principal = ctx.principal(token.strip())
     if principal is None:
+        ctx.audit_refused(request, "dashboard.sign_in_refused")
         return page(request, "login.html", None, error="That token is not valid (or was revoked).")
     ctx.audit(request, principal, "dashboard.sign_in", None)
     response = RedirectResponse("/", status_code=303)
