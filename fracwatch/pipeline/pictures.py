@@ -10,21 +10,35 @@ from PIL import Image, UnidentifiedImageError
 from fracwatch.errors import FracwatchError
 
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+# The pixel budget of one image (picture or DICOM frame stack), checked from the header before any decoding:
+# 2^25 (33.5 million) pixels holds a stitched long-leg or spine radiograph (about 7000 x 3000) with room to
+# spare, and keeps a decompression bomb (a 30000 x 30000 PNG of 856 KB) from reaching the decoder.
+MAX_PIXELS = 1 << 25
 
 
 class PictureError(FracwatchError):
     """The file is not a readable picture."""
 
 
-def load_picture(path: Path) -> np.ndarray:
-    """A 2-D float32 array (bright = dense, as pictures of radiographs are shown); colour is averaged to grey."""
+def load_picture(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A 2-D float32 array (bright = dense, as pictures of radiographs are shown); colour is averaged to grey.
+
+    A picture larger than ``max_pixels`` is refused from its header, before it is decoded.
+    """
     try:
         with Image.open(path) as picture:
+            width, height = picture.size
+            if width * height > max_pixels:
+                raise PictureError(
+                    f"{path.name} is {width} x {height} pixels, over the budget of {max_pixels} pixels an image"
+                )
             picture.load()
             if picture.mode in ("I;16", "I;16B", "I", "F"):
                 array = np.asarray(picture, dtype=np.float32)
             else:
                 array = np.asarray(picture.convert("L"), dtype=np.float32)
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, hit at open for the largest headers
+        raise PictureError(f"{path.name} is over the pixel budget: {exc}") from exc
     except (OSError, UnidentifiedImageError) as exc:
         raise PictureError(f"{path.name} is not a readable picture: {exc}") from exc
     if array.ndim != 2:

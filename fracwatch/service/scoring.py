@@ -30,7 +30,7 @@ from fracwatch.errors import FracwatchError
 from fracwatch.model.bundle import Bundle
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.predictor import Predictor
-from fracwatch.pipeline.pictures import PICTURE_SUFFIXES, PictureError, load_picture
+from fracwatch.pipeline.pictures import MAX_PIXELS, PICTURE_SUFFIXES, PictureError, load_picture
 from fracwatch.pipeline.transforms import (
     PreprocessConfig,
     TileGrid,
@@ -88,6 +88,9 @@ def load_dicom(ds: Dataset, config: PreprocessConfig) -> LoadedImage:
     """Decode and preprocess every frame of a DICOM image; errors are captured, never raised."""
     try:
         shape = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+        pixels = shape[0] * shape[1] * max(1, int(ds.get("NumberOfFrames", 1) or 1))
+        if pixels > MAX_PIXELS:
+            return LoadedImage(error=f"{shape[0]} x {shape[1]} pixels over the budget of {MAX_PIXELS} an image")
         target = decode_target(shape, mean_spacing(header_spacing(ds)), config)
         decoded = decode_dataset(ds, target_longest=target)
         loaded = _inputs(list(decoded.frames), config, mean_spacing(decoded.pixel_spacing))

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
@@ -149,7 +150,8 @@ async def predict(request: Request, ctx: Ctx, principal: Viewer, file: Annotated
     if len(data) > ctx.settings.max_upload_bytes:
         raise HTTPException(413, f"uploads are limited to {ctx.settings.max_upload_bytes} bytes")
     ctx.audit(request, principal, "predict.upload", file.filename)
-    result = ctx.scorer.score_bytes(data, file.filename or "upload")
+    # scored on a worker thread: the event loop (every other request, /healthz) goes on meanwhile
+    result = await run_in_threadpool(ctx.scorer.score_bytes, data, file.filename or "upload")
     if result.error is not None:
         raise HTTPException(422, result.error)
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
 from fracwatch.web.context import Ctx
@@ -26,5 +27,6 @@ async def upload(request: Request, ctx: Ctx, principal: User, file: UploadFile) 
     if len(data) > ctx.settings.max_upload_bytes:
         return page(request, "upload.html", principal, result=None, error="The file is too large.")
     ctx.audit(request, principal, "predict.upload", file.filename)
-    result = ctx.scorer.score_bytes(data, file.filename or "upload")
+    # scored on a worker thread: the event loop (every other request, /healthz) goes on meanwhile
+    result = await run_in_threadpool(ctx.scorer.score_bytes, data, file.filename or "upload")
     return page(request, "upload.html", principal, result=result, error=result.error)
