@@ -43,8 +43,15 @@ def configure_logging(level: str) -> None:
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
+def one_line(text: str) -> str:
+    """A message as one line: a driver's multi-line text joined, SQLAlchemy's background link dropped."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(line for line in lines if not line.startswith("(Background on this error"))
+
+
 def fail(exc: FracwatchError) -> NoReturn:
-    click.echo(f"fracwatch: error: {exc}", err=True)
+    """Print the error as one line on stderr and exit: 2 for a setting or usage, else 1."""
+    click.echo(f"fracwatch: error: {one_line(str(exc))}", err=True)
     sys.exit(EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_ERROR)
 
 

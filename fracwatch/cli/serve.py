@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float) 
     from fracwatch.dicom.scu import echo as send_echo
 
     configure_logging("WARNING")
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the failure is reported below, in one line
     try:
         status = send_echo(host, port, called_ae, calling_ae, timeout)
     except FracwatchError as exc:

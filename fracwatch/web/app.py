@@ -112,6 +112,17 @@ class HttpServer:
 
     def start(self, timeout: float = 10.0) -> None:
         """Start serving; raise FracwatchError when the port cannot be bound."""
+        # uvicorn logs a failed bind at ERROR before giving up; we report it in one line instead
+        uvicorn_errors = logging.getLogger("uvicorn.error")
+        level = uvicorn_errors.level
+        uvicorn_errors.setLevel(logging.CRITICAL)
+        try:
+            self._wait_started(timeout)
+        finally:
+            uvicorn_errors.setLevel(level)
+        LOGGER.info("HTTP API and dashboard on http://%s:%d", self.host, self.port)
+
+    def _wait_started(self, timeout: float) -> None:
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
@@ -119,7 +130,6 @@ class HttpServer:
         if not self._server.started:
             self._server.should_exit = True
             raise FracwatchError(f"cannot serve HTTP on {self.host}:{self.port} (port in use or not permitted)")
-        LOGGER.info("HTTP API and dashboard on http://%s:%d", self.host, self.port)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, finish in-flight requests, join the thread (nothing to do if never started)."""

@@ -174,6 +174,19 @@ def test_serve_http_port_in_use(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert f"cannot serve HTTP on 127.0.0.1:{http_port}" in result.stderr and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if "ERROR" in line or "error" in line] == [
+        f"fracwatch: error: cannot serve HTTP on 127.0.0.1:{http_port} (port in use or not permitted)"
+    ]  # uvicorn's own ERROR line no longer comes first
+
+
+def test_runtime_errors_are_one_line(tmp_path: Path) -> None:
+    unreachable = run("studies", "--db", f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x")
+    assert unreachable.returncode == 1
+    assert len(unreachable.stderr.strip().splitlines()) == 1, unreachable.stderr
+    assert "Connection refused" in unreachable.stderr and "sqlalche.me" not in unreachable.stderr
+    closed = run("echo", "127.0.0.1", str(free_port()), "--timeout", "2")
+    assert closed.returncode == 1
+    assert closed.stderr.strip().splitlines() == [closed.stderr.strip()] and "no association" in closed.stderr
 
 
 def test_serve_bad_database_url(tmp_path: Path) -> None:
