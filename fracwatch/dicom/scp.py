@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,6 +192,8 @@ class StorageSCP:
         self.sink = sink
         self._ae = build_ae(options)
         self._server: ThreadedAssociationServer | None = None
+        self._storing: set[int] = set()  # ids of the associations whose C-STORE handler is running
+        self._storing_lock = threading.Lock()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -208,7 +211,7 @@ class StorageSCP:
     def start(self) -> None:
         """Bind and serve in background threads."""
         handlers: list[Any] = [
-            (evt.EVT_C_STORE, handle_store, [self.spool, self.sink]),
+            (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_REQUESTED, handle_requested, [self.options.allowed_calling_aets]),
             (evt.EVT_ABORTED, _log_aborted),
@@ -222,10 +225,28 @@ class StorageSCP:
         tls = " (TLS)" if self.options.ssl_context is not None else ""
         LOGGER.info("listening as %s on %s:%d%s", self.options.ae_title, *self.address, tls)
 
-    def stop(self, grace: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
-        """Stop accepting associations, let in-flight ones finish for ``grace`` seconds, then abort them.
+    def _handle_store(self, event: Event) -> int:
+        key = id(event.assoc)
+        with self._storing_lock:
+            self._storing.add(key)
+        try:
+            return handle_store(event, self.spool, self.sink)
+        finally:
+            with self._storing_lock:
+                self._storing.discard(key)
 
-        Handlers already inside a C-STORE finish their write and record before their thread ends.
+    def _busy(self, assoc: Any) -> bool:
+        """True while a message is arriving on the association or its C-STORE is being written and recorded."""
+        with self._storing_lock:
+            storing = id(assoc) in self._storing
+        return storing or assoc.dimse.message is not None or not assoc.dimse.msg_queue.empty()
+
+    def stop(self, grace: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        """Stop accepting associations, let in-flight transfers finish for ``grace`` seconds, then abort.
+
+        An association with nothing in flight — idle between requests, or a connection that never sent its
+        A-ASSOCIATE-RQ — is aborted at once, so a stop does not wait out its timeouts. Handlers already inside a
+        C-STORE finish their write and record before their thread ends.
         """
         if self._server is None:
             return
@@ -233,8 +254,15 @@ class StorageSCP:
         self._server = None
         deadline = clock() + grace
         in_flight = list(self._ae.active_associations)
-        for assoc in in_flight:
-            assoc.join(timeout=max(0.0, deadline - clock()))
+        while in_flight and clock() < deadline:
+            for assoc in list(in_flight):
+                if not assoc.is_alive():
+                    in_flight.remove(assoc)
+                elif not self._busy(assoc):
+                    # its socket is closed now; a thread still waiting out an ACSE timeout holds nothing
+                    assoc.abort()
+                    in_flight.remove(assoc)
+            time.sleep(0.05)
         for assoc in in_flight:
             if assoc.is_alive():
                 LOGGER.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)

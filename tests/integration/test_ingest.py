@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import subprocess
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
 from fracwatch.config import Settings
@@ -286,3 +289,22 @@ def test_ingest_accepts_every_storage_class_and_reports_explicit_vr(
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
     path = dicomgen.save(ds, tmp_path / "sc.dcm", ExplicitVRLittleEndian)
     assert send_files(daemon.scp.address[1], [path]) == [0]
+
+
+@pytest.mark.timeout(120)
+def test_stop_aborts_idle_associations_at_once(start_daemon: Callable[..., RunningDaemon]) -> None:
+    """A bare TCP connect (no A-ASSOCIATE-RQ) or an idle association once held a stop for the whole grace
+    period; with an hour of ACSE timeout and a clock that never moves, the old stop never returned."""
+    daemon = start_daemon(acse_timeout=3600)
+    port = daemon.scp.address[1]
+    bare = socket.create_connection(("127.0.0.1", port))
+    assert echo_status(port) == 0
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    idle = ae.associate("127.0.0.1", port, ae_title="FRACWATCH")  # established, then left idle
+    assert idle.is_established
+    try:
+        daemon.scp.stop(grace=3600, clock=lambda: 0.0)  # returns only once nothing is left in flight
+    finally:
+        bare.close()
+    assert not daemon.scp.running
