@@ -47,19 +47,24 @@ class TriagePlanner:
             LOGGER.info("study result %d flagged; %d triage messages queued", study_result_id, len(ids))
 
 
-def _patient(path: str | None) -> tuple[str | None, str | None]:
+def _patient(path: str | None) -> tuple[str | None, str | None, str | None]:
+    """(Patient ID, Issuer of Patient ID, Patient's Name) of the spooled source, read only to build a message."""
     if path is None:
-        return None, None
+        return None, None, None
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "IssuerOfPatientID"])
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "IssuerOfPatientID", "PatientName"])
     except (InvalidDicomError, OSError, ValueError):
-        return None, None
-    return (str(ds.get("PatientID", "")) or None, str(ds.get("IssuerOfPatientID", "")) or None)
+        return None, None, None
+    return (
+        str(ds.get("PatientID", "")) or None,
+        str(ds.get("IssuerOfPatientID", "")) or None,
+        str(ds.get("PatientName", "")) or None,
+    )
 
 
 def facts_of(job: MessageJob) -> TriageFacts:
     """What the message says, with the patient identifier read from the spooled source."""
-    patient_id, issuer = _patient(job.source_path)
+    patient_id, issuer, name = _patient(job.source_path)
     return TriageFacts(
         control_id=job.control_id,
         priority=job.priority,
@@ -73,6 +78,7 @@ def facts_of(job: MessageJob) -> TriageFacts:
         model_version=job.model_version,
         device_uid=job.device_uid,
         scored_at=job.scored_at,
+        patient_name=name,
     )
 
 

@@ -136,13 +136,21 @@ class ResultSummary:
 
 
 def turnaround_seconds(
-    result_version: int, study_version: int, last_received_at: datetime, completed_at: datetime | None, end: datetime
+    category: str,
+    result_version: int,
+    study_version: int,
+    last_received_at: datetime,
+    completed_at: datetime | None,
+    end: datetime,
 ) -> float | None:
-    """Seconds from the result's last received instance to ``end`` (acknowledgement, else scoring).
+    """Seconds from the result's last received instance to ``end`` (acknowledgement, else scoring); None for an
+    ``error`` result, which sends nothing to PACS (no SR, no flag).
 
     The study row only knows its latest version's last instance; an older version's result falls back to
     its completion time.
     """
+    if category == "error":
+        return None
     start = last_received_at if study_version == result_version else completed_at
     return (end - start).total_seconds() if start is not None else None
 
@@ -195,6 +203,7 @@ def list_results(session: Session, filters: ResultFilter) -> list[ResultSummary]
                 scored_at=result.scored_at,
                 delivered_at=result.delivered_at,
                 turnaround_seconds=turnaround_seconds(
+                    result.category,
                     result.study_version,
                     study.version,
                     study.last_received_at,

@@ -424,7 +424,9 @@ def statistics(session: Session, since: datetime | None, until: datetime | None)
         counts[category] += 1
         per_day[day][category] += 1
         images_failed += failed
-        seconds = turnaround_seconds(version, current, last_received, completed_at, delivered_at or scored_at)
+        seconds = turnaround_seconds(
+            category, version, current, last_received, completed_at, delivered_at or scored_at
+        )
         if seconds is not None:
             turnaround.append(seconds)
             per_day_turnaround[day].append(seconds)

@@ -51,6 +51,7 @@ class TriageFacts:
     model_version: str
     device_uid: str
     scored_at: datetime
+    patient_name: str | None = None  # DICOM PN (family^given^…), read from the spooled source like patient_id
 
 
 def _ts(moment: datetime) -> str:
@@ -61,6 +62,17 @@ def _escape(value: str | None) -> str:
     # python-hl7 escapes with the default encoding characters (|^~\&); the message is built from escaped
     # fields joined by those separators, then parsed back by python-hl7, which checks its structure.
     return hl7.Message("\r").escape(value) if value else ""
+
+
+UNKNOWN_NAME = "UNKNOWN"  # PID-5 is required: sent when the source study has no Patient's Name
+
+
+def _person_name(name: str | None) -> str:
+    """PID-5 (XPN) from a DICOM PN: its components map one to one (family^given^middle^prefix^suffix); only the
+    alphabetic group (before any '=') is sent."""
+    alphabetic = (name or "").split("=")[0]
+    components = [_escape(part) for part in alphabetic.split("^")[:5]]
+    return "^".join(components).rstrip("^") or UNKNOWN_NAME
 
 
 def build_oru(facts: TriageFacts, header: HL7Header, sent_at: datetime) -> hl7.Message:
@@ -91,7 +103,7 @@ def build_oru(facts: TriageFacts, header: HL7Header, sent_at: datetime) -> hl7.M
                 "NE",
             ]
         ),
-        f"PID|1||{e(facts.patient_id)}^^^{e(facts.issuer_of_patient_id)}||",
+        f"PID|1||{e(facts.patient_id)}^^^{e(facts.issuer_of_patient_id)}||{_person_name(facts.patient_name)}",
         f"ORC|RE|{accession}|{accession}||CM",
         "|".join(
             [

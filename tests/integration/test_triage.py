@@ -17,6 +17,8 @@ import hl7
 import httpx
 import pytest
 from hl7.mllp import start_hl7_server
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -151,6 +153,9 @@ def test_positive_study_is_flagged_and_messaged_with_retries(
     assert str(oru.segment("MSH")[9]) == "ORU^R01^ORU_R01"
     assert str(oru.segment("MSH")[10]) == messages[0].control_id
     assert str(oru.segment("PID")[3][0][0]) == ids.patient_id  # from the spooled source, not the database
+    assert str(oru.segment("PID")[5]) == ids.patient_name  # PID-5 is required (it was empty)
+    for message in ris.messages:  # every message passes hl7apy's strict v2.5 validation
+        parse_message(str(message).replace("\n", "\r"), validation_level=VALIDATION_LEVEL.STRICT).validate()
     obr = oru.segment("OBR")
     assert str(obr[3]) == ids.accession and str(obr[5]) == "S"  # stat
     assert str(obr[18]) == ids.study_uid

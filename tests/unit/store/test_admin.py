@@ -206,3 +206,15 @@ def test_retention_candidates(sessions: sessionmaker[Any], tmp_path: Path) -> No
         assert detail is not None and all(i.purged for i in detail.instances)
         assert detail.results[0].objects[0].purged
         assert session.scalars(select(Delivery.state)).all() == ["pending"]
+
+
+def test_an_error_result_has_no_turnaround(sessions: sessionmaker[Any]) -> None:
+    """Nothing is sent to PACS for a study whose every image failed: no SR, no flag, so no turnaround."""
+    seed_study(sessions, "1.8.1", received_at=T0, category="error", probability=0.0)
+    seed_study(sessions, "1.8.2", received_at=T0, category="negative", probability=0.1)
+    with sessions() as session:
+        rows = {r.study_instance_uid: r for r in results.list_results(session, results.ResultFilter())}
+        stats = search.statistics(session, None, None)
+    assert rows["1.8.1"].category == "error" and rows["1.8.1"].turnaround_seconds is None
+    assert rows["1.8.2"].turnaround_seconds is not None and rows["1.8.2"].turnaround_seconds >= 0
+    assert stats.turnaround_p50 == rows["1.8.2"].turnaround_seconds  # the error study is not in the figure
