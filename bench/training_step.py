@@ -22,9 +22,10 @@ from functools import partial
 import torch
 from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandGaussianNoise, RandRotate, RandZoom
 
+from fracwatch.model.augmentation import Augmentation
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.predictor import autocast, select_device
-from fracwatch.model.training import Augmentation, set_stem_frozen, stem_freezable
+from fracwatch.model.training import set_stem_frozen, stem_freezable
 
 
 def per_image_monai(seed: int) -> Callable[[torch.Tensor, torch.Tensor], None]:

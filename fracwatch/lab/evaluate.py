@@ -29,6 +29,7 @@ from fracwatch.lab.datasets import (
     read_dataset,
     twin_partners,
 )
+from fracwatch.model.augmentation import box_masks
 from fracwatch.model.bundle import (
     CARD_NAME,
     Bundle,
@@ -36,6 +37,7 @@ from fracwatch.model.bundle import (
     OperatingPoints,
     load_bundle,
 )
+from fracwatch.model.card import at_operating_points, operating_points
 from fracwatch.model.metrics import (
     at_threshold,
     auroc,
@@ -43,14 +45,8 @@ from fracwatch.model.metrics import (
     calibration_bins,
     expected_calibration_error,
 )
-from fracwatch.model.training import (
-    TrainConfig,
-    at_operating_points,
-    box_masks,
-    class_probabilities,
-    image_probabilities,
-    operating_points,
-)
+from fracwatch.model.scores import class_probabilities, image_probabilities
+from fracwatch.model.training import TrainConfig
 
 LOGGER = logging.getLogger(__name__)
 

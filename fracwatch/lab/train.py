@@ -31,14 +31,11 @@ from fracwatch.model.bundle import (
     save_bundle,
     weights_provenance,
 )
+from fracwatch.model.card import build_card
 from fracwatch.model.metrics import (
     auroc,
 )
-from fracwatch.model.training import (
-    TrainConfig,
-    build_card,
-    train_network,
-)
+from fracwatch.model.training import TrainConfig, train_network
 from fracwatch.pipeline.transforms import PreprocessConfig, preprocess
 from fracwatch.synth.phantom import render_phantom
 

@@ -8,39 +8,29 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.networks.layers import AffineTransform
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from fracwatch.model.augmentation import Augmentation, box_masks
 from fracwatch.model.bundle import (
-    Architecture,
-    ModelCard,
-    OperatingPoints,
-    Preprocessing,
-    Weights,
     initial_weights_file,
-    new_device_uid,
 )
-from fracwatch.model.metrics import at_threshold, auroc, threshold_for_sensitivity, threshold_for_specificity
+from fracwatch.model.metrics import auroc
 from fracwatch.model.networks import PRESETS, build_network
 from fracwatch.model.predictor import (
     autocast,
     autocast_dtype,
-    describe_device,
-    fracture_probability,
     native_bfloat16,
     select_device,
 )
-from fracwatch.pipeline.transforms import tile_count_corrected
+from fracwatch.model.scores import image_probabilities, predict_tensors
 
 LOGGER = logging.getLogger(__name__)
 
@@ -196,69 +186,6 @@ class TrainResult:
     best_epoch: int = 0
 
 
-class Augmentation:
-    """Augmentation of a batch of preprocessed images, on whatever device the batch is on: small rotation and
-    zoom, left-right mirror (mirrored anatomy is still anatomy; upside-down is not, so no vertical flip), gamma
-    contrast, noise — the draws of MONAI's ``RandRotate(range_x=0.17, prob=0.5)``, ``RandZoom(0.9, 1.1,
-    prob=0.5)``, ``RandFlip(prob=0.5, spatial_axis=1)``, ``RandAdjustContrast(prob=0.5, gamma=(0.7, 1.5))`` and
-    ``RandGaussianNoise(prob=0.3, std=0.03)``, applied to the whole batch at once (MONAI's
-    ``AffineTransform`` layer), on the device the network trains on rather than image by image on the CPU
-    (``bench/training_step.py``).
-
-    Images of one group — twins, the same scene with and without the break — get one draw: the one difference
-    the batch shows between them stays the fracture. Box masks move with their images and stay binary. Seeded;
-    ``state``/``set_state`` carry the generator across a resumed run.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-        # MONAI's batched affine resampler; theta in torch's normalised (x, y) convention
-        self.warp = AffineTransform(normalized=True, reverse_indexing=False, align_corners=False, padding_mode="zeros")
-
-    def state(self) -> torch.Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
-
-    def __call__(
-        self, images: torch.Tensor, masks: torch.Tensor | None = None, groups: list[list[int]] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, 1, H, W) images, optional (N, 1, H, W) masks and groups of batch positions sharing one draw
-        (default: each image its own) → augmented copies."""
-        count = len(images)
-        groups = groups if groups is not None else [[p] for p in range(count)]
-        member = torch.empty(count, dtype=torch.long)
-        for number, positions in enumerate(groups):
-            member[positions] = number
-        draws = torch.rand(len(groups), 9, generator=self.generator)[member]
-        angle = torch.where(draws[:, 0] < 0.5, (2 * draws[:, 1] - 1) * 0.17, 0.0)
-        zoom = torch.where(draws[:, 2] < 0.5, 0.9 + 0.2 * draws[:, 3], 1.0)
-        mirror = torch.where(draws[:, 4] < 0.5, -1.0, 1.0)
-        gamma = torch.where(draws[:, 5] < 0.5, 0.7 + 0.8 * draws[:, 6], 1.0)
-        noise_std = torch.where(draws[:, 7] < 0.3, 0.03 * draws[:, 8], 0.0)
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        zero = torch.zeros(count)
-        # output (x, y) → input: rotate and scale about the centre, the x axis mirrored first (square inputs)
-        theta = torch.stack([torch.stack([cos * mirror, -sin, zero], 1), torch.stack([sin * mirror, cos, zero], 1)], 1)
-        device = images.device
-        stacked = images.float() if masks is None else torch.cat([images.float(), masks.float()], dim=1)
-        moved = self.warp(stacked, theta.to(device))
-        shown = moved[:, :1].clamp(0.0, 1.0) ** gamma.to(device)[:, None, None, None]
-        noise = torch.randn(images.shape, generator=self.generator) * noise_std[:, None, None, None]
-        out = shown + noise.to(device)
-        return out, None if masks is None else (moved[:, 1:] > 0.5).float()
-
-
-def box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, 1, S, S) masks: 1 inside each (x0, y0, x1, y1) box; all 0 for a NaN box."""
-    grid = torch.arange(size, dtype=torch.float32) + 0.5
-    x0, y0, x1, y1 = (boxes[:, k, None] for k in range(4))
-    cols = (grid >= x0) & (grid <= x1)  # NaN compares False: no box, empty mask
-    rows = (grid >= y0) & (grid <= y1)
-    return (rows[:, :, None] & cols[:, None, :]).float()[:, None]
-
-
 def localisation_loss(logit_map: torch.Tensor, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     """Cell-wise BCE of a (N, 1, h, w) logit map against box masks pooled to its cells (a cell is positive when
     the box reaches it), over the images whose every cell is known (normals, and fractures with a box);
@@ -271,35 +198,6 @@ def localisation_loss(logit_map: torch.Tensor, masks: torch.Tensor, known: torch
     ratio = (cells.numel() - positives) / max(positives, 1.0)
     weight = torch.tensor(max(1.0, ratio) ** 0.5, device=logits.device)  # √ of the imbalance: recall, not a flood
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, cells, pos_weight=weight)
-
-
-def predict_tensors(
-    network: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 64
-) -> np.ndarray:
-    """Fracture probabilities for preprocessed images (eval mode, inference_mode)."""
-    return class_probabilities(network, images, device, batch)[1]
-
-
-def class_probabilities(
-    network: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """(per-class probabilities (N, C) — C = 2 for a binary model —, fracture probability (N,))."""
-    network.eval()
-    classes, fracture = [], []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch):
-            x = images[start : start + batch].to(device, dtype=torch.float32, memory_format=torch.channels_last)
-            with autocast(device):
-                logits = network(x).float()
-            p = fracture_probability(logits)
-            fracture.append(p.cpu().numpy())
-            if logits.shape[1] == 1:
-                classes.append(torch.stack([1 - p, p], dim=1).cpu().numpy())
-            else:
-                classes.append(torch.softmax(logits, dim=1).cpu().numpy())
-    if not fracture:
-        return np.zeros((0, 2)), np.zeros(0)
-    return np.concatenate(classes), np.concatenate(fracture)
 
 
 def load_initial_weights(network: torch.nn.Module, path: Path) -> int:
@@ -649,32 +547,6 @@ def _validation_probabilities(
     return image_probabilities(scores, owners, config.tile_count_correction)[0]
 
 
-def strongest_inputs(values: np.ndarray, owners: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per item, the largest of its inputs' ``values`` and the input holding it (the first among equals);
-    ``owners`` (M,): each input's item, ascending, every item present — an image's tiles score as the
-    strongest."""
-    owner = owners.numpy()
-    order = np.lexsort((-np.asarray(values), owner))  # by item, then the largest value first
-    first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]]
-    return np.asarray(values)[first], first
-
-
-def image_probabilities(
-    values: np.ndarray, owners: torch.Tensor | None, count_correction: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per item, its fracture probability from its inputs' ``values`` — the strongest, its odds divided by the
-    item's input count with ``count_correction`` (``transforms.tile_count_corrected``) — and the input holding
-    it; ``owners`` as for ``strongest_inputs``, None: one input per item. An item's inputs are one frame's
-    tiles (``datasets.load_inputs``), so their count is its tile count, as ``scoring.score_loaded`` counts it."""
-    values = np.asarray(values)
-    if owners is None:
-        return values, np.arange(len(values))
-    strongest, first = strongest_inputs(values, owners)
-    if count_correction:
-        strongest = tile_count_corrected(strongest, np.bincount(owners.numpy()))
-    return strongest, first
-
-
 def _epoch_order(count: int, partners: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """A random order of ``count`` images in which twins follow each other."""
     if partners is None:
@@ -794,74 +666,3 @@ def _save_checkpoint(path: Path, epoch: int, state: _State) -> None:
     temporary.replace(path)  # a crash mid-save leaves the previous checkpoint intact
 
 
-def operating_points(labels: np.ndarray, probabilities: np.ndarray, config: TrainConfig) -> OperatingPoints:
-    """Doubt: sensitivity ≥ ``doubt_sensitivity``; positive: specificity ≥ ``positive_specificity``.
-
-    The two candidates are the highest threshold meeting the sensitivity target and the lowest meeting the
-    specificity target; the lower becomes ``doubt`` and the higher ``positive``. Both targets hold either way:
-    lowering a threshold only raises sensitivity, raising it only raises specificity.
-    """
-    doubt = threshold_for_sensitivity(labels, probabilities, config.doubt_sensitivity)
-    positive = threshold_for_specificity(labels, probabilities, config.positive_specificity)
-    return OperatingPoints(doubt=min(doubt, positive), positive=max(doubt, positive))
-
-
-def at_operating_points(labels: np.ndarray, probabilities: np.ndarray, points: OperatingPoints) -> dict[str, Any]:
-    """The card's and the report's ``at_doubt`` / ``at_positive``: confusion and rates at each operating point."""
-    return {
-        "at_doubt": asdict(at_threshold(labels, probabilities, points.doubt)),
-        "at_positive": asdict(at_threshold(labels, probabilities, points.positive)),
-    }
-
-
-def build_card(
-    name: str,
-    version: str,
-    config: TrainConfig,
-    result: TrainResult,
-    validation_labels: np.ndarray,
-    training: dict[str, Any],
-    intended_use: str,
-    warnings: list[str],
-) -> ModelCard:
-    """A model card filled from the run (the weights checksum is set when the bundle is saved)."""
-    builder, params = PRESETS[config.arch]
-    params = {**params, "outputs": config.outputs} if config.outputs > 1 else params
-    validation_labels = (validation_labels > 0).astype(np.int64)
-    points = operating_points(validation_labels, result.validation_probabilities, config)
-    probabilities = result.validation_probabilities
-    metrics = {
-        "validation_auroc": auroc(validation_labels, probabilities),
-        "validation_size": len(validation_labels),
-        **at_operating_points(validation_labels, probabilities, points),
-        "history": result.history,
-        "best_epoch": result.best_epoch,
-    }
-    return ModelCard(
-        name=name,
-        version=version,
-        device_uid=new_device_uid(),
-        architecture=Architecture(name=builder, params=params),
-        preprocessing=Preprocessing(
-            input_size=config.input_size,
-            percentile_low=0.5,
-            percentile_high=99.5,
-            tile_spacing_mm=config.tile_spacing_mm,
-            tile_count_correction=config.tile_count_correction,
-        ),
-        class_names=list(config.classes),
-        operating_points=points,
-        weights=Weights(sha256="0" * 64),
-        created=datetime.now(UTC),
-        training={
-            **training,
-            "config": asdict(config),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "device": describe_device(select_device(config.device)),
-        },
-        metrics=metrics,
-        intended_use=intended_use,
-        clinical_use=False,
-        warnings=warnings,
-    )

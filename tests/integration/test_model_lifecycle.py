@@ -31,6 +31,7 @@ from fracwatch.lab.datasets import (
 )
 from fracwatch.lab.evaluate import break_rises, breaks_seen, twin_comparison, write_scores
 from fracwatch.model import training
+from fracwatch.model.augmentation import Augmentation, box_masks
 from fracwatch.model.bundle import load_bundle, sha256_of
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.networks import PRESETS, build_network
@@ -42,19 +43,16 @@ from fracwatch.model.predictor import (
     native_bfloat16,
     select_device,
 )
+from fracwatch.model.scores import image_probabilities, strongest_inputs
 from fracwatch.model.training import (
-    Augmentation,
     Phase,
     TrainConfig,
     TrainResult,
     _batch,
     _epoch_order,
-    box_masks,
     config_problem,
-    image_probabilities,
     localisation_loss,
     phases,
-    strongest_inputs,
     train_network,
 )
 from fracwatch.pipeline.transforms import PreprocessConfig
