@@ -12,7 +12,7 @@ from fracwatch.errors import FracwatchError
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 # The pixel budget of one image (picture or DICOM frame stack), checked from the header before any decoding:
 # 2^25 (33.5 million) pixels holds a stitched long-leg or spine radiograph (about 7000 x 3000) with room to
-# spare, and keeps a decompression bomb (a 30000 x 30000 PNG of 856 KB) from reaching the decoder.
+# spare, and keeps a decompression bomb (issue 35's 30000 x 30000 PNG of 856 KB) from reaching the decoder.
 MAX_PIXELS = 1 << 25
 
 

@@ -105,10 +105,9 @@ class Deliverer:
                     error = attempt.error or "failed"
                     outbox.mark_failed(session, job.id, outcome.status, error, settled.next_attempt_at)
             self._count(settled.outcome, job, now)
-            if attempt.accepted:  # operators' scripts wait for this line
-                LOGGER.info("%s acknowledged by %s", job.sop_instance_uid, destination)
-            else:
-                report(LOGGER, f"{job.sop_instance_uid} to {destination}", settled, attempt)
+            # operators' scripts wait for the "acknowledged by" line
+            acknowledged_line = f"{job.sop_instance_uid} acknowledged by {destination}"
+            report(LOGGER, f"{job.sop_instance_uid} to {destination}", settled, attempt, sent=acknowledged_line)
         return acknowledged
 
     def _count(self, outcome: str, job: DeliveryJob, now: datetime) -> None:

@@ -55,10 +55,11 @@ def settle(policy: RetryPolicy, attempt: Attempt, attempts_before: int, now: dat
     return Settled(RETRY, next_at) if next_at is not None else Settled(DEAD)
 
 
-def report(logger: logging.Logger, what: str, settled: Settled, attempt: Attempt) -> None:
-    """One log line per attempt: INFO when sent, WARNING when retried, ERROR at dead letter."""
+def report(logger: logging.Logger, what: str, settled: Settled, attempt: Attempt, sent: str | None = None) -> None:
+    """One log line per attempt: INFO when sent (``sent``, else "WHAT: sent"), WARNING when retried, ERROR at
+    dead letter."""
     if settled.outcome == SENT:
-        logger.info("%s: sent", what)
+        logger.info("%s", sent or f"{what}: sent")
     elif settled.outcome == RETRY:
         logger.warning("%s failed (%s); retry at %s", what, attempt.error, settled.next_attempt_at)
     else:

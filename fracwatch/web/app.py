@@ -90,7 +90,7 @@ def create_app(ctx: WebContext) -> FastAPI:
 
 def nul_parameter(request: Request) -> tuple[str, str] | None:
     """("path", "path") or ("query", NAME) where the request carries a NUL character, else None."""
-    if "\x00" in request.url.path or "%00" in request.url.path:
+    if "\x00" in request.url.path:  # the path as routed: percent-decoded
         return ("path", "path")
     for name, value in request.query_params.multi_items():
         if "\x00" in name or "\x00" in value:
