@@ -132,6 +132,17 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=16, ge=1, le=1024)
     max_batch_studies: int = Field(default=8, ge=1, le=1000)
 
+    # the job queue (Procrastinate): scoring processes on this host (0 = receive only), and each scoring job's
+    # limits: wall-clock time, attempts before the dead letter, the back-off base (waits of b, b², b³ … seconds),
+    # and each scoring process's address-space limit
+    workers: int = Field(default=1, ge=0, le=64)
+    job_timeout: float = Field(default=300.0, gt=0)
+    job_attempts: int = Field(default=3, ge=1, le=100)
+    job_retry_wait: int = Field(default=5, ge=1, le=600)
+    worker_memory_mb: int | None = Field(default=8192, ge=512)
+    # a process that sent no heartbeat for this long is taken for dead and its jobs are run elsewhere
+    job_stalled_after: float = Field(default=30.0, ge=3)
+
     # a heat-map Secondary Capture per scored image and a KOS of flagged images, besides the SR
     overlays: bool = False
 

@@ -9,12 +9,11 @@ import copy
 import logging
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from types import FrameType
 from typing import Any
 
-from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,15 +24,30 @@ from fracwatch.dicom import tls
 from fracwatch.dicom.scp import ListenerOptions, StorageSCP
 from fracwatch.dicom.spool import Spool
 from fracwatch.errors import DatabaseError
+from fracwatch.jobs.queue import (
+    COMPLETE_STUDIES,
+    DELIVER_RESULTS,
+    RETENTION,
+    RETRY_STALLED,
+    SCORING_QUEUE,
+    SEND_TRIAGE,
+    TICKS_QUEUE,
+    JobQueue,
+    MemoryQueue,
+    ScoringQueue,
+    open_queue,
+    tick_job,
+)
+from fracwatch.jobs.runner import JobRunner
+from fracwatch.jobs.sandbox import SandboxOptions, ScoringFailed, ScoringPool
+from fracwatch.jobs.tasks import Handlers, Score, register
 from fracwatch.model.bundle import Bundle, load_bundle
-from fracwatch.model.predictor import Predictor
-from fracwatch.service.channels import channels_of, triage_endpoints
+from fracwatch.service.channels import channels_of
 from fracwatch.service.delivery import Deliverer
 from fracwatch.service.ingest import DatabaseSink
 from fracwatch.service.lifecycle import (
     Clock,
     StudyProcessor,
-    Worker,
     build_scheduler,
     detect_complete_studies,
     requeue_pending,
@@ -43,18 +57,15 @@ from fracwatch.service.metrics import Metrics
 from fracwatch.service.outbox import RetryPolicy
 from fracwatch.service.reconcile import reconcile
 from fracwatch.service.retention import purge
-from fracwatch.service.scoring import StudyScorer
-from fracwatch.service.triage import TriagePlanner, TriageSender
+from fracwatch.service.triage import TriageSender
 from fracwatch.service.upload import ImageScorer
 from fracwatch.store import db
+from fracwatch.store.instances import HandOver
 from fracwatch.web.app import HttpServer, create_app
 from fracwatch.web.context import WebContext
 
 LOGGER = logging.getLogger(__name__)
 
-DELIVERY_JOB = "deliver-results"
-TRIAGE_JOB = "send-triage-messages"
-RETENTION_JOB = "retention"
 
 
 def listener_options(settings: Settings) -> ListenerOptions:
@@ -88,29 +99,19 @@ def open_database(settings: Settings) -> Engine:
     return engine
 
 
-def _kick(scheduler: BackgroundScheduler) -> Callable[[], None]:
-    """Run the outbox and triage senders now instead of at their next interval."""
-
-    def kick() -> None:
-        if scheduler.running:
-            for job_id in (DELIVERY_JOB, TRIAGE_JOB):
-                try:
-                    scheduler.modify_job(job_id, next_run_time=utc_now())
-                except JobLookupError:
-                    pass
-
-    return kick
-
-
 @dataclass
 class RunningDaemon:
-    """A started daemon: every part is there (HTTP only when enabled). ``stop`` ends it."""
+    """A started daemon: every part is there (HTTP only when enabled; the scoring pool only with workers).
+    ``stop`` ends it."""
 
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Any]
     metrics: Metrics
-    worker: Worker
+    queue: JobQueue
+    worker: ScoringQueue
+    runner: JobRunner
+    pool: ScoringPool | None
     scheduler: BackgroundScheduler
     deliverer: Deliverer
     triage: TriageSender
@@ -118,13 +119,15 @@ class RunningDaemon:
     http: HttpServer | None
     bundle: Bundle | None
     clock: Clock = utc_now
+    lock: db.DatabaseLock | None = None
+    receive: bool = True  # False: a worker host (jobs only; the listener is never started)
 
     def readiness(self) -> tuple[bool, dict[str, bool]]:
-        """Database reachable, listener accepting, worker and scheduler running."""
+        """Database reachable, listener accepting, job runner and scheduler running."""
         checks = {
             "database": self._database_ok(),
-            "listener": self.scp.running,
-            "worker": self.worker.alive,
+            "listener": self.scp.running or not self.receive,
+            "worker": self.runner.alive,
             "scheduler": self.scheduler.running,
         }
         return all(checks.values()), checks
@@ -138,21 +141,21 @@ class RunningDaemon:
         return True
 
     def deliver_once(self) -> None:
-        """One run of the outbox sender (the scheduler calls it; tests may too)."""
+        """One run of the outbox sender (the delivery tick runs it; tests may too)."""
         try:
             self.deliverer.run_once()
         except SQLAlchemyError:
             LOGGER.exception("delivery run failed; will retry")
 
     def send_triage_once(self) -> None:
-        """One run of the triage-message sender (the scheduler calls it; tests may too)."""
+        """One run of the triage-message sender (the triage tick runs it; tests may too)."""
         try:
             self.triage.run_once()
         except SQLAlchemyError:
             LOGGER.exception("triage run failed; will retry")
 
     def purge_once(self) -> int:
-        """One retention run (the scheduler calls it; tests may too); 0 when retention is off."""
+        """One retention run (the retention tick runs it; tests may too); 0 when retention is off."""
         if self.settings.retention_days is None:
             return 0
         try:
@@ -162,39 +165,64 @@ class RunningDaemon:
             return 0
 
     def detect_once(self) -> None:
-        """One run of the completion job (the scheduler calls it; tests may too)."""
+        """One run of the completion job (the completion tick runs it; tests may too)."""
         try:
-            detect_complete_studies(self.sessions, self.worker.submit, self.settings.stable_after, self.clock)
+            detect_complete_studies(self.sessions, self.worker.submit_in, self.settings.stable_after, self.clock)
+            # and any complete study without a waiting job (re-queued by an admin, deferred by an older version):
+            # a no-op for those whose job waits
+            requeue_pending(self.sessions, self.worker.submit, quiet=True)
         except SQLAlchemyError:
             LOGGER.exception("completion check failed; will retry")
 
     def kick_senders(self) -> None:
-        """Run the outbox and triage senders now instead of at their next interval."""
-        _kick(self.scheduler)()
+        """Run the outbox and triage senders now instead of at their next tick."""
+        for task in (DELIVER_RESULTS, SEND_TRIAGE):
+            self._tick(task)
+
+    def _tick(self, task: str) -> None:
+        """Defer one run of a cluster-wide tick (a no-op while one already waits)."""
+        try:
+            self.queue.defer(tick_job(task))
+        except (SQLAlchemyError, RuntimeError) as exc:
+            LOGGER.warning("cannot queue %s: %s", task, exc)
 
     def start(self) -> None:
-        """Start the parts in order: worker (with the backlog re-queued), jobs, listener, HTTP."""
-        self.worker.start()
+        """Start the parts in order: job runner (with the backlog re-queued), ticks, listener, HTTP."""
+        self.runner.start()
         self.metrics.track_queue(self.worker.backlog)
-        requeue_pending(self.sessions, self.worker.submit)
+        # On SQLite this is the only process: a version a job had claimed when it stopped is orphaned. On
+        # PostgreSQL another process may hold it; the stalled-job check hands it over if that one died.
+        embedded = isinstance(self.queue, MemoryQueue)
+        requeue_pending(self.sessions, self.worker.submit, taken=embedded)
         settings = self.settings
-        self._add_job(self.detect_once, settings.completion_interval, "detect-complete-studies")
-        self._add_job(self.deliver_once, settings.delivery_interval, DELIVERY_JOB)
-        self._add_job(self.send_triage_once, settings.triage_interval, TRIAGE_JOB)
+        self._every(settings.completion_interval, COMPLETE_STUDIES)
+        self._every(settings.delivery_interval, DELIVER_RESULTS)
+        self._every(settings.triage_interval, SEND_TRIAGE)
         if settings.retention_days is not None:
-            self._add_job(self.purge_once, settings.retention_interval, RETENTION_JOB)
+            self._every(settings.retention_interval, RETENTION)
+        if not embedded:
+            self._every(settings.job_stalled_after / 2, RETRY_STALLED)
         self.scheduler.start()
-        self.scp.start()
+        if self.receive:
+            self.scp.start()
         if self.http is not None:
             self.http.start()
 
-    def _add_job(self, job: Callable[[], object], interval: float, job_id: str) -> None:
+    def _every(self, interval: float, task: str) -> None:
         self.scheduler.add_job(
-            job, "interval", seconds=interval, id=job_id, max_instances=1, coalesce=True, next_run_time=utc_now()
+            self._tick,
+            "interval",
+            args=[task],
+            seconds=interval,
+            id=task,
+            max_instances=1,
+            coalesce=True,
+            next_run_time=utc_now(),
         )
 
     def stop(self) -> None:
-        """Stop accepting associations, drain in-flight writes, stop the jobs, close the database.
+        """Stop accepting associations, drain in-flight writes, stop the ticks, let running jobs finish (up to
+        the shutdown grace), stop the scoring processes, close the database.
 
         Safe to call twice, and on a daemon whose start failed part-way.
         """
@@ -203,13 +231,19 @@ class RunningDaemon:
         self.scp.stop(grace=self.settings.shutdown_grace)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
-        self.worker.stop()
+        self.runner.stop(timeout=self.settings.shutdown_grace + 30)
+        if self.pool is not None:
+            self.pool.close()
+        self.queue.close()
         self.engine.dispose()
+        if self.lock is not None:
+            self.lock.release()
         LOGGER.info("fracwatch stopped")
 
 
 class Daemon:
-    """fracwatch serve: receive, track and hand over studies until told to stop."""
+    """fracwatch serve: receive, track and hand over studies until told to stop (``receive=False``: a worker
+    host, ``fracwatch worker``, that only runs jobs)."""
 
     def __init__(
         self,
@@ -217,26 +251,44 @@ class Daemon:
         processor: StudyProcessor | None = None,
         clock: Clock = utc_now,
         bundle: Bundle | None = None,
+        processor_factory: str | None = None,
+        receive: bool = True,
     ) -> None:
         self.settings = settings
+        self._receive = receive
         self._clock = clock
         self._processor = processor
+        self._factory = processor_factory
         self._bundle = bundle
         self._stopping = threading.Event()
 
     def start(self) -> RunningDaemon:
-        """Load the model, open the database, reconcile the spool, then start worker, jobs, listener, HTTP."""
+        """Load the model, open the database, reconcile the spool, then start jobs, listener, HTTP."""
         settings = self.settings
+        if not self._receive and db.is_sqlite(settings.database_url):
+            raise DatabaseError(
+                "a worker host shares the receivers' PostgreSQL database; "
+                f"{settings.database_url} is SQLite (fracwatch serve scores it with --workers)"
+            )
         bundle = self._bundle
         if self._processor is None and bundle is None:
-            bundle = load_bundle(settings.model_path)
+            bundle = load_bundle(settings.model_path)  # here too: a bad bundle stops the start, in one line
             LOGGER.info("model %s %s (Device UID %s)", bundle.card.name, bundle.card.version, bundle.card.device_uid)
-        engine = open_database(settings)
+        lock = db.lock_database(settings.database_url)  # a second daemon on one SQLite file is refused
+        try:
+            engine = open_database(settings)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         try:
             running = self._assemble(engine, bundle)
         except BaseException:
             engine.dispose()
+            if lock is not None:
+                lock.release()
             raise
+        running.lock = lock
         try:
             running.start()
         except BaseException:
@@ -250,9 +302,9 @@ class Daemon:
         metrics = Metrics()
         spool = Spool(settings.spool_dir)
         spool.prepare()
-        reports = Spool(settings.results_dir)
-        reports.prepare()
-        reconcile(spool, sessions)
+        Spool(settings.results_dir).prepare()
+        if self._receive:  # the receivers own the spool's files; a worker host only reads them
+            reconcile(spool, sessions)
         sender_tls = (
             tls.client_context(settings.destination_ca, settings.tls_cert, settings.tls_key)
             if settings.destination_tls
@@ -263,20 +315,70 @@ class Daemon:
             sessions, settings.ae_title, policy, settings.send_timeout, clock, ssl_context=sender_tls, metrics=metrics
         )
         triage = TriageSender(sessions, channels_of(settings), policy, clock, metrics)
-        scheduler = build_scheduler()
-        processor = self._processor
-        if processor is None:
-            assert bundle is not None
-            processor = _scorer(settings, sessions, bundle, reports, _kick(scheduler), clock, metrics)
-        worker = Worker(processor, settings.max_batch_studies)
+        queue = open_queue(engine, sessions)
+        pool, score, processes = self._scoring()
+        on_loop = (lambda loop: setattr(queue, "loop", loop)) if isinstance(queue, MemoryQueue) else _no_loop
+        runner = JobRunner(
+            queue.app,
+            {SCORING_QUEUE: processes, TICKS_QUEUE: 1},
+            on_loop=on_loop,
+            shutdown_grace=settings.shutdown_grace,
+            heartbeat=settings.job_stalled_after / 3,
+            stalled_after=settings.job_stalled_after,
+        )
         scp = StorageSCP(listener_options(settings), spool, DatabaseSink(sessions, metrics))
         running = RunningDaemon(
-            settings, engine, sessions, metrics, worker, scheduler, deliverer, triage, scp, None, bundle, clock
+            settings,
+            engine,
+            sessions,
+            metrics,
+            queue,
+            ScoringQueue(queue, lambda: runner.alive),
+            runner,
+            pool,
+            build_scheduler(),
+            deliverer,
+            triage,
+            scp,
+            None,
+            bundle,
+            clock,
+            receive=self._receive,
         )
-        if settings.http_enabled:
+        handlers = Handlers(
+            sessions,
+            queue,
+            score,
+            clock,
+            metrics,
+            settings.job_attempts,
+            settings.job_retry_wait,
+            stalled_after=settings.job_stalled_after,
+            ticks={
+                COMPLETE_STUDIES: running.detect_once,
+                DELIVER_RESULTS: running.deliver_once,
+                SEND_TRIAGE: running.send_triage_once,
+                RETENTION: running.purge_once,
+            },
+        )
+        register(queue.app, handlers)
+        if settings.http_enabled and self._receive:
             web = WebContext(sessions, settings, metrics, running.readiness, _upload_scorer(bundle), clock)
             running.http = HttpServer(create_app(web), settings.http_host, settings.http_port)
         return running
+
+    def _scoring(self) -> tuple[ScoringPool | None, Score, int]:
+        """The scoring pool (``workers`` processes), or a processor run in this process (tests only)."""
+        settings = self.settings
+        processor = self._processor
+        if processor is not None:
+            return None, _inline(processor), 1
+        if settings.workers == 0:
+            LOGGER.warning("workers = 0: this process receives only; another host's `fracwatch worker` must score")
+            return None, _unscored, 0
+        options = SandboxOptions(settings.workers, settings.job_timeout, settings.worker_memory_mb, self._factory)
+        pool = ScoringPool(settings, options)
+        return pool, pool.score, settings.workers
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         """Ask :meth:`run` to return (signal handler)."""
@@ -298,28 +400,22 @@ class Daemon:
                 signal.signal(sig, handler)
 
 
-def _scorer(
-    settings: Settings,
-    sessions: sessionmaker[Any],
-    bundle: Bundle,
-    reports: Spool,
-    on_scored: Callable[[], None],
-    clock: Clock,
-    metrics: Metrics,
-) -> StudyScorer:
-    predictor = Predictor(bundle.network, settings.device, settings.torch_threads, settings.batch_size)
-    return StudyScorer(
-        sessions,
-        bundle,
-        predictor,
-        reports,
-        [str(d) for d in settings.destinations],
-        on_scored=on_scored,
-        clock=clock,
-        overlays=settings.overlays,
-        after_save=TriagePlanner(settings.triage_categories, triage_endpoints(settings)),
-        metrics=metrics,
-    )
+def _no_loop(_loop: object) -> None:
+    pass
+
+
+def _inline(processor: StudyProcessor) -> Score:
+    def score(hand_over: HandOver, _now: datetime) -> None:
+        try:
+            processor([hand_over])
+        except Exception as exc:
+            raise ScoringFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    return score
+
+
+def _unscored(hand_over: HandOver, _now: datetime) -> None:
+    raise ScoringFailed("this process has no scoring workers")
 
 
 def _upload_scorer(bundle: Bundle | None) -> ImageScorer | None:

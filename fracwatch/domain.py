@@ -21,6 +21,7 @@ class StudyState(enum.StrEnum):
     READY = "ready"  # taken by the worker
     SCORED = "scored"  # a result (and an SR when any image scored) exists for this version
     SKIPPED = "skipped"  # nothing scorable in the study (e.g. only documents)
+    FAILED = "failed"  # its scoring job failed every attempt (dead-lettered, with the reason); re-queue by hand
 
 
 class InstanceState(enum.StrEnum):

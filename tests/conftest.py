@@ -58,8 +58,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, postgres_available: b
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     finally:
+        for daemon in STARTED:  # before the database goes: their job runners would wait on it
+            daemon.stop()
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+STARTED: list[RunningDaemon] = []
+"""Daemons the fixtures started, stopped at the latest when their database is dropped."""
 
 
 class FakeClock:
@@ -105,11 +111,13 @@ def start_daemon(make_settings: Callable[..., Settings], clock: FakeClock) -> It
     def start(**overrides: Any) -> RunningDaemon:
         daemon = Daemon(make_settings(**overrides), clock=clock).start()
         started.append(daemon)
+        STARTED.append(daemon)
         return daemon
 
     yield start
     for daemon in started:
         daemon.stop()
+        STARTED.remove(daemon)
 
 
 def send_files(port: int, paths: list[Path], calling_ae: str = "MODALITY", called_ae: str = "FRACWATCH") -> list[int]:

@@ -16,17 +16,22 @@ class ServeProcess:
     """A ``fracwatch serve`` child; ``wait_for`` blocks until a log line contains a text."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+        command: list[str] | None = None,
     ) -> None:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fracwatch", "serve", *args],
+            [*(command or [sys.executable, "-m", "fracwatch", "serve"]), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **(env or {})},
             preexec_fn=preexec_fn,
+            start_new_session=True,  # its own process group: kill_group() takes its scoring processes too
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -61,6 +66,19 @@ class ServeProcess:
         self.proc.wait(timeout=30)
         self._reader.join(timeout=10)
 
+    def kill_group(self) -> None:
+        """SIGKILL the process and every process it started (a host losing power)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._reader.join(timeout=10)
+
+    def peak_rss_mb(self) -> float:
+        """The process's peak resident memory so far (VmHWM), MB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM")
+
     def terminate(self, timeout: float = 60.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=timeout)
@@ -69,7 +87,7 @@ class ServeProcess:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.kill()
+            self.kill_group()
 
 
 def serve_args(data_dir: Path, port: int, *extra: str) -> list[str]:

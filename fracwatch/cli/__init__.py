@@ -22,6 +22,7 @@ def cli() -> None:
 
 for _command in (
     serve.serve,
+    serve.worker,
     database.db_group,
     studies.studies,
     serve.echo,
@@ -29,6 +30,7 @@ for _command in (
     model.evaluate,
     model.ensemble,
     studies.results,
+    studies.requeue,
     outbox.outbox,
     outbox.resend,
     model.predict,

@@ -30,13 +30,13 @@ class _UTCFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
-    """Log to stderr, UTC timestamps; pynetdicom and APScheduler only from WARNING up."""
+    """Log to stderr, UTC timestamps; pynetdicom, APScheduler and Procrastinate only from WARNING up."""
     handler = logging.StreamHandler()
     handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pynetdicom", "apscheduler", "alembic"):
+    for noisy in ("pynetdicom", "apscheduler", "alembic", "procrastinate"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # A delivery kicked while the scheduled run is in progress is coalesced on purpose; APScheduler would log
     # each as a skipped execution.

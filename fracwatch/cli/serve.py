@@ -43,9 +43,10 @@ from fracwatch.errors import FracwatchError
 @click.option("--http-host", help="Address the HTTP side binds (default 127.0.0.1).")
 @click.option("--no-http", "http_enabled", flag_value=False, default=None, help="Do not serve HTTP.")
 @click.option("--retention-days", type=float, help="Delete spool files older than this (rows stay).")
+@click.option("--workers", type=click.IntRange(0, 64), help="Scoring processes here (default 1; 0 = receive only).")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
 def serve(config_file: Path | None, **overrides: Any) -> None:
-    """Run the daemon: receive studies, track them, hand complete ones to the worker."""
+    """Run the daemon: receive studies, track them, score complete ones in worker processes."""
     from fracwatch.daemon import Daemon
 
     settings = load(config_file, **overrides)
@@ -57,6 +58,35 @@ def serve(config_file: Path | None, **overrides: Any) -> None:
         fail(exc)
     except OSError as exc:  # e.g. the port is taken
         fail(FracwatchError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"))
+
+
+@click.command()
+@settings_options
+@click.option("--workers", type=click.IntRange(1, 64), help="Scoring processes on this host (default 1).")
+@click.option("--model", type=click.Path(path_type=Path), help="Model bundle directory.")
+@click.option(
+    "--destination",
+    "destinations",
+    multiple=True,
+    metavar="AE@HOST:PORT",
+    help="Where results go (repeatable; the same as the receivers').",
+)
+@click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+def worker(config_file: Path | None, **overrides: Any) -> None:
+    """Run jobs only (scoring, delivery, triage) for the receivers sharing this PostgreSQL database."""
+    from fracwatch.daemon import Daemon
+    from fracwatch.store.db import is_sqlite
+
+    settings = load(config_file, **overrides)
+    configure_logging(settings.log_level)
+    try:
+        daemon = Daemon(settings, receive=False)
+        if is_sqlite(settings.database_url):
+            daemon.start()  # refuses, in one line
+        LOGGER.info("fracwatch %s worker starting; %d scoring processes", __version__, settings.workers)
+        daemon.run()
+    except FracwatchError as exc:
+        fail(exc)
 
 
 @click.command()

@@ -10,6 +10,7 @@ import click
 
 from fracwatch.cli.common import (
     configure_logging,
+    fail,
     load,
     parse_day,
     print_rows,
@@ -111,3 +112,22 @@ def _result_line(row: Any) -> str:
         f"{row.study_instance_uid:<64}  {row.category:<8}  {probability:>5}  "
         f"{row.model_version:<20}  {turnaround:>10}  {row.scored_at:%Y-%m-%d %H:%M:%S}"
     )
+
+
+@click.command()
+@settings_options
+@click.argument("study_uid")
+def requeue(config_file: Path | None, study_uid: str, **overrides: Any) -> None:
+    """Score a dead-lettered (failed) study again, once its cause is fixed (at the daemon's next completion tick)."""
+    from fracwatch.errors import FracwatchError
+    from fracwatch.service.queries import requeue_failed
+
+    settings = load(config_file, **overrides)
+    configure_logging("WARNING")
+    try:
+        version = requeue_failed(settings, study_uid)
+    except FracwatchError as exc:
+        fail(exc)
+    if version is None:
+        fail(FracwatchError(f"study {study_uid} is not in state failed"))
+    click.echo(f"study {study_uid} version {version} queued for scoring again")

@@ -57,7 +57,14 @@ class Metrics:
             "fracwatch_retention_purged_files", "Spool files deleted by retention.", registry=self.registry
         )
         self.queue_depth = Gauge(
-            "fracwatch_queue_depth", "Complete study versions waiting for the worker.", registry=self.registry
+            "fracwatch_queue_depth",
+            "Scoring jobs waiting or running (retries scheduled later included).",
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "fracwatch_dead_letters",
+            "Study versions whose scoring job failed every attempt (state failed, with the reason).",
+            registry=self.registry,
         )
         self.http_requests = Counter(
             "fracwatch_http_requests",

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from fracwatch.config import Settings
 from fracwatch.errors import DatabaseError
 from fracwatch.service.retention import cutoff_for, purge
-from fracwatch.store import access, db, results, retention, search
+from fracwatch.store import access, db, instances, results, retention, search
 from fracwatch.store import outbox as outbox_store
 from fracwatch.store.access import Principal, TokenSummary
 from fracwatch.store.outbox import DeliverySummary, ResendOutcome
@@ -101,6 +101,17 @@ def resend(settings: Settings, study_instance_uid: str) -> ResendOutcome:
     return _with_session(
         settings, lambda session: outbox_store.requeue_study(session, study_instance_uid, destinations, now), write=True
     )
+
+
+def requeue_failed(settings: Settings, study_instance_uid: str) -> int | None:
+    """Put a dead-lettered study back to complete; its version, or None if it is not failed."""
+    now = datetime.now(UTC)
+
+    def requeue(session: Session) -> int | None:
+        hand_over = instances.requeue_failed(session, study_instance_uid, now)
+        return None if hand_over is None else hand_over.version
+
+    return _with_session(settings, requeue, write=True)
 
 
 def create_token(settings: Settings, name: str, role: str) -> str:

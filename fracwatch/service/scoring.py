@@ -44,11 +44,9 @@ from fracwatch.pipeline.transforms import (
 from fracwatch.report.overlay import OverlayImage, build_kos, build_overlay, render
 from fracwatch.report.sr import AlgorithmIdentity, ScoredImage, build_sr, shallow_copy
 from fracwatch.service.lifecycle import Clock, claim, utc_now
-from fracwatch.service.metrics import Metrics
 from fracwatch.store import instances as lifecycle
 from fracwatch.store import outbox, results
 from fracwatch.store.instances import HandOver, InstanceRef
-from fracwatch.store.models import StudyResult
 from fracwatch.store.results import ImageScore, NewResult, ReportFile
 
 LOGGER = logging.getLogger(__name__)
@@ -94,11 +92,11 @@ def load_dicom(ds: Dataset, config: PreprocessConfig) -> LoadedImage:
         target = decode_target(shape, mean_spacing(header_spacing(ds)), config)
         decoded = decode_dataset(ds, target_longest=target)
         loaded = _inputs(list(decoded.frames), config, mean_spacing(decoded.pixel_spacing))
+        loaded.header = shallow_copy(ds, without=PIXEL_TAGS)  # reads every element: a bad one fails here
     except (PixelDataError, ValueError, TypeError) as exc:
         return LoadedImage(error=str(exc))
-    except Exception as exc:  # a decoder failing in an unexpected way must not stop the study
-        return LoadedImage(error=f"cannot decode pixel data: {exc!r}")
-    loaded.header = shallow_copy(ds, without=PIXEL_TAGS)
+    except Exception as exc:  # a decoder (or an element with an unknown VR) failing unexpectedly: this image only
+        return LoadedImage(error=f"cannot decode the image: {exc!r}")
     return loaded
 
 
@@ -118,9 +116,7 @@ def load_file(path: Path, config: PreprocessConfig, spacing_mm: float | None = N
     return load_dicom(ds, config)
 
 
-def score_loaded(
-    images: Sequence[LoadedImage], predictor: Predictor, config: PreprocessConfig
-) -> list[float | None]:
+def score_loaded(images: Sequence[LoadedImage], predictor: Predictor, config: PreprocessConfig) -> list[float | None]:
     """Probability per image (max over its frames and tiles; with ``config.tile_count_correction`` the odds
     divided by the tile count, ``tile_count_corrected``), None where loading failed; one batched pass."""
     correct = config.tile_count_correction
@@ -237,22 +233,18 @@ class StudyScorer:
         predictor: Predictor,
         reports: Spool,
         destinations: Sequence[str],
-        on_scored: Callable[[], None] = lambda: None,
         clock: Clock = utc_now,
         overlays: bool = False,
         after_save: AfterSave | None = None,
-        metrics: Metrics | None = None,
     ) -> None:
         self._sessions = sessions
         self._bundle = bundle
         self._predictor = predictor
         self._reports = reports
         self._destinations = list(destinations)
-        self._on_scored = on_scored
         self._clock = clock
         self._overlays = overlays
         self._after_save = after_save
-        self._metrics = metrics
         self.identity = algorithm_identity(bundle)
 
     def __call__(self, hand_overs: list[HandOver]) -> None:
@@ -276,7 +268,6 @@ class StudyScorer:
             count = len(item.images)
             self._finish(item, probabilities[cursor : cursor + count])
             cursor += count
-        self._on_scored()
 
     def _load(self, ref: InstanceRef) -> LoadedImage:
         try:
@@ -325,15 +316,8 @@ class StudyScorer:
         )
         with self._sessions() as session, session.begin():
             result_id = results.save_result(session, result)
-            saved = session.get(StudyResult, result_id)
-            completed = saved.completed_at if saved is not None else None
             if self._after_save is not None:
                 self._after_save(session, result_id, now)
-        if self._metrics is not None:
-            self._metrics.studies_scored.labels(category).inc()
-            self._metrics.images_scored.inc(len(scored))
-            if completed is not None:
-                self._metrics.scoring_latency.observe(max(0.0, (now - completed).total_seconds()))
         LOGGER.info(
             "study %s version %d scored: %s (p=%s, %d images, %d errors)%s",
             uid,

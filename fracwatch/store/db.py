@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
@@ -69,6 +73,59 @@ def make_engine(url: str) -> Engine:
         raise DatabaseError(f"unsupported database URL {parsed.render_as_string()}: {exc}") from None
 
 
+class DatabaseLock:
+    """An exclusive lock on a SQLite database's ``.lock`` file beside it, held for the daemon's lifetime."""
+
+    def __init__(self, path: Path, handle: IO[str]) -> None:
+        self.path = path
+        self._handle = handle
+
+    def release(self) -> None:
+        """Let another process have the database (the kernel also drops it if this process dies)."""
+        if not self._handle.closed:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+
+
+def is_sqlite(url: str) -> bool:
+    """True for a SQLite URL."""
+    try:
+        return make_url(normalise_url(url)).get_backend_name() == "sqlite"
+    except ArgumentError:
+        return False
+
+
+def lock_database(url: str) -> DatabaseLock | None:
+    """On a SQLite file, make sure no other fracwatch daemon uses it; None for PostgreSQL (shared by design).
+
+    Two daemons on one SQLite file would score each other's studies and send SRs twice: the second is refused.
+    """
+    try:
+        parsed = make_url(normalise_url(url))
+    except ArgumentError as exc:
+        raise DatabaseError(f"invalid database URL: {exc}") from None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    path = Path(parsed.database + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise DatabaseError(
+            f"another fracwatch process (pid {holder}) already uses {parsed.database}: a SQLite database serves "
+            "one daemon; to run several, share a PostgreSQL database"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return DatabaseLock(path, handle)
+
+
 def session_factory(engine: Engine) -> sessionmaker[Any]:
     """The sessionmaker used for every unit of work."""
     return sessionmaker(engine, expire_on_commit=False)
@@ -94,10 +151,29 @@ def upgrade(engine: Engine) -> str | None:
     """Migrate the schema to the newest revision; return it."""
     config = alembic_config(engine)
     try:
-        command.upgrade(config, "head")
+        with _migration_lock(engine):
+            command.upgrade(config, "head")
         return current_revision(engine)
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot migrate {engine.url.render_as_string()}: {exc}") from exc
+
+
+_MIGRATION_LOCK = 0x66726163  # "frac": the advisory lock every fracwatch process takes to migrate
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL, one process migrates at a time (several daemons starting together on a new database)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
+            connection.commit()
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -212,27 +212,35 @@ def complete_stable_studies(session: Session, now: datetime, stable_after: float
     return handed
 
 
-def pending_hand_overs(session: Session) -> list[HandOver]:
-    """Studies marked complete but not yet taken by the worker (e.g. queued when the process stopped)."""
+def pending_hand_overs(session: Session, taken: bool = False) -> list[HandOver]:
+    """Studies marked complete but not yet scored, oldest first; with ``taken`` also those a scoring job had
+    claimed (``ready``) when its process died. Each is at most one job's work: re-deferring is idempotent."""
+    states = [StudyState.COMPLETE.value] + ([StudyState.READY.value] if taken else [])
     rows = session.execute(
-        select(Study.study_instance_uid, Study.version)
-        .where(Study.state == StudyState.COMPLETE.value)
-        .order_by(Study.completed_at)
+        select(Study.study_instance_uid, Study.version).where(Study.state.in_(states)).order_by(Study.completed_at)
     ).all()
     return [HandOver(uid, version) for uid, version in rows]
 
 
-def advance(session: Session, hand_over: HandOver, current: StudyState, target: StudyState, **values: object) -> bool:
-    """Move the study from ``current`` to ``target`` if it is still at the handed-over version.
+def advance(
+    session: Session,
+    hand_over: HandOver,
+    current: StudyState | tuple[StudyState, ...],
+    target: StudyState,
+    **values: object,
+) -> bool:
+    """Move the study from ``current`` (a state, or any of several) to ``target`` if it is still at the
+    handed-over version.
 
     The conditional UPDATE is what keeps every transition safe against a concurrent re-open.
     """
+    states = [state.value for state in (current if isinstance(current, tuple) else (current,))]
     result = session.execute(
         update(Study)
         .where(
             Study.study_instance_uid == hand_over.study_instance_uid,
             Study.version == hand_over.version,
-            Study.state == current.value,
+            Study.state.in_(states),
         )
         .values(state=target.value, **values)
         .execution_options(synchronize_session=False)
@@ -241,8 +249,37 @@ def advance(session: Session, hand_over: HandOver, current: StudyState, target: 
 
 
 def mark_ready(session: Session, hand_over: HandOver, now: datetime) -> bool:
-    """Mark the study version ready; False if it re-opened meanwhile (a newer version will come)."""
-    return advance(session, hand_over, StudyState.COMPLETE, StudyState.READY, ready_at=now)
+    """Mark the study version ready (taken by a scoring job); False if it re-opened meanwhile (a newer version
+    will come) or is already scored. A version left ``ready`` by a job whose process died is taken again: the
+    job queue's per-study lock means no other job holds it."""
+    return advance(session, hand_over, (StudyState.COMPLETE, StudyState.READY), StudyState.READY, ready_at=now)
+
+
+def dead_letter(session: Session, hand_over: HandOver, reason: str, now: datetime) -> bool:
+    """Every attempt at scoring this version failed: state ``failed`` with the reason (False if it re-opened
+    or was scored meanwhile)."""
+    return advance(
+        session,
+        hand_over,
+        (StudyState.COMPLETE, StudyState.READY),
+        StudyState.FAILED,
+        failed_at=now,
+        failure_reason=reason[:2000],
+    )
+
+
+def requeue_failed(session: Session, study_instance_uid: str, now: datetime) -> HandOver | None:
+    """Put a dead-lettered study back to ``complete`` (an admin fixed the cause); its hand-over, or None."""
+    study = session.scalars(
+        select(Study).where(Study.study_instance_uid == study_instance_uid, Study.state == StudyState.FAILED.value)
+    ).first()
+    if study is None:
+        return None
+    study.state = StudyState.COMPLETE.value
+    study.completed_at = now
+    study.failed_at = None
+    study.failure_reason = None
+    return HandOver(study.study_instance_uid, study.version)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,9 @@ class Study(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A study whose scoring job failed every attempt (state "failed"): when, and why (the last attempt's error).
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
     # The worklist flag: the highest category any result of this study raised (positive > doubt); never lowered.
     triage_priority: Mapped[str | None] = mapped_column(String(16))
     flagged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

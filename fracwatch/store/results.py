@@ -114,6 +114,30 @@ def save_result(session: Session, result: NewResult) -> int:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """What a study version's scoring produced, for the metrics of the process that ran the job."""
+
+    category: str
+    images_scored: int
+    seconds_since_complete: float | None
+
+
+def scored_version(session: Session, study_instance_uid: str, version: int) -> Scored | None:
+    """The newest result of this study version, if it was scored."""
+    row = session.execute(
+        select(StudyResult.category, StudyResult.images_scored, StudyResult.completed_at, StudyResult.scored_at)
+        .join(Study, Study.id == StudyResult.study_id)
+        .where(Study.study_instance_uid == study_instance_uid, StudyResult.study_version == version)
+        .order_by(StudyResult.id.desc())
+    ).first()
+    if row is None:
+        return None
+    category, images, completed, scored = row
+    latency = None if completed is None else max(0.0, (scored - completed).total_seconds())
+    return Scored(category, images, latency)
+
+
+@dataclass(frozen=True)
 class ResultSummary:
     """One row of ``fracwatch results``."""
 

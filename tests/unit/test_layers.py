@@ -27,8 +27,9 @@ ALLOWED: dict[str, set[str]] = {
     "service": LEAVES | CORE - {"synth"},
     "lab": LEAVES | {"model", "pipeline", "synth", "service"},
     "web": LEAVES | {"service", "store"},
-    "daemon": LEAVES | CORE | {"service", "web"},
-    "cli": LEAVES | CORE | {"service", "lab", "daemon"},
+    "jobs": LEAVES | CORE - {"synth"} | {"service"},
+    "daemon": LEAVES | CORE | {"service", "web", "jobs"},
+    "cli": LEAVES | CORE | {"service", "lab", "daemon", "jobs"},
     "__main__": {"cli"},
     "__init__": set(),
 }

@@ -1,0 +1,172 @@
+"""The scoring sandbox: study versions are scored in separate processes (Pebble's process pool), never in the
+process that runs the DICOM listener.
+
+Each process loads the bundle and opens the database once, then takes one study version at a time. A job that
+runs past ``job_timeout`` has its process killed; a process that dies (a decoder's segfault, the kernel's OOM
+killer, the per-process address-space limit) fails only its own job. Either way the pool starts a fresh process
+and the caller gets a :class:`ScoringFailed` with the reason, to retry or dead-letter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import os
+import resource
+import signal
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pebble import ProcessExpired, ProcessPool
+from sqlalchemy.orm import sessionmaker
+
+from fracwatch.config import Settings
+from fracwatch.dicom.spool import Spool
+from fracwatch.model.bundle import Bundle, load_bundle
+from fracwatch.model.predictor import Predictor
+from fracwatch.service.channels import triage_endpoints
+from fracwatch.service.lifecycle import Clock, StudyProcessor
+from fracwatch.service.scoring import StudyScorer
+from fracwatch.service.triage import TriagePlanner
+from fracwatch.store import db
+from fracwatch.store.instances import HandOver
+
+LOGGER = logging.getLogger(__name__)
+
+ProcessorFactory = Callable[[Settings, sessionmaker[Any], Bundle, Clock], StudyProcessor]
+"""Builds a process's scorer; the default is :func:`build_scorer`. Tests name another (``module:function``)."""
+
+
+class ScoringFailed(Exception):
+    """A study version's scoring job failed; ``reason`` is one line for the dead letter."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def build_scorer(settings: Settings, sessions: sessionmaker[Any], bundle: Bundle, clock: Clock) -> StudyProcessor:
+    """The daemon's scorer: the bundle's network on this process's device, writing SRs into the results spool."""
+    predictor = Predictor(bundle.network, settings.device, settings.torch_threads, settings.batch_size)
+    reports = Spool(settings.results_dir)
+    reports.prepare()
+    return StudyScorer(
+        sessions,
+        bundle,
+        predictor,
+        reports,
+        [str(d) for d in settings.destinations],
+        clock=clock,
+        overlays=settings.overlays,
+        after_save=TriagePlanner(settings.triage_categories, triage_endpoints(settings)),
+    )
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    """How the pool's processes are made: how many, each one's limits, and who builds their scorer."""
+
+    processes: int
+    timeout: float
+    memory_mb: int | None
+    factory: str | None = None  # "module:function" (a ProcessorFactory); None = build_scorer
+
+
+class ScoringPool:
+    """``processes`` scoring processes (started on the first job, restarted after a crash or a time-out)."""
+
+    def __init__(self, settings: Settings, options: SandboxOptions) -> None:
+        self._options = options
+        threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // max(1, options.processes))
+        self._pool = ProcessPool(
+            max_workers=max(1, options.processes),
+            initializer=_initialise,
+            initargs=(_portable(settings), options.factory, threads, options.memory_mb),
+            context=multiprocessing.get_context("spawn"),  # never fork a process that holds threads and sockets
+        )
+
+    def score(self, hand_over: HandOver, now: datetime) -> None:
+        """Score one study version in a pool process; raise :class:`ScoringFailed` if it does not finish."""
+        timeout = self._options.timeout
+        future = self._pool.schedule(
+            _score, args=(hand_over.study_instance_uid, hand_over.version, now.isoformat()), timeout=timeout
+        )
+        try:
+            future.result()
+        except FutureTimeout:
+            raise ScoringFailed(f"scoring ran past the {timeout:g} s time limit; its process was killed") from None
+        except ProcessExpired as exc:
+            raise ScoringFailed(_death(exc.exitcode)) from None
+        except MemoryError:
+            limit = self._options.memory_mb
+            raise ScoringFailed(f"out of memory (the scoring process's limit is {limit} MB)") from None
+        except Exception as exc:
+            raise ScoringFailed(f"{type(exc).__name__}: {exc}".splitlines()[0][:500]) from None
+
+    def close(self) -> None:
+        """Stop the processes (a job still running is killed; its study is re-scored at the next start)."""
+        self._pool.stop()
+        self._pool.join(timeout=10)
+
+
+def _portable(settings: Settings) -> Settings:
+    """The same values on the plain ``Settings`` class (``load_settings`` builds a local subclass that the
+    process start cannot pickle); already validated, so not validated again."""
+    return Settings.model_construct(**{name: getattr(settings, name) for name in Settings.model_fields})
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"the scoring process died ({name})"
+    return f"the scoring process exited with status {exitcode}"
+
+
+# --- inside a pool process ---------------------------------------------------------------------------------
+
+_state: dict[str, Any] = {}
+
+
+def _initialise(settings: Settings, factory: str | None, threads: int, memory_mb: int | None) -> None:
+    """Once per pool process: limits, logging, the bundle, the database. A failure is kept and reported by every
+    job this process is given (a clear reason in the dead letter), instead of a process that dies at birth."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the daemon stops the pool
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    try:
+        if memory_mb is not None:
+            limit = memory_mb * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        import torch
+
+        torch.set_num_threads(threads)
+        engine = db.make_engine(settings.database_url)
+        sessions = db.session_factory(engine)
+        bundle = load_bundle(settings.model_path)
+        build: ProcessorFactory = build_scorer
+        if factory is not None:
+            module, _, name = factory.partition(":")
+            build = getattr(importlib.import_module(module), name)
+        _state["processor"] = build(settings, sessions, bundle, _job_now)
+    except Exception as exc:
+        _state["error"] = f"the scoring process could not start: {type(exc).__name__}: {exc}"
+        logging.getLogger(__name__).exception("scoring process start failed")
+
+
+def _job_now() -> datetime:
+    now: datetime = _state["now"]
+    return now
+
+
+def _score(study: str, version: int, now: str) -> None:
+    if "error" in _state:
+        raise RuntimeError(_state["error"])
+    _state["now"] = datetime.fromisoformat(now)
+    _state["processor"]([HandOver(study, version)])
