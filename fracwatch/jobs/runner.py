@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import procrastinate
 
@@ -41,7 +42,7 @@ class JobRunner:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="fracwatch-jobs", daemon=True)
         self._started = threading.Event()
-        self._main: asyncio.Future[object] | None = None
+        self._main: asyncio.Future[Any] | None = None
         self._error: BaseException | None = None
 
     @property
@@ -85,10 +86,13 @@ class JobRunner:
                 )
                 for queue, concurrency in self._queues.items()
             ]
-            self._main = asyncio.gather(*workers) if workers else asyncio.get_running_loop().create_future()
+            main: asyncio.Future[Any] = (
+                asyncio.gather(*workers) if workers else asyncio.get_running_loop().create_future()
+            )
+            self._main = main
             self._started.set()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._main
+                await main
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop taking jobs, let running ones finish (up to the shutdown grace), close the connections."""

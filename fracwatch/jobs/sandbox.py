@@ -109,7 +109,7 @@ class ScoringPool:
 
     def close(self) -> None:
         """Stop the processes (a job still running is killed; its study is re-scored at the next start)."""
-        self._pool.stop()
+        self._pool.stop()  # type: ignore[no-untyped-call]
         self._pool.join(timeout=10)
 
 
