@@ -51,6 +51,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def warm_up(port: int, receiver: Receiver, work: Path, size: int, workers: int) -> None:
     """One study per worker first, so each scoring process has loaded the model before timing starts."""
+    work.mkdir(parents=True, exist_ok=True)
     studies = [make_study(work, size, 9000 + index) for index in range(workers)]
     for _, paths in studies:
         send(paths, port)
@@ -63,6 +64,7 @@ def scoring_rate(work: Path, workers: int, studies: int, size: int) -> float:
     proc = serve(work / f"data-{workers}", port, receiver, workers, stable_after=0.5)
     try:
         warm_up(port, receiver, work / f"warm-{workers}", size, workers)
+        (work / f"burst-{workers}").mkdir()
         burst = [make_study(work / f"burst-{workers}", size, seed) for seed in range(studies)]
         started = time.monotonic()
         for _, paths in burst:

@@ -73,10 +73,13 @@ def test_dockerfile() -> None:
 
 def test_compose_file() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    assert set(compose["services"]) == {"fracwatch", "orthanc", "postgres"}
-    service = compose["services"]["fracwatch"]
-    parses_as_fracwatch_command(service["command"])
-    assert service["environment"]["FRACWATCH_DB_URL"].startswith("postgresql+psycopg://")
+    assert set(compose["services"]) == {"fracwatch", "receiver", "worker", "orthanc", "postgres"}
+    for name in ("fracwatch", "receiver", "worker"):  # every process on the one PostgreSQL database and spool
+        service = compose["services"][name]
+        parses_as_fracwatch_command(service["command"])
+        assert service["environment"]["FRACWATCH_DB_URL"].startswith("postgresql+psycopg://")
+        assert "fracwatch-data:/var/lib/fracwatch" in service["volumes"]
+    assert compose["services"]["worker"]["command"][0] == "worker"
     lua = compose["services"]["orthanc"]["volumes"][0].split(":")[0]
     assert (DEPLOY / lua).is_file()
     tool = shutil.which("docker-compose")
