@@ -113,18 +113,29 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=24)
     parser.add_argument("--size", type=int, default=1024, help="image side, pixels")
     parser.add_argument("--ingest-images", type=int, default=40)
+    parser.add_argument("--part", choices=["all", "scoring", "ingest"], default="all", help="which measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        one = scoring_rate(work, 1, args.studies, args.size)
-        two = scoring_rate(work, 2, args.studies, args.size)
-        print(f"scoring, {args.size}² DX, {args.studies} 2-image studies (cores: {os.cpu_count()})")
-        print(f"  1 worker : {one:6.2f} images/s")
-        print(f"  2 workers: {two:6.2f} images/s   ratio {two / one:.2f} (target >= 1.6)")
-        alone, busy = ingest_while_scoring(work, args.ingest_images, args.size)
-        print(f"receiving {args.ingest_images} images of {args.size}²")
-        print(f"  alone          : {alone:6.1f} images/s")
-        print(f"  while scoring  : {busy:6.1f} images/s   ratio {busy / alone:.2f} (target >= 0.8)")
+        if args.part != "ingest":
+            scoring(work, args.studies, args.size)
+        if args.part != "scoring":
+            ingest(work, args.ingest_images, args.size)
+
+
+def scoring(work: Path, studies: int, size: int) -> None:
+    one = scoring_rate(work, 1, studies, size)
+    two = scoring_rate(work, 2, studies, size)
+    print(f"scoring, {size}² DX, {studies} 2-image studies (cores: {os.cpu_count()})")
+    print(f"  1 worker : {one:6.2f} images/s")
+    print(f"  2 workers: {two:6.2f} images/s   ratio {two / one:.2f} (target >= 1.6)")
+
+
+def ingest(work: Path, images: int, size: int) -> None:
+    alone, busy = ingest_while_scoring(work, images, size)
+    print(f"receiving {images} images of {size}²")
+    print(f"  alone          : {alone:6.1f} images/s")
+    print(f"  while scoring  : {busy:6.1f} images/s   ratio {busy / alone:.2f} (target >= 0.8)")
 
 
 if __name__ == "__main__":

@@ -208,6 +208,13 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key must be set together")
         return self
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Absolute once, here: the spool, the results and the paths the database stores relative to it
+        # (store.models.DataPath) all agree whatever the working directory is later.
+        return Path(os.path.abspath(value.expanduser()))
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from fracwatch.config import Settings
+from fracwatch.config import DB_FILENAME, Settings
 from fracwatch.dicom import tls
 from fracwatch.dicom.scp import ListenerOptions, StorageSCP
 from fracwatch.dicom.spool import Spool
@@ -42,6 +42,7 @@ from fracwatch.jobs.runner import JobRunner
 from fracwatch.jobs.sandbox import SandboxOptions, ScoringFailed, ScoringPool
 from fracwatch.jobs.tasks import Handlers, Score, register
 from fracwatch.model.bundle import Bundle, load_bundle
+from fracwatch.service import datadir
 from fracwatch.service.channels import channels_of
 from fracwatch.service.delivery import Deliverer
 from fracwatch.service.ingest import DatabaseSink
@@ -87,9 +88,20 @@ def listener_options(settings: Settings) -> ListenerOptions:
     )
 
 
+def refuse_missing_database(settings: Settings) -> None:
+    """A daemon creates only its data directory's own SQLite file (the embedded default); any other database
+    that does not exist is a mistake to stop on (a typo in --db would start an empty database)."""
+    path = db.sqlite_file(settings.database_url)
+    if path is not None and not path.exists() and path.resolve() != (settings.data_dir / DB_FILENAME).resolve():
+        raise DatabaseError(
+            f"the database {path} does not exist: `fracwatch db upgrade --db {settings.database_url}` creates it "
+            f"(a daemon creates only the {DB_FILENAME} of its data directory)"
+        )
+
+
 def open_database(settings: Settings) -> Engine:
     """Create the engine and migrate the schema to head."""
-    engine = db.make_engine(settings.database_url)
+    engine = db.make_engine(settings.database_url, settings.data_dir)
     try:
         revision = db.upgrade(engine)  # raises DatabaseError for any database failure
     except DatabaseError:
@@ -274,6 +286,7 @@ class Daemon:
         if self._processor is None and bundle is None:
             bundle = load_bundle(settings.model_path)  # here too: a bad bundle stops the start, in one line
             LOGGER.info("model %s %s (Device UID %s)", bundle.card.name, bundle.card.version, bundle.card.device_uid)
+        refuse_missing_database(settings)
         lock = db.lock_database(settings.database_url)  # a second daemon on one SQLite file is refused
         try:
             engine = open_database(settings)
@@ -302,6 +315,8 @@ class Daemon:
         metrics = Metrics()
         spool = Spool(settings.spool_dir)
         spool.prepare()
+        url = engine.url.render_as_string(hide_password=True)
+        datadir.claim(settings.data_dir, sessions, url)
         Spool(settings.results_dir).prepare()
         if self._receive:  # the receivers own the spool's files; a worker host only reads them
             reconcile(spool, sessions)

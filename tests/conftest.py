@@ -48,7 +48,7 @@ def postgres_available() -> bool:
 def db_url(request: pytest.FixtureRequest, tmp_path: Path, postgres_available: bool) -> Iterator[str]:
     """A fresh, empty database: a SQLite file, or a new PostgreSQL database dropped afterwards."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fracwatch.db'}"
+        yield f"sqlite:///{tmp_path / 'data' / 'fracwatch.db'}"  # the data directory's own (make_settings)
         return
     if not postgres_available:
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")

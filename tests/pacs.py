@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,15 +18,19 @@ from tests.conftest import free_port
 class FakePacs:
     """Receives C-STOREs on 127.0.0.1, keeps the datasets, answers ``status``."""
 
-    def __init__(self, port: int | None = None, ae_title: str = "PACS", status: int = 0x0000) -> None:
+    def __init__(
+        self, port: int | None = None, ae_title: str = "PACS", status: int = 0x0000, delay: float = 0.0
+    ) -> None:
         self.port = port or free_port()
         self.ae_title = ae_title
         self.status = status
+        self.delay = delay  # seconds before each C-STORE response (a slow PACS: a store stays in flight)
         self.received: list[Dataset] = []
         self._arrived = threading.Condition()
         self._server = None
 
     def _on_store(self, event: Event) -> int:
+        time.sleep(self.delay)
         dataset = event.dataset
         dataset.file_meta = event.file_meta
         with self._arrived:

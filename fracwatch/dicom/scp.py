@@ -11,6 +11,7 @@ import logging
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -123,7 +125,7 @@ def handle_store(event: Event, spool: Spool, sink: InstanceSink) -> int:
         # The file is safe on disk; the reconciler registers it at the next start if the sender gives up.
         LOGGER.exception("cannot record instance %s from %s", header.sop_instance_uid, calling_ae)
         return status.OUT_OF_RESOURCES
-    LOGGER.debug(
+    LOGGER.info(
         "stored %s (study %s v%d, %d bytes) from %s",
         header.sop_instance_uid,
         header.study_instance_uid,
@@ -164,8 +166,30 @@ def handle_requested(event: Event, allowed: tuple[str, ...]) -> None:
     event.assoc.kill()
 
 
+# Why an association was aborted, noted when ACSE receives the abort (EVT_ACSE_RECV fires before EVT_ABORTED).
+_ABORT_REASONS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_PROVIDER_REASONS = {
+    0x00: "the connection closed without a release, or the peer's provider aborted (reason not specified)",
+    0x01: "an unrecognised PDU",
+    0x02: "an unexpected PDU",
+    0x04: "an unrecognised PDU parameter",
+    0x05: "an unexpected PDU parameter",
+    0x06: "an invalid PDU parameter value",
+}
+
+
+def _note_abort(event: Event) -> None:
+    primitive = getattr(event, "primitive", None)  # EVT_ACSE_RECV carries it
+    if isinstance(primitive, A_ABORT):
+        _ABORT_REASONS[event.assoc] = "the calling AE sent A-ABORT"
+    elif isinstance(primitive, A_P_ABORT):
+        reason = _PROVIDER_REASONS.get(primitive.provider_reason or 0, f"reason {primitive.provider_reason}")
+        _ABORT_REASONS[event.assoc] = f"A-P-ABORT: {reason}"
+
+
 def _log_aborted(event: Event) -> None:
-    LOGGER.warning("association with %s aborted", str(event.assoc.requestor.ae_title).strip())
+    reason = _ABORT_REASONS.pop(event.assoc, "aborted here (a network or DIMSE timeout, or the listener stopping)")
+    LOGGER.warning("association with %s aborted: %s", str(event.assoc.requestor.ae_title).strip(), reason)
 
 
 def build_ae(options: ListenerOptions) -> AE:
@@ -214,6 +238,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_REQUESTED, handle_requested, [self.options.allowed_calling_aets]),
+            (evt.EVT_ACSE_RECV, _note_abort),
             (evt.EVT_ABORTED, _log_aborted),
         ]
         self._server = self._ae.start_server(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from fracwatch.dicom import status as codes
@@ -96,10 +97,12 @@ class Outgoing:
     sop_class_uid: str
 
 
-def store_files(peer: Peer, items: Sequence[Outgoing]) -> list[StoreOutcome]:
-    """C-STORE each file (sent as stored, not re-encoded) over one association; one outcome per file."""
+def store_files(peer: Peer, items: Sequence[Outgoing]) -> Iterator[StoreOutcome]:
+    """C-STORE each file (sent as stored, not re-encoded) over one association; one outcome per file, yielded
+    as soon as it is known — so the caller records an acknowledgement before the next file goes (a crash
+    mid-batch then resends only the file in flight, not every file already acknowledged)."""
     if not items:
-        return []
+        return
     paths = [item.path for item in items]
     classes = [item.sop_class_uid for item in items]
     ae = _ae(peer)
@@ -111,28 +114,28 @@ def store_files(peer: Peer, items: Sequence[Outgoing]) -> list[StoreOutcome]:
     if not assoc.is_established:
         permanent = bool(assoc.is_rejected and getattr(assoc.acceptor.primitive, "result", None) == REJECTED_PERMANENT)
         reason = "rejected the association permanently" if permanent else "could not be associated with"
-        return [StoreOutcome(p, None, f"{where} {reason}", permanent=permanent) for p in paths]
-    outcomes = []
+        for path in paths:
+            yield StoreOutcome(path, None, f"{where} {reason}", permanent=permanent)
+        return
     try:
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         for path, sop_class in zip(paths, classes, strict=True):
-            if sop_class not in accepted:
-                outcomes.append(StoreOutcome(path, None, f"{where} does not accept SOP class {sop_class}", True))
-                continue
-            if not assoc.is_established:
-                outcomes.append(StoreOutcome(path, None, f"association with {where} ended", False))
-                continue
-            response = assoc.send_c_store(path)
-            if "Status" not in response:
-                outcomes.append(StoreOutcome(path, None, f"no C-STORE response from {where}", False))
-                continue
-            code = int(response.Status)
-            if codes.is_acknowledged(code):
-                outcomes.append(StoreOutcome(path, code, None))
-            else:
-                transient = codes.is_transient_failure(code)
-                outcomes.append(StoreOutcome(path, code, f"{where} answered 0x{code:04X}", permanent=not transient))
+            yield _store_one(assoc, where, path, sop_class, accepted)
     finally:
         if assoc.is_established:
             assoc.release()
-    return outcomes
+
+
+def _store_one(assoc: Association, where: str, path: Path, sop_class: str, accepted: set[str]) -> StoreOutcome:
+    if sop_class not in accepted:
+        return StoreOutcome(path, None, f"{where} does not accept SOP class {sop_class}", True)
+    if not assoc.is_established:
+        return StoreOutcome(path, None, f"association with {where} ended", False)
+    response = assoc.send_c_store(path)
+    if "Status" not in response:
+        return StoreOutcome(path, None, f"no C-STORE response from {where}", False)
+    code = int(response.Status)
+    if codes.is_acknowledged(code):
+        return StoreOutcome(path, code, None)
+    transient = codes.is_transient_failure(code)
+    return StoreOutcome(path, code, f"{where} answered 0x{code:04X}", permanent=not transient)

@@ -132,6 +132,7 @@ def _death(exitcode: int | None) -> str:
 # --- inside a pool process ---------------------------------------------------------------------------------
 
 _state: dict[str, Any] = {}
+SCORING_NICENESS = 10
 
 
 def _initialise(settings: Settings, factory: str | None, threads: int, memory_mb: int | None) -> None:
@@ -139,15 +140,20 @@ def _initialise(settings: Settings, factory: str | None, threads: int, memory_mb
     job this process is given (a clear reason in the dead letter), instead of a process that dies at birth."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the daemon stops the pool
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    for noisy in ("pynetdicom", "highdicom"):  # highdicom logs seven INFO lines for every SR it builds
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
+    logging.getLogger("pydicom.pixels").setLevel(logging.CRITICAL)  # a broken stream: recorded per image instead
     try:
+        # Scoring yields the CPU to the listener and HTTP in the daemon's own process (a receiver that
+        # stalls makes the PACS queue or time out; a score a moment later costs nothing).
+        os.nice(SCORING_NICENESS)
         if memory_mb is not None:
             limit = memory_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         import torch
 
         torch.set_num_threads(threads)
-        engine = db.make_engine(settings.database_url)
+        engine = db.make_engine(settings.database_url, settings.data_dir)
         sessions = db.session_factory(engine)
         bundle = load_bundle(settings.model_path)
         build: ProcessorFactory = build_scorer

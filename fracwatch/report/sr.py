@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import highdicom as hd
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
+from pydicom.dataelem import DataElement
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -53,12 +55,27 @@ def shallow_copy(ds: Dataset, without: frozenset[int] = frozenset()) -> Dataset:
 
 
 def with_type2_defaults(ds: Dataset) -> Dataset:
-    """A shallow copy of a source header with missing Patient/Study Type 2 attributes present and empty."""
+    """A shallow copy of a source header with missing Patient/Study Type 2 attributes present and empty, and
+    person names in the current form (``conformant_name``)."""
     copy = shallow_copy(ds)
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in copy:
             setattr(copy, keyword, "")
+    for keyword in PERSON_NAMES:
+        element = copy.data_element(keyword)
+        if element is not None and element.VR == "PN" and element.VM == 1 and element.value:
+            # a new element: the copy shares the source's, and setting .value would change the source too
+            copy[element.tag] = DataElement(element.tag, "PN", conformant_name(str(element.value)))
     return copy
+
+
+PERSON_NAMES = ("PatientName", "ReferringPhysicianName")
+
+
+def conformant_name(name: str) -> str:
+    """A person name with no component separator (``ward``: the retired, free-text form dciodvfy warns about)
+    as a family name (``ward^``): the same name in the current form, nothing dropped."""
+    return name if "^" in name or "=" in name or not name.strip() else f"{name}^"
 
 
 @dataclass(frozen=True)
@@ -147,10 +164,17 @@ def _library_entry(ds: Dataset) -> Dataset | None:
     orientation = entry.get("PatientOrientation")
     spacing = entry.get("ImagerPixelSpacing")
     if str(entry.get("Modality", "")) in ("CR", "DX") and not (
-        orientation is not None and len(orientation) == 2 and spacing is not None and len(spacing) == 2
+        orientation is not None and len(orientation) == 2 and _positive_pair(spacing)
     ):
-        return None
+        return None  # a spacing of 0\0 (RG1's "unknown") is not copied into the SR as if it were a measurement
     return entry
+
+
+def _positive_pair(spacing: Any) -> bool:
+    try:
+        return spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing)
+    except (TypeError, ValueError):
+        return False
 
 
 def build_sr(
@@ -184,7 +208,6 @@ def build_sr(
         contribution_datetime=content_time,
         contribution_description="Fracture triage by a convolutional network; not for diagnostic use",
     )
-    equipment.DeviceUID = identity.device_uid
     sr = hd.sr.Comprehensive3DSR(
         evidence=[image.dataset for image in images],
         content=report,

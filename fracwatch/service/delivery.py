@@ -70,45 +70,45 @@ class Deliverer:
         return acknowledged
 
     def _send(self, destination: str, jobs: list[DeliveryJob]) -> int:
+        """Send ``jobs`` to ``destination``, recording each outcome as it comes (before the next file goes)."""
         try:
             target = Destination.parse(destination)
         except ValueError as exc:
-            outcomes = [StoreOutcome(Path(job.path), None, str(exc), permanent=True) for job in jobs]
-        else:
-            peer = Peer(
-                target.ae_title,
-                target.host,
-                target.port,
-                self._calling_ae,
-                self._timeout,
-                ssl_context=self._ssl_context,
-            )
-            present = [Outgoing(Path(job.path), job.sop_class_uid) for job in jobs if Path(job.path).is_file()]
-            results = {o.path: o for o in store_files(peer, present)}
-            outcomes = [
-                results.get(Path(job.path))
-                or StoreOutcome(Path(job.path), None, f"{Path(job.path).name} is missing", permanent=True)
-                for job in jobs
-            ]
+            unusable = [StoreOutcome(Path(job.path), None, str(exc), permanent=True) for job in jobs]
+            return sum(self._record(destination, job, outcome) for job, outcome in zip(jobs, unusable, strict=True))
+        peer = Peer(
+            target.ae_title, target.host, target.port, self._calling_ae, self._timeout, ssl_context=self._ssl_context
+        )
         acknowledged = 0
-        now = self._clock()
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            status = f"0x{outcome.status:04X}" if outcome.status is not None else None
-            attempt = Attempt(outcome.acknowledged, status, outcome.error or "failed", outcome.permanent)
-            settled = settle(self._policy, attempt, job.attempts, now)
-            with self._sessions() as session, session.begin():
-                if attempt.accepted:
-                    assert outcome.status is not None
-                    outbox.mark_sent(session, job.id, outcome.status, now)
-                    acknowledged += 1
-                else:
-                    error = attempt.error or "failed"
-                    outbox.mark_failed(session, job.id, outcome.status, error, settled.next_attempt_at)
-            self._count(settled.outcome, job, now)
-            # operators' scripts wait for the "acknowledged by" line
-            acknowledged_line = f"{job.sop_instance_uid} acknowledged by {destination}"
-            report(LOGGER, f"{job.sop_instance_uid} to {destination}", settled, attempt, sent=acknowledged_line)
+        present: dict[Path, DeliveryJob] = {}
+        for job in jobs:
+            if Path(job.path).is_file():
+                present[Path(job.path)] = job
+            else:
+                missing = StoreOutcome(Path(job.path), None, f"{Path(job.path).name} is missing", permanent=True)
+                acknowledged += self._record(destination, job, missing)
+        outgoing = [Outgoing(path, job.sop_class_uid) for path, job in present.items()]
+        for outcome in store_files(peer, outgoing):
+            acknowledged += self._record(destination, present[outcome.path], outcome)
         return acknowledged
+
+    def _record(self, destination: str, job: DeliveryJob, outcome: StoreOutcome) -> int:
+        """Mark one delivery sent or failed (with its next attempt); 1 when acknowledged."""
+        now = self._clock()
+        status = f"0x{outcome.status:04X}" if outcome.status is not None else None
+        attempt = Attempt(outcome.acknowledged, status, outcome.error or "failed", outcome.permanent)
+        settled = settle(self._policy, attempt, job.attempts, now)
+        with self._sessions() as session, session.begin():
+            if attempt.accepted:
+                assert outcome.status is not None
+                outbox.mark_sent(session, job.id, outcome.status, now)
+            else:
+                outbox.mark_failed(session, job.id, outcome.status, attempt.error or "failed", settled.next_attempt_at)
+        self._count(settled.outcome, job, now)
+        # operators' scripts wait for the "acknowledged by" line
+        acknowledged_line = f"{job.sop_instance_uid} acknowledged by {destination}"
+        report(LOGGER, f"{job.sop_instance_uid} to {destination}", settled, attempt, sent=acknowledged_line)
+        return 1 if attempt.accepted else 0
 
     def _count(self, outcome: str, job: DeliveryJob, now: datetime) -> None:
         if self._metrics is None:

@@ -36,7 +36,7 @@ def _study_page(session: Session, query: StudyQuery) -> list[StudyRow]:
 
 def upgrade_database(settings: Settings) -> str | None:
     """Migrate the configured database to head; return the revision."""
-    engine = db.make_engine(settings.database_url)
+    engine = db.make_engine(settings.database_url, settings.data_dir)
     try:
         return db.upgrade(engine)
     finally:
@@ -63,7 +63,7 @@ def _audited(action: str, target: str, query: Callable[[Session, Any], T], argum
 
 
 def _with_session(settings: Settings, action: Callable[[Session], T], write: bool = False) -> T:
-    engine = db.make_engine(settings.database_url)
+    engine = db.make_engine(settings.database_url, settings.data_dir)
     try:
         _check_revision(engine)
         with db.session_factory(engine)() as session:
@@ -139,7 +139,7 @@ def purge_preview(settings: Settings, days: float) -> list[PurgeItem]:
 
 def purge_now(settings: Settings, days: float) -> int:
     """Run retention once from the CLI (the daemon runs it on its schedule)."""
-    engine = db.make_engine(settings.database_url)
+    engine = db.make_engine(settings.database_url, settings.data_dir)
     try:
         _check_revision(engine)
         return purge(db.session_factory(engine), days)

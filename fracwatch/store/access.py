@@ -6,13 +6,13 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from fracwatch.errors import FracwatchError
-from fracwatch.store.models import ApiToken, AuditEvent, Feedback, Study, StudyResult
+from fracwatch.store.models import ApiToken, AuditEvent, DashboardSession, Feedback, Study, StudyResult
 
 ROLES = ("viewer", "admin")
 VERDICTS = ("agree", "disagree", "note")
@@ -87,6 +87,38 @@ def authenticate(session: Session, token: str, now: datetime) -> Principal | Non
         return None
     row.last_used_at = now
     return Principal(row.id, row.name, row.role)
+
+
+def open_session(session: Session, principal: Principal, now: datetime, lifetime: timedelta) -> str:
+    """A new dashboard session for ``principal``; returns its key (for the cookie; only its digest is stored).
+    Expired sessions are swept here, so the table holds only live ones."""
+    session.execute(delete(DashboardSession).where(DashboardSession.expires_at <= now))
+    key = secrets.token_urlsafe(32)
+    session.add(
+        DashboardSession(
+            key_sha256=token_digest(key), token_id=principal.token_id, created_at=now, expires_at=now + lifetime
+        )
+    )
+    return key
+
+
+def session_principal(session: Session, key: str, now: datetime) -> Principal | None:
+    """Who a dashboard session key belongs to; None when unknown, expired, signed out or its token revoked."""
+    row = session.execute(
+        select(ApiToken, DashboardSession.expires_at)
+        .join(DashboardSession, DashboardSession.token_id == ApiToken.id)
+        .where(DashboardSession.key_sha256 == token_digest(key))
+    ).first()
+    if row is None or row[1] <= now or row[0].revoked_at is not None:
+        return None
+    token: ApiToken = row[0]
+    token.last_used_at = now
+    return Principal(token.id, token.name, token.role)
+
+
+def close_session(session: Session, key: str) -> None:
+    """Sign out: the session key stops working at once."""
+    session.execute(delete(DashboardSession).where(DashboardSession.key_sha256 == token_digest(key)))
 
 
 def record_audit(

@@ -21,6 +21,7 @@ from sqlalchemy.orm import sessionmaker
 
 from alembic import command
 from fracwatch.errors import DatabaseError
+from fracwatch.store.models import DATA_ROOT
 
 LOGGER = logging.getLogger(__name__)
 
@@ -54,9 +55,16 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str) -> Engine:
-    """Create the process's engine for ``url`` (SQLite file or PostgreSQL)."""
-    url = normalise_url(url)
+def make_engine(url: str, data_root: Path | None = None) -> Engine:
+    """Create the process's engine for ``url`` (SQLite file or PostgreSQL). File paths in the database are
+    stored relative to ``data_root`` (this host's data directory; ``models.DataPath``) and read back under it."""
+    engine = _engine(normalise_url(url))
+    if data_root is not None:
+        setattr(engine.dialect, DATA_ROOT, Path(os.path.abspath(data_root)))
+    return engine
+
+
+def _engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
@@ -95,18 +103,26 @@ def is_sqlite(url: str) -> bool:
         return False
 
 
-def lock_database(url: str) -> DatabaseLock | None:
-    """On a SQLite file, make sure no other fracwatch daemon uses it; None for PostgreSQL (shared by design).
-
-    Two daemons on one SQLite file would score each other's studies and send SRs twice: the second is refused.
-    """
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for PostgreSQL or an in-memory database."""
     try:
         parsed = make_url(normalise_url(url))
     except ArgumentError as exc:
         raise DatabaseError(f"invalid database URL: {exc}") from None
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
-    path = Path(parsed.database + ".lock")
+    return Path(parsed.database)
+
+
+def lock_database(url: str) -> DatabaseLock | None:
+    """On a SQLite file, make sure no other fracwatch daemon uses it; None for PostgreSQL (shared by design).
+
+    Two daemons on one SQLite file would score each other's studies and send SRs twice: the second is refused.
+    """
+    database = sqlite_file(url)
+    if database is None:
+        return None
+    path = Path(f"{database}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = path.open("a+", encoding="utf-8")
     try:
@@ -116,7 +132,7 @@ def lock_database(url: str) -> DatabaseLock | None:
         holder = handle.read().strip() or "unknown"
         handle.close()
         raise DatabaseError(
-            f"another fracwatch process (pid {holder}) already uses {parsed.database}: a SQLite database serves "
+            f"another fracwatch process (pid {holder}) already uses {database}: a SQLite database serves "
             "one daemon; to run several, share a PostgreSQL database"
         ) from None
     handle.seek(0)
@@ -178,8 +194,11 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
 
 def current_revision(engine: Engine) -> str | None:
     """The schema revision the database is at (None if never migrated)."""
-    with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot read {engine.url.render_as_string()}: {exc}") from exc
 
 
 def head_revision() -> str | None:

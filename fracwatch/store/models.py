@@ -7,7 +7,9 @@ from the patient and study modules is copied from the spooled source instance wh
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy import (
@@ -51,8 +53,46 @@ class UTCDateTime(TypeDecorator[datetime]):
         return result.replace(tzinfo=UTC) if result.tzinfo is None else result.astimezone(UTC)
 
 
+DATA_ROOT = "fracwatch_data_root"  # the attribute of an engine's dialect naming its data directory (db.make_engine)
+
+
+class DataPath(TypeDecorator[str]):
+    """A file under the data directory, stored relative to it (POSIX separators) so that hosts sharing one
+    database may mount the shared data root where each likes; read back as an absolute path under this
+    host's data directory. A path outside the data directory, or one written before paths were relative,
+    is stored and read as given (``root / "/abs"`` is ``/abs``)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        root: Path | None = getattr(dialect, DATA_ROOT, None)
+        if value is None or root is None:
+            return value
+        path = Path(os.path.abspath(value))
+        if path.is_relative_to(root):
+            return str(PurePosixPath(*path.relative_to(root).parts))
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
+        root: Path | None = getattr(dialect, DATA_ROOT, None)
+        if value is None or root is None:
+            return None if value is None else str(value)
+        return str(root / str(value))
+
+
 class Base(DeclarativeBase):
     """Declarative base of every fracwatch table."""
+
+
+class Installation(Base):
+    """One row: this database's identity, recorded by every data directory used with it (store.identity)."""
+
+    __tablename__ = "installation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    database_uid: Mapped[str] = mapped_column(String(36), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Study(Base):
@@ -118,7 +158,7 @@ class Instance(Base):
     sop_class_uid: Mapped[str] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     laterality: Mapped[str | None] = mapped_column(String(16))
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(DataPath)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
@@ -191,7 +231,7 @@ class ProducedObject(Base):
     sop_class_uid: Mapped[str] = mapped_column(UID)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     series_instance_uid: Mapped[str] = mapped_column(UID)
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(DataPath)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # file deleted by retention
 
@@ -262,6 +302,19 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class DashboardSession(Base):
+    """A signed-in browser: the cookie carries a random session key (only its SHA-256 is stored), never the API
+    token it was opened with; it ends at ``expires_at``, on sign-out, or when that token is revoked."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class AuditEvent(Base):

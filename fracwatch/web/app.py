@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from fracwatch import __version__
 from fracwatch.errors import FracwatchError
@@ -34,11 +35,13 @@ ROUTERS = (
 
 def create_app(ctx: WebContext) -> FastAPI:
     """The whole HTTP surface: /api, the dashboard, /metrics, /healthz, /readyz; OpenAPI at /docs."""
-    app = FastAPI(
+    app = FastAPIOffline(  # FastAPI, with /docs served from Swagger UI's packaged assets (no CDN)
         title="fracwatch",
         version=__version__,
         description="Admin API of the fracwatch fracture-triage daemon. Send `Authorization: Bearer <token>` "
         "(create one with `fracwatch token create`).",
+        redoc_url=None,
+        static_url=security.DOCS_ASSETS,
     )
     app.state.ctx = ctx
     app.state.cam_cache = studies.CamCache()

@@ -17,9 +17,9 @@ from fracwatch.domain import parse_time_bound
 from fracwatch.service.lifecycle import Clock, utc_now
 from fracwatch.service.metrics import Metrics
 from fracwatch.service.upload import ImageScorer
-from fracwatch.store.access import Principal, authenticate, record_audit
+from fracwatch.store.access import Principal, authenticate, record_audit, session_principal
 
-COOKIE = "fracwatch_token"
+COOKIE = "fracwatch_session"  # a dashboard session key (store.access.open_session), not the API token
 MAX_OFFSET = 1_000_000_000  # paging offsets above this are refused (422), far past any real result count
 
 
@@ -53,6 +53,13 @@ class WebContext:
         with self.write() as session:
             return authenticate(session, token, self.clock())
 
+    def session_principal(self, key: str | None) -> Principal | None:
+        """Who a dashboard cookie's session belongs to, or None."""
+        if not key:
+            return None
+        with self.write() as session:
+            return session_principal(session, key, self.clock())
+
     def audit_refused(self, request: Request, action: str) -> None:
         """Write an audit row for a presented token that was refused (unknown, revoked): who tried, from where."""
         self.audit(request, Principal(0, "(invalid token)", "none"), action, None)
@@ -64,19 +71,18 @@ class WebContext:
             record_audit(session, principal, action, target, client, self.clock())
 
 
-def request_token(request: Request) -> str | None:
-    """The bearer token of an API call, else the dashboard's cookie."""
+def bearer_token(request: Request) -> str | None:
+    """The bearer token of an API call, if it has one."""
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.cookies.get(COOKIE)
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
 def api_principal(ctx: WebContext, request: Request, role: str) -> Principal:
-    """The caller, or HTTP 401 (no/unknown token; an unknown one is audited) / 403 (role too low)."""
-    token = request_token(request)
-    principal = ctx.principal(token)
+    """The caller — a bearer token, else the dashboard's session cookie — or HTTP 401 (none, or unknown; an
+    unknown token is audited) / 403 (role too low)."""
+    token = bearer_token(request)
+    principal = ctx.principal(token) if token else ctx.session_principal(request.cookies.get(COOKIE))
     if principal is None:
         if token:
             ctx.audit_refused(request, "api.token_refused")
@@ -95,7 +101,7 @@ def context_of(request: Request) -> WebContext:
 Ctx = Annotated[WebContext, Depends(context_of)]
 
 
-# Declares the scheme in the OpenAPI document (the token itself is read by ``request_token``, which also takes
+# Declares the scheme in the OpenAPI document (the token itself is read by ``api_principal``, which also takes
 # the dashboard's cookie).
 BEARER = HTTPBearer(auto_error=False, description="An API token from `fracwatch token create`")
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]

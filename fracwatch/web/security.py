@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 from fastapi import Request
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
+DOCS_ASSETS = "/static/swagger"  # Swagger UI's scripts and styles (fastapi-offline)
+DOCS_PATHS = ("/docs", "/openapi.json", f"{DOCS_ASSETS}/")
 
 # The dashboard's pages load nothing from elsewhere: their style is inline, their charts inline SVG, their
 # Grad-CAM pictures data: URIs or our own PNGs; they run no script.

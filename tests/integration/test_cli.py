@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from fracwatch.cli import cli
 from fracwatch.daemon import RunningDaemon
@@ -203,3 +203,39 @@ def test_listing_on_an_older_schema_says_to_upgrade(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["outbox", "--data-dir", str(tmp_path)])
     assert result.exit_code == 1
     assert "schema revision 0001" in result.output and "fracwatch db upgrade" in result.output
+
+
+def _serve_refused(*args: str) -> str:
+    result = run("serve", "--port", str(free_port()), "--http-port", str(free_port()), *args)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return errors[0]
+
+
+def test_serve_does_not_create_a_database_that_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nonexistent" / "dir" / "x.db"
+    error = _serve_refused("--data-dir", str(tmp_path / "data"), "--db", f"sqlite:///{missing}")
+    assert f"the database {missing} does not exist" in error and "fracwatch db upgrade" in error
+    assert not missing.parent.parent.exists()  # nothing created, no folder either
+
+
+def test_a_data_directory_is_refused_with_another_database(
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon()  # the data directory's own SQLite database, created on first start
+    data = daemon.settings.data_dir
+    own = daemon.settings.database_url
+    files = [dicomgen.save(dicomgen.image(dicomgen.StudyIds(), seed=1), tmp_path / "a.dcm")]
+    assert send_files(daemon.scp.address[1], files) == [0]
+    daemon.stop()
+    assert json.loads((data / "database.json").read_text())["url"] == own
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    assert CliRunner().invoke(cli, ["db", "upgrade", "--db", other]).exit_code == 0  # created when asked
+    error = _serve_refused("--data-dir", str(data), "--db", other)
+    assert f"belongs to the database {own}" in error and f"not to {other}" in error
+    engine = db.make_engine(other)
+    with engine.connect() as connection:
+        assert connection.scalar(text("SELECT count(*) FROM instances")) == 0  # nothing re-registered
+    engine.dispose()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import random
 import resource
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +21,7 @@ from pynetdicom import AE
 
 from tests import dicomgen
 from tests.conftest import free_port, send_files
+from tests.pacs import running_pacs
 from tests.serveproc import ServeProcess, serve_args
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -35,8 +41,9 @@ def make_files(directory: Path, count: int, rows: int = 724, columns: int = 724)
 
 
 def stored_rows(data_dir: Path) -> dict[str, str]:
+    """Read raw (the daemon may be dead): paths are stored relative to the data directory."""
     with sqlite3.connect(data_dir / "fracwatch.db") as conn:
-        return dict(conn.execute("select sop_instance_uid, path from instances"))
+        return {uid: str(data_dir / path) for uid, path in conn.execute("select sop_instance_uid, path from instances")}
 
 
 class Sender(threading.Thread):
@@ -150,3 +157,79 @@ def test_disk_full_answers_a700_and_leaves_no_partial_file(tmp_path: Path) -> No
     spooled = sorted(p.name for p in (data_dir / "spool").rglob("*") if p.is_file())
     assert spooled == [dcmread(small[0], stop_before_pixels=True).SOPInstanceUID + ".dcm"]
     assert len(stored_rows(data_dir)) == 1
+
+
+def test_a_full_tmpfs_answers_a700_keeps_no_partial_file_and_recovers(tmp_path: Path) -> None:
+    """The spool on a 3 MB tmpfs (a real ENOSPC): an image too large is refused, nothing half-written stays,
+    and the next image that fits is stored."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    try:
+        big = make_files(tmp_path / "big", 1, rows=1400, columns=1400)  # 3.9 MB: cannot fit
+        small = make_files(tmp_path / "small", 2, rows=64, columns=64)
+        database = f"sqlite:///{tmp_path / 'db' / 'fracwatch.db'}"  # the database on the big disk
+        created = subprocess.run(
+            [sys.executable, "-m", "fracwatch", "db", "upgrade", "--db", database], capture_output=True, check=False
+        )
+        assert created.returncode == 0, created.stderr
+        port = free_port()
+        server = ServeProcess(serve_args(mount / "data", port, "--db", database))
+        try:
+            server.wait_for("listening as")
+            assert send_files(port, small[:1]) == [0x0000]
+            assert send_files(port, big) == [0xA700]
+            assert send_files(port, small[1:]) == [0x0000]  # the space the refused one took is free again
+        finally:
+            code = server.terminate()
+        assert code == 0, server.output
+        assert "No space left on device" in server.output or "refusing instance" in server.output
+        left = sorted(p.name for p in (mount / "data" / "spool").rglob("*") if p.is_file())
+        assert left == sorted(dcmread(p, stop_before_pixels=True).SOPInstanceUID + ".dcm" for p in small)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_kill_9_during_delivery_loses_no_sr_and_resends_at_most_the_one_in_flight(tmp_path: Path) -> None:
+    """SIGKILL of the daemon (and its scoring processes) at seeded random moments while SRs go to a slow PACS:
+    after restarts every study's SR arrives, each study gets one SR object (a resend repeats the same SOP
+    Instance UID, which a PACS keeps once), and each kill costs at most the one C-STORE that was in flight."""
+    rng = random.Random(35)
+    files = []
+    for index in range(8):
+        ids = dicomgen.StudyIds(accession=f"KILL-{index}")
+        files.append(dicomgen.save(dicomgen.image(ids, rows=64, columns=64, seed=index), tmp_path / f"{index}.dcm"))
+    studies = {str(dcmread(path, stop_before_pixels=True).StudyInstanceUID) for path in files}
+    data_dir, port = tmp_path / "data", free_port()
+    env = {"FRACWATCH_COMPLETION_INTERVAL": "0.2", "FRACWATCH_DELIVERY_INTERVAL": "0.3"}
+    kills = 0
+    with running_pacs(delay=0.4) as pacs:
+        args = serve_args(data_dir, port, "--stable-after", "1", "--destination", pacs.destination)
+        server = ServeProcess(args, env=env)
+        try:
+            server.wait_for("listening as")
+            assert send_files(port, files) == [0] * len(files)
+            pacs.wait_for(1, timeout=120)
+            for _ in range(3):
+                time.sleep(rng.uniform(0.1, 1.5))
+                server.kill_group()
+                kills += 1
+                server = ServeProcess(args, env=env)
+                server.wait_for("listening as")
+            deadline = time.monotonic() + 180
+            while {str(ds.StudyInstanceUID) for ds in pacs.received} != studies and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(3)  # room for a late resend
+        finally:
+            assert server.terminate() == 0, server.output
+        received = list(pacs.received)
+    by_study: dict[str, list[str]] = defaultdict(list)
+    for ds in received:
+        by_study[str(ds.StudyInstanceUID)].append(str(ds.SOPInstanceUID))
+    assert set(by_study) == studies, f"SRs for {len(by_study)} of {len(studies)} studies"
+    assert all(len(set(uids)) == 1 for uids in by_study.values()), by_study  # one SR object per study
+    resent = sum(len(uids) - 1 for uids in by_study.values())
+    print(f"{kills} kills, {len(received)} C-STOREs for {len(studies)} SRs ({resent} resent)")
+    assert resent <= kills

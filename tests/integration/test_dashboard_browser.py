@@ -120,3 +120,8 @@ def test_sign_in_filter_open_study_and_upload(
 
     browser.get(f"{base}/outbox")  # a viewer may not see the outbox
     assert "403" in browser.page_source or "admin role is required" in browser.page_source
+
+    # /docs renders with no network beyond this server (this machine reaches no CDN): Swagger UI's own assets
+    browser.get(f"{base}/docs")
+    operations = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#swagger-ui .opblock"))
+    assert len(operations) > 5 and "fracwatch" in browser.find_element(By.CSS_SELECTOR, "#swagger-ui .title").text

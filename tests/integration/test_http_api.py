@@ -209,7 +209,9 @@ def test_browser_protections_csrf_headers_and_refused_sign_ins(
         assert client.post("/login", data={"token": viewer_token}, headers=evil).status_code == 403
         assert client.post("/login", data={"token": "fw_wrong"}, headers=own).status_code == 200
         signed_in = client.post("/login", data={"token": viewer_token}, headers=own)
-        assert signed_in.status_code == 303 and client.cookies.get("fracwatch_token")
+        assert signed_in.status_code == 303
+        cookie = client.cookies.get("fracwatch_session")
+        assert cookie and viewer_token not in cookie  # a session key, not the API token itself
         # the cookie rides along, but a cross-site form post or JSON post is refused
         form = {"verdict": "agree", "note": "x"}
         assert client.post("/studies/1.5.1/feedback", data=form, headers=evil).status_code == 403
@@ -223,11 +225,20 @@ def test_browser_protections_csrf_headers_and_refused_sign_ins(
         assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
         assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
         assert page.headers["referrer-policy"] == "no-referrer"
+        assert client.post("/logout", headers=own).status_code == 303
+    with httpx.Client(base_url=server, cookies={"fracwatch_session": cookie}) as replay:
+        assert replay.get("/studies/1.5.1").status_code == 303  # signed out: the old cookie opens nothing
+        assert replay.get("/api/studies").status_code == 401
     with httpx.Client(base_url=server, headers=tokens["viewer"]) as api:
         # an API client with a bearer token is not a browser riding a cookie: no Origin needed
         assert api.post("/api/studies/1.5.1/feedback", json={"verdict": "note", "note": "ok"}).status_code == 201
         listing = api.get("/api/studies")
         assert listing.headers["cache-control"] == "no-store" and listing.headers["x-content-type-options"] == "nosniff"
+        docs = api.get("/docs")
+        assert docs.status_code == 200 and "/static/swagger/swagger-ui-bundle.js" in docs.text
+        assert "https://" not in docs.text and "http://" not in docs.text  # nothing fetched from elsewhere
+        assert api.get("/static/swagger/swagger-ui-bundle.js").status_code == 200
+        assert api.get("/redoc").status_code == 404
         schemes = api.get("/openapi.json").json()["components"]["securitySchemes"]
         assert any(s.get("scheme") == "bearer" for s in schemes.values())
         assert api.get("/api/studies", headers={"Authorization": "Bearer fw_guess"}).status_code == 401

@@ -6,6 +6,7 @@ import os
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -308,3 +309,30 @@ def test_stop_aborts_idle_associations_at_once(start_daemon: Callable[..., Runni
     finally:
         bare.close()
     assert not daemon.scp.running
+
+
+def test_a_stored_instance_and_an_aborted_association_are_logged_with_a_reason(
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = start_daemon()
+    port = daemon.scp.address[1]
+    ids = dicomgen.StudyIds()
+    path = dicomgen.save(dicomgen.image(ids), tmp_path / "one.dcm")
+    with caplog.at_level("INFO", logger="fracwatch"):
+        assert send_files(port, [path]) == [0]
+        ae = AE(ae_title="ABORTER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="FRACWATCH")
+        assert assoc.is_established
+        assoc.abort()  # an A-ABORT from the calling AE
+        ae.acse_timeout = ae.network_timeout = 5
+        dropped = ae.associate("127.0.0.1", port, ae_title="FRACWATCH")
+        assert dropped.is_established
+        dropped.dul.socket.socket.shutdown(socket.SHUT_RDWR)  # the connection dropped with no release
+        deadline = time.monotonic() + 10
+        while caplog.text.count("aborted:") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    sop = dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    assert f"stored {sop} (study {ids.study_uid} v1" in caplog.text  # UIDs only, never the patient
+    assert "association with ABORTER aborted: the calling AE sent A-ABORT" in caplog.text
+    assert "aborted: A-P-ABORT: the connection closed without a release" in caplog.text

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import create_engine, select, text, update
 
 from fracwatch.cli import cli
 from fracwatch.config import Settings
@@ -237,8 +237,10 @@ def test_two_receivers_and_workers_on_one_postgresql_score_each_study_once_throu
             doomed.wait_for(f"scoring started: study {dcmread(slow[0]).StudyInstanceUID}", timeout=120)
             doomed.kill_group()
 
+            mount = tmp_path / "mount-b"  # the survivor's host mounts the shared root at another path
+            mount.symlink_to(data, target_is_directory=True)
             survivor = ServeProcess(
-                ["--data-dir", str(data), *common, "--destination", destination],
+                ["--data-dir", str(mount), *common, "--destination", destination],
                 env=env,
                 command=[sys.executable, "-m", "fracwatch", "worker"],
             )
@@ -262,6 +264,9 @@ def test_two_receivers_and_workers_on_one_postgresql_score_each_study_once_throu
             with engine.connect() as connection:
                 scored = connection.execute(select(Study.state, Study.version)).all()
                 result_rows = connection.execute(select(StudyResult.study_id, StudyResult.study_version)).all()
+                paths = "SELECT path FROM instances UNION ALL SELECT path FROM produced_objects"
+                stored = connection.scalars(text(paths)).all()
+                assert all(not Path(path).is_absolute() for path in stored)  # relative to the shared root
             assert {state for state, _ in scored} == {"scored"} and {v for _, v in scored} == {1}
             assert len(result_rows) == len(set(result_rows)) == len(uids)  # every version scored exactly once
 

@@ -42,6 +42,9 @@ def test_serve_scores_a_study_and_the_cli_reports_it(tmp_path: Path) -> None:
         finally:
             assert server.terminate() == 0, server.output
     assert "Doe" not in server.output and ids.patient_id not in server.output  # no PHI in logs
+    assert " highdicom" not in server.output  # its seven INFO lines per SR stay out of the log
+    for path in files:  # each C-STORE is logged, by UID
+        assert f"stored {dcmread(path, stop_before_pixels=True).SOPInstanceUID} (study {ids.study_uid}" in server.output
 
     sr_path = tmp_path / "sr.dcm"
     sr.save_as(sr_path, enforce_file_format=True)

@@ -16,7 +16,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert settings.ae_title == "FRACWATCH"
     assert settings.port == 11112
-    assert settings.data_dir == Path("./var")
+    assert settings.data_dir == Path("./var").absolute()  # made absolute once, at load
     assert settings.stable_after == 30
     assert settings.max_pdu == 131072
     assert settings.database_url == f"sqlite:///{(Path('./var') / 'fracwatch.db').resolve()}"

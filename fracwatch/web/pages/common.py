@@ -20,7 +20,7 @@ class SignInNeeded(Exception):
 
 
 def _signed_in(request: Request, ctx: Ctx, role: str) -> Principal:
-    principal = ctx.principal(request.cookies.get(COOKIE))
+    principal = ctx.session_principal(request.cookies.get(COOKIE))
     if principal is None:
         raise SignInNeeded()
     if not principal.may(role):
@@ -49,7 +49,7 @@ def page(request: Request, name: str, principal: Principal | None, **values: Any
 
 def sign_in_redirect(request: Request, _exc: Exception) -> Response:
     """Send a browser without a valid cookie to the sign-in page."""
-    if request.cookies.get(COOKIE):  # a cookie whose token is no longer valid (revoked)
+    if request.cookies.get(COOKIE):  # a session that ended (expired, or its token revoked)
         response = RedirectResponse("/login?error=expired", status_code=303)
         response.delete_cookie(COOKIE)
         return response

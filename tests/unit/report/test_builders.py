@@ -67,3 +67,18 @@ def test_sr_round_trips_through_highdicom(tmp_path: Path) -> None:
     (group, study_group) = document.content.get_image_measurement_groups()
     assert group.get_qualitative_evaluations()[0].value.value == "2667000"  # Absent
     assert float(study_group.get_measurements()[0].value) == pytest.approx(0.25)
+
+
+def test_an_sr_from_a_real_cr_header_has_no_dciodvfy_errors_or_warnings(tmp_path: Path) -> None:
+    """RG1 (pydicom's test data): a free-text Referring Physician (``ward``, the retired name form) and a
+    Pixel Spacing of 0\\0 were copied into the SR as they were, and the equipment carried a Device UID."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    header = dcmread(get_testdata_file("RG1_UNCI.dcm"), stop_before_pixels=True)
+    sr = build_sr([ScoredImage(header, 0.25, "negative")], 0.25, "negative", IDENTITY, datetime.now(UTC))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path, ("Error", "Warning")) == []
+    assert str(sr.ReferringPhysicianName) == "ward^" and str(header.ReferringPhysicianName) == "ward"
+    assert "ImagerPixelSpacing" not in header  # the source header was not modified

@@ -12,7 +12,7 @@ from sqlalchemy.orm import sessionmaker
 
 from fracwatch.store import access, results, retention, search
 from fracwatch.store import triage as triage_store
-from fracwatch.store.models import ApiToken, Delivery, Study, TriageMessage
+from fracwatch.store.models import ApiToken, DashboardSession, Delivery, Study, TriageMessage
 from fracwatch.store.search import StudyQuery
 from tests.seed import seed_study
 
@@ -218,3 +218,26 @@ def test_an_error_result_has_no_turnaround(sessions: sessionmaker[Any]) -> None:
     assert rows["1.8.1"].category == "error" and rows["1.8.1"].turnaround_seconds is None
     assert rows["1.8.2"].turnaround_seconds is not None and rows["1.8.2"].turnaround_seconds >= 0
     assert stats.turnaround_p50 == rows["1.8.2"].turnaround_seconds  # the error study is not in the figure
+
+
+def test_dashboard_sessions_end_on_expiry_sign_out_and_revocation(sessions: sessionmaker[Any]) -> None:
+    with sessions() as session, session.begin():
+        token = access.create_token(session, "nurse", "viewer", T0)
+        principal = access.authenticate(session, token, T0)
+        assert principal is not None
+        key = access.open_session(session, principal, T0, timedelta(hours=12))
+        other = access.open_session(session, principal, T0, timedelta(hours=12))
+    assert token not in key and key != other
+    with sessions() as session, session.begin():
+        assert access.session_principal(session, key, T0 + timedelta(hours=1)) == principal
+        assert access.session_principal(session, token, T0) is None  # the API token is not a session key
+        assert access.session_principal(session, key, T0 + timedelta(hours=12)) is None  # expired
+        access.close_session(session, key)
+        assert access.session_principal(session, key, T0 + timedelta(hours=1)) is None  # signed out
+        assert access.session_principal(session, other, T0 + timedelta(hours=1)) == principal
+        access.revoke_token(session, "nurse", T0 + timedelta(hours=2))
+        assert access.session_principal(session, other, T0 + timedelta(hours=3)) is None  # its token revoked
+    with sessions() as session, session.begin():  # expired sessions are swept when the next one opens
+        access.open_session(session, principal, T0 + timedelta(days=1), timedelta(hours=12))
+    with sessions() as session:
+        assert len(session.scalars(select(DashboardSession)).all()) == 1

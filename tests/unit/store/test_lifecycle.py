@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
 from sqlalchemy.orm import sessionmaker
 
 from fracwatch.domain import InstanceHeader, ReceivedInstance, RecordOutcome
@@ -108,3 +108,26 @@ def test_list_filters(sessions: sessionmaker[Any]) -> None:
 def test_naive_datetimes_are_refused(sessions: sessionmaker[Any]) -> None:
     with pytest.raises(Exception, match="naive"):
         record(sessions, received("9.9", at=datetime(2026, 1, 1)))
+
+
+def test_paths_are_stored_relative_to_the_data_root_and_read_under_each_hosts_root(db_url: str, tmp_path: Path) -> None:
+    here, there = tmp_path / "host-a" / "data", tmp_path / "host-b" / "mnt"
+    engine_a = db.make_engine(db_url, here)
+    engine_b = db.make_engine(db_url, there)
+    raw = db.make_engine(db_url)
+    try:
+        db.upgrade(engine_a)
+        inside = ReceivedInstance(received("1.2.3.9.1").header, here / "spool" / "1.2.3" / "a.dcm", 100, "M", T0)
+        outside = ReceivedInstance(received("1.2.3.9.2").header, Path("/elsewhere/b.dcm"), 100, "M", T0)
+        record(db.session_factory(engine_a), inside)
+        record(db.session_factory(engine_a), outside)
+        with raw.connect() as connection:
+            stored = set(connection.scalars(text("SELECT path FROM instances")))
+        assert stored == {"spool/1.2.3/a.dcm", "/elsewhere/b.dcm"}
+        with db.session_factory(engine_b)() as session:
+            assert instances.held_paths(session) == {str(there / "spool/1.2.3/a.dcm"), "/elsewhere/b.dcm"}
+        with db.session_factory(engine_a)() as session:
+            assert str(here / "spool/1.2.3/a.dcm") in instances.held_paths(session)
+    finally:
+        for engine in (engine_a, engine_b, raw):
+            engine.dispose()
