@@ -406,7 +406,7 @@ def predict(
     """Score PNG, JPEG or DICOM files with the daemon's pipeline."""
     from fracwatch.model.bundle import load_bundle
     from fracwatch.model.predictor import Predictor
-    from fracwatch.service.scoring import load_file, score_loaded, write_cam_pictures
+    from fracwatch.service.scoring import image_category, load_file, score_loaded, write_cam_pictures
 
     configure_logging("WARNING")
     model_path = model or load(None).model_path  # --model, else the configured or shipped bundle
@@ -416,7 +416,8 @@ def predict(
     except (FracwatchError, ValueError) as exc:
         fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))
     config = bundle.preprocess_config
-    loaded = [load_file(path, config, pixel_spacing) if path.is_file() else _missing(path) for path in files]
+    rules = bundle.scope  # the out-of-scope gate, as in the daemon
+    loaded = [load_file(path, config, pixel_spacing, rules) if path.is_file() else _missing(path) for path in files]
     probabilities = score_loaded(loaded, predictor, config)
     cams: list[Path | None] = [None] * len(files)
     if cam_dir is not None:
@@ -427,9 +428,10 @@ def predict(
             {
                 "file": str(path),
                 "probability": probability,
-                "category": bundle.category(probability) if probability is not None else "error",
+                "category": image_category(image, probability, bundle),
                 "frames": image.frames,
                 "error": image.error,
+                "reason": image.skipped,  # why a skipped (out of scope) image was not scored
                 "model": bundle.card.name,
                 "model_version": bundle.card.version,
                 "cam": str(cam) if cam is not None else None,
@@ -440,7 +442,8 @@ def predict(
     else:
         for row in rows:
             p = f"{row['probability']:.3f}" if row["probability"] is not None else "-"
-            click.echo(f"{row['category']:<8} p={p:<6} {row['file']}" + (f"  ({row['error']})" if row["error"] else ""))
+            why = row["error"] or row["reason"]
+            click.echo(f"{row['category']:<8} p={p:<6} {row['file']}" + (f"  ({why})" if why else ""))
     if any(row["error"] for row in rows):
         sys.exit(EXIT_ERROR)
 

@@ -71,7 +71,7 @@ def studies(
 @settings_options
 @click.option("--since", help="Scored on or after this date/time (UTC).")
 @click.option("--until", help="Scored before this date/time (UTC); a bare date is its midnight.")
-@click.option("--category", type=click.Choice(["positive", "doubt", "negative", "error"]))
+@click.option("--category", type=click.Choice(["positive", "doubt", "negative", "error", "skipped"]))
 @click.option("--accession", help="Only studies with this accession number.")
 @click.option("--study", "study_uid", help="Only this Study Instance UID.")
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)

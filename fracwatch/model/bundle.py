@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from fracwatch.errors import FracwatchError
 from fracwatch.model.networks import build_network
+from fracwatch.pipeline.gate import GateRules
 from fracwatch.pipeline.transforms import PreprocessConfig
 
 CARD_NAME = "model.json"
@@ -48,6 +49,20 @@ class Preprocessing(BaseModel):
         return PreprocessConfig(**self.model_dump())
 
 
+class Scope(BaseModel):
+    """The out-of-scope gate's rules (pipeline.gate), versioned with the bundle; a card without them gets the
+    defaults of ``GateRules``."""
+
+    rules_version: str = "1"
+    min_grey_levels: int = Field(default=32, ge=1, le=256)
+    max_dominant_share: float = Field(default=0.9, gt=0, le=1)
+    min_pattern_residual: float = Field(default=1e-4, ge=0, lt=1)
+    max_colour: float = Field(default=0.04, ge=0, le=1)
+
+    def rules(self) -> GateRules:
+        return GateRules(**self.model_dump())
+
+
 class OperatingPoints(BaseModel):
     """Probability thresholds: ≥ positive → positive; ≥ doubt → doubt; else negative."""
 
@@ -75,6 +90,7 @@ class ModelCard(BaseModel):
     manufacturer: str = "fracwatch project"
     architecture: Architecture
     preprocessing: Preprocessing
+    scope: Scope = Field(default_factory=Scope)
     class_names: list[str] = Field(min_length=2, max_length=32)  # > 2: multi-class, class 0 = no fracture
     operating_points: OperatingPoints
     weights: Weights
@@ -124,6 +140,11 @@ class Bundle:
     @property
     def preprocess_config(self) -> PreprocessConfig:
         return self.card.preprocessing.config()
+
+    @property
+    def scope(self) -> GateRules:
+        """What the bundle scores at all: the gate's rules (``pipeline.gate``)."""
+        return self.card.scope.rules()
 
     def category(self, probability: float) -> str:
         """positive / doubt / negative by the card's operating points."""

@@ -44,3 +44,14 @@ def load_picture(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if array.ndim != 2:
         raise PictureError(f"{path.name}: unexpected picture shape {array.shape}")
     return array
+
+
+def colourfulness(path: Path) -> float:
+    """Mean chroma of a picture (0 grey, 1 saturated), from a 256-pixel thumbnail; 0 for grey modes. The file
+    has passed ``load_picture`` (a readable picture within the pixel budget)."""
+    with Image.open(path) as picture:
+        if picture.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "F"):
+            return 0.0
+        picture.thumbnail((256, 256))
+        rgb = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
+    return float((rgb.max(axis=2) - rgb.min(axis=2)).mean())

@@ -30,7 +30,8 @@ from fracwatch.errors import FracwatchError
 from fracwatch.model.bundle import Bundle
 from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.predictor import Predictor
-from fracwatch.pipeline.pictures import MAX_PIXELS, PICTURE_SUFFIXES, PictureError, load_picture
+from fracwatch.pipeline.gate import GateRules, colour_reason, out_of_scope
+from fracwatch.pipeline.pictures import MAX_PIXELS, PICTURE_SUFFIXES, PictureError, colourfulness, load_picture
 from fracwatch.pipeline.transforms import (
     PreprocessConfig,
     TileGrid,
@@ -50,6 +51,7 @@ from fracwatch.store.instances import HandOver, InstanceRef
 from fracwatch.store.results import ImageScore, NewResult, ReportFile
 
 LOGGER = logging.getLogger(__name__)
+SKIPPED = "skipped"  # the category of an image (and of a study with nothing else) the gate kept from the model
 
 
 @dataclass
@@ -61,6 +63,7 @@ class LoadedImage:
     inputs: list[torch.Tensor] = field(default_factory=list)
     header: Dataset | None = None
     error: str | None = None
+    skipped: str | None = None  # out of scope (pipeline.gate): why it was not scored; not an error
     display: np.ndarray | None = None
     frames: int = 0
     grid: TileGrid | None = None
@@ -76,14 +79,21 @@ def mean_spacing(spacing: tuple[float, float] | None) -> float | None:
     return None if spacing is None else (spacing[0] + spacing[1]) / 2
 
 
-def _inputs(frames: Sequence[np.ndarray], config: PreprocessConfig, spacing_mm: float | None) -> LoadedImage:
+def _inputs(
+    frames: Sequence[np.ndarray], config: PreprocessConfig, spacing_mm: float | None, rules: GateRules | None
+) -> LoadedImage:
+    """The network inputs of ``frames``, unless the gate finds the first out of scope (then none, and why)."""
+    reason = out_of_scope(frames[0], rules) if rules is not None else None
+    if reason is not None:
+        return LoadedImage(skipped=reason, display=frames[0], frames=len(frames))
     grid = tile_grid(frames[0].shape, spacing_mm, config)  # an instance's frames share one shape
     inputs = [tensor for frame in frames for tensor in network_inputs(frame, config, grid)]
     return LoadedImage(inputs=inputs, display=frames[0], frames=len(frames), grid=grid)
 
 
-def load_dicom(ds: Dataset, config: PreprocessConfig) -> LoadedImage:
-    """Decode and preprocess every frame of a DICOM image; errors are captured, never raised."""
+def load_dicom(ds: Dataset, config: PreprocessConfig, rules: GateRules | None = None) -> LoadedImage:
+    """Decode and preprocess every frame of a DICOM image, unless the gate (``rules``, the bundle's scope) finds
+    it out of scope; errors are captured, never raised."""
     try:
         shape = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
         pixels = shape[0] * shape[1] * max(1, int(ds.get("NumberOfFrames", 1) or 1))
@@ -91,7 +101,7 @@ def load_dicom(ds: Dataset, config: PreprocessConfig) -> LoadedImage:
             return LoadedImage(error=f"{shape[0]} x {shape[1]} pixels over the budget of {MAX_PIXELS} an image")
         target = decode_target(shape, mean_spacing(header_spacing(ds)), config)
         decoded = decode_dataset(ds, target_longest=target)
-        loaded = _inputs(list(decoded.frames), config, mean_spacing(decoded.pixel_spacing))
+        loaded = _inputs(list(decoded.frames), config, mean_spacing(decoded.pixel_spacing), rules)
         loaded.header = shallow_copy(ds, without=PIXEL_TAGS)  # reads every element: a bad one fails here
     except (PixelDataError, ValueError, TypeError) as exc:
         return LoadedImage(error=str(exc))
@@ -100,20 +110,34 @@ def load_dicom(ds: Dataset, config: PreprocessConfig) -> LoadedImage:
     return loaded
 
 
-def load_file(path: Path, config: PreprocessConfig, spacing_mm: float | None = None) -> LoadedImage:
-    """A DICOM file or a picture (PNG, JPEG, TIFF, BMP), preprocessed with ``config`` (a bundle's). A picture's
+def load_file(
+    path: Path, config: PreprocessConfig, spacing_mm: float | None = None, rules: GateRules | None = None
+) -> LoadedImage:
+    """A DICOM file or a picture (PNG, JPEG, TIFF, BMP), preprocessed with ``config`` (a bundle's) unless the
+    gate (``rules``: the bundle's scope; None for none, as in training) finds it out of scope. A picture's
     pixel spacing is ``spacing_mm`` where the caller knows it (a synth manifest, ``predict --pixel-spacing``);
     a DICOM file's comes from its header."""
     if path.suffix.lower() in PICTURE_SUFFIXES:
         try:
-            return _inputs([load_picture(path)], config, spacing_mm)
+            frame = load_picture(path)
+            colour = colour_reason(colourfulness(path), rules) if rules is not None else None
+            if colour is not None:
+                return LoadedImage(skipped=colour, display=frame, frames=1)
+            return _inputs([frame], config, spacing_mm, rules)
         except (PictureError, ValueError) as exc:
             return LoadedImage(error=str(exc))
     try:
         ds = dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         return LoadedImage(error=f"{path.name} is neither a picture nor a readable DICOM file: {exc}")
-    return load_dicom(ds, config)
+    return load_dicom(ds, config, rules)
+
+
+def image_category(image: LoadedImage, probability: float | None, bundle: Bundle) -> str:
+    """An image's category: the bundle's for a score, ``skipped`` out of scope, ``error`` when it failed."""
+    if probability is not None:
+        return bundle.category(probability)
+    return SKIPPED if image.skipped is not None else "error"
 
 
 def score_loaded(images: Sequence[LoadedImage], predictor: Predictor, config: PreprocessConfig) -> list[float | None]:
@@ -274,7 +298,7 @@ class StudyScorer:
             ds = dcmread(ref.path)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             return LoadedImage(error=f"cannot read the stored file: {exc}")
-        return load_dicom(ds, self._bundle.preprocess_config)
+        return load_dicom(ds, self._bundle.preprocess_config, self._bundle.scope)
 
     def _finish(self, item: _StudyWork, probabilities: Sequence[float | None]) -> None:
         bundle = self._bundle
@@ -282,6 +306,10 @@ class StudyScorer:
         scores = []
         scored: list[ScoredImage] = []
         for ref, image, probability in zip(item.instances, item.images, probabilities, strict=True):
+            if probability is None and image.skipped is not None:
+                LOGGER.info("instance %s skipped: %s", ref.sop_instance_uid, image.skipped)
+                scores.append(ImageScore(ref.id, None, SKIPPED, image.skipped))
+                continue
             if probability is None:
                 LOGGER.warning("instance %s not scored: %s", ref.sop_instance_uid, image.error)
                 scores.append(ImageScore(ref.id, None, None, image.error or "not scored"))
@@ -292,6 +320,8 @@ class StudyScorer:
             scored.append(ScoredImage(image.header, probability, category))
         study_probability = max((s.probability for s in scored), default=None)
         category = bundle.category(study_probability) if study_probability is not None else "error"
+        if study_probability is None and any(score.category == SKIPPED for score in scores):
+            category = SKIPPED  # out of scope, not failed: no SR, no flag
         uid = item.hand_over.study_instance_uid
         report = (
             self._write_report(uid, scored, study_probability, category, now) if study_probability is not None else None

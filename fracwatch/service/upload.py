@@ -13,7 +13,7 @@ from PIL import Image
 
 from fracwatch.model.bundle import Bundle
 from fracwatch.model.predictor import Predictor
-from fracwatch.service.scoring import LoadedImage, cam_pictures, load_file, score_loaded
+from fracwatch.service.scoring import LoadedImage, cam_pictures, image_category, load_file, score_loaded
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class UploadResult:
     model: str
     model_version: str
     cam_png: bytes | None = field(default=None, repr=False)
+    reason: str | None = None  # why an out-of-scope image (category "skipped") was not scored
 
     @property
     def cam_data_uri(self) -> str | None:
@@ -46,7 +47,7 @@ class ImageScorer:
     def score_path(self, path: Path, name: str) -> UploadResult:
         """Probability, category and Grad-CAM picture of a PNG/JPEG/DICOM file."""
         with self._lock:
-            image: LoadedImage = load_file(path, self.bundle.preprocess_config)
+            image: LoadedImage = load_file(path, self.bundle.preprocess_config, rules=self.bundle.scope)
             probability = score_loaded([image], self._predictor, self.bundle.preprocess_config)[0]
             picture = cam_pictures([image], [probability], self._predictor, self.bundle)[0]
         png = None
@@ -55,8 +56,8 @@ class ImageScorer:
             Image.fromarray(picture).save(buffer, format="PNG")
             png = buffer.getvalue()
         card = self.bundle.card
-        category = self.bundle.category(probability) if probability is not None else "error"
-        return UploadResult(name, probability, category, image.error, card.name, card.version, png)
+        category = image_category(image, probability, self.bundle)
+        return UploadResult(name, probability, category, image.error, card.name, card.version, png, image.skipped)
 
     def score_bytes(self, data: bytes, name: str) -> UploadResult:
         """As :meth:`score_path` for an upload (kept in a temporary file only while it is scored)."""

@@ -173,7 +173,7 @@ def turnaround_seconds(
     The study row only knows its latest version's last instance; an older version's result falls back to
     its completion time.
     """
-    if category == "error":
+    if category in ("error", "skipped"):
         return None
     start = last_received_at if study_version == result_version else completed_at
     return (end - start).total_seconds() if start is not None else None

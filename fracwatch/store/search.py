@@ -184,6 +184,7 @@ class ImageRow:
     category: str | None
     error: str | None
     frames: int
+    reason: str | None = None  # why a skipped image (category "skipped", out of scope) was not scored
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,15 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
 
 def _result_detail(session: Session, result: StudyResult) -> ResultDetail:
     images = [
-        ImageRow(uid, series_uid, image.probability, image.category, image.error, image.frames)
+        ImageRow(
+            uid,
+            series_uid,
+            image.probability,
+            image.category,
+            None if image.category == "skipped" else image.error,
+            image.frames,
+            image.error if image.category == "skipped" else None,
+        )
         for image, uid, series_uid in session.execute(
             select(ImageResult, Instance.sop_instance_uid, Series.series_instance_uid)
             .join(Instance, Instance.id == ImageResult.instance_id)
@@ -392,7 +401,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def _positive_rate(counts: Counter[str]) -> float | None:
-    scored = sum(n for category, n in counts.items() if category != "error")
+    scored = sum(n for category, n in counts.items() if category not in ("error", "skipped"))
     return counts["positive"] / scored if scored else None
 
 

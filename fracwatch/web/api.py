@@ -158,6 +158,7 @@ async def predict(request: Request, ctx: Ctx, principal: Viewer, file: Annotated
         "file": result.filename,
         "probability": result.probability,
         "category": result.category,
+        "reason": result.reason,
         "model": result.model,
         "model_version": result.model_version,
         "cam_png": result.cam_data_uri,

@@ -15,7 +15,7 @@ class StudyFilters(BaseModel):
 
     since: str | None = Field(None, description="first received at or after (ISO date or date-time, UTC)")
     until: str | None = Field(None, description="first received before (ISO date = its midnight, or date-time, UTC)")
-    category: Literal["positive", "doubt", "negative", "error"] | None = None
+    category: Literal["positive", "doubt", "negative", "error", "skipped"] | None = None
     body_part: str | None = None
     accession: str | None = None
     sending_ae: str | None = None

@@ -258,3 +258,49 @@ def test_study_of_documents_only_is_skipped(
     with daemon.sessions() as session:
         assert session.scalars(select(Study.state)).one() == "skipped"
         assert session.scalars(select(StudyResult)).all() == []
+
+
+def _pattern_dx(ids: dicomgen.StudyIds, series: str) -> Dataset:
+    """A DX whose pixels are SMPTE bars: a test pattern a modality or a PACS can send as an image."""
+    from tests import patterns
+
+    ds = dicomgen.image(ids, series_uid=series, rows=480, columns=640)
+    ds.PixelData = (patterns.smpte_bars() * 16).astype("uint16").tobytes()
+    return ds
+
+
+def test_out_of_scope_images_are_skipped_with_a_reason_and_get_no_sr_or_flag(
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, clock: FakeClock
+) -> None:
+    from fracwatch.store import search
+
+    with running_pacs() as pacs:
+        daemon = start_daemon(destinations=[pacs.destination])
+        only = dicomgen.StudyIds(accession="PATTERN")
+        mixed = dicomgen.StudyIds(accession="MIXED")
+        series = str(generate_uid())
+        files = [
+            dicomgen.save(_pattern_dx(only, str(generate_uid())), tmp_path / "only.dcm"),
+            dicomgen.save(_pattern_dx(mixed, series), tmp_path / "mixed-pattern.dcm"),
+            dicomgen.save(dicomgen.phantom_image(mixed, 7, True, series), tmp_path / "mixed-phantom.dcm"),
+        ]
+        assert send_files(daemon.scp.address[1], files) == [0, 0, 0]
+        complete(daemon, clock)
+        (sr,) = pacs.wait_for(1, timeout=60)
+        assert sr.StudyInstanceUID == mixed.study_uid  # the pattern-only study sends nothing to PACS
+        daemon.deliver_once()
+        assert len(pacs.received) == 1
+        with daemon.sessions() as session:
+            pattern_only = search.study_detail(session, only.study_uid)
+            both = search.study_detail(session, mixed.study_uid)
+            flagged = session.scalar(select(Study.flagged_at).where(Study.study_instance_uid == only.study_uid))
+    assert pattern_only is not None and both is not None and flagged is None
+    (result,) = pattern_only.results
+    assert result.category == "skipped" and result.probability is None and result.sr_sop_instance_uid is None
+    (image,) = result.images
+    assert image.category == "skipped" and image.error is None and "test pattern" in (image.reason or "")
+    (scored,) = both.results
+    by_category = {i.category: i for i in scored.images}
+    assert set(by_category) - {"skipped"} and "skipped" in by_category  # one scored, one skipped
+    assert scored.sr_sop_instance_uid == sr.SOPInstanceUID
+    assert len(sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence) == 1

@@ -19,7 +19,7 @@ from fracwatch.cli import cli
 from fracwatch.daemon import RunningDaemon
 from fracwatch.pipeline.pictures import MAX_PIXELS
 from fracwatch.service.queries import create_token
-from tests import dicomgen
+from tests import dicomgen, patterns
 from tests.conftest import PHANTOM_MODEL
 from tests.integration.test_predict import picture
 
@@ -68,3 +68,30 @@ def test_upload_over_the_budget_is_a_422_and_the_server_stays_up(
         scored = client.post("/api/predict", files={"file": ("fine.png", fine, "image/png")})
         assert scored.status_code == 200 and scored.json()["category"] in ("positive", "doubt", "negative")
         assert client.get("/healthz").status_code == 200
+
+
+def test_out_of_scope_images_are_skipped_with_a_reason_by_predict_and_the_upload_api(
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    """A SMPTE test pattern once came out "doubt, fracture possible (p = 0.41)" on the upload page."""
+    smpte = patterns.save_png(patterns.smpte_bars(), tmp_path / "smpte.png")
+    page = patterns.save_png(patterns.document(), tmp_path / "page.png")
+    photo = patterns.colour_photo(tmp_path / "photo.png")
+    fine = picture(tmp_path / "fine.png", fractured=True, seed=3)
+    files = [str(path) for path in (smpte, page, photo, fine)]
+    result = CliRunner().invoke(cli, ["predict", "--model", str(PHANTOM_MODEL), "--json", *files])
+    assert result.exit_code == 0, result.output  # skipping is not an error
+    rows = {Path(row["file"]).name: row for row in json.loads(result.output)}
+    for name in ("smpte.png", "page.png", "photo.png"):
+        assert rows[name]["category"] == "skipped" and rows[name]["probability"] is None
+        assert rows[name]["reason"].startswith("not a radiograph") and rows[name]["error"] is None
+    assert rows["fine.png"]["category"] in ("positive", "doubt", "negative") and rows["fine.png"]["reason"] is None
+
+    daemon = start_daemon()
+    token = create_token(daemon.settings, "uploader", "viewer")
+    base = f"http://127.0.0.1:{daemon.settings.http_port}"
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
+        answer = client.post("/api/predict", files={"file": ("smpte.png", smpte.read_bytes(), "image/png")})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["category"] == "skipped" and answer.json()["probability"] is None
+        assert "test pattern" in answer.json()["reason"] and answer.json()["cam_png"] is None
