@@ -1,10 +1,12 @@
 """End-to-end latency and throughput of ``fracwatch serve``: 2-image DX studies in, SRs out.
 
-    python bench/e2e.py [--studies 30] [--burst 30] [--size 1024] [--stable-after 0.5]
+    python bench/e2e.py [--studies 30] [--burst 30] [--size 1024 | --rows 3000 --columns 2500] [--jpeg2000]
+                        [--stable-after 0.5]
 
 1. Latency: studies are sent one at a time with DCMTK ``storescu``; for each, the time from completion (the
-   study's ``completed_at`` in fracwatch's database) to the SR being acknowledged by the receiving SCP.
-   Prints p50 and p95.
+   study's ``completed_at`` in fracwatch's database) to the SR being acknowledged by the receiving SCP — the
+   working time — and, apart from it, the time waiting for stability (last instance received → completed:
+   ``stable_after`` plus the completion tick). Prints p50 and p95 of both.
 2. Throughput: a burst of studies sent back to back; studies per minute from the first send to the last SR.
 3. The ratio of serving throughput (images/s) to a bare ``model(x)`` loop on the same network and input size
    in this process: how much of the machine the pipeline around the model costs.
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -68,7 +70,11 @@ class Receiver:
             self.lock.wait_for(lambda: studies <= set(self.arrivals), timeout=timeout)
 
 
-def make_study(directory: Path, side: int, seed: int) -> tuple[str, list[Path]]:
+def make_study(
+    directory: Path, side: int, seed: int, columns: int | None = None, syntax: UID = ExplicitVRLittleEndian
+) -> tuple[str, list[Path]]:
+    """Two ``side`` x ``columns`` (default square) 12-bit DX images of one study, stored in ``syntax``
+    (JPEG 2000 lossless compresses them)."""
     rng = np.random.default_rng(seed)
     study, series = generate_uid(), generate_uid()
     paths = []
@@ -79,12 +85,14 @@ def make_study(directory: Path, side: int, seed: int) -> tuple[str, list[Path]]:
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.Modality, ds.PatientName, ds.PatientID = "DX", "Bench^Synthetic", "BENCH"
         ds.PatientOrientation, ds.ImagerPixelSpacing = ["A", "F"], [0.15, 0.15]
-        ds.Rows = ds.Columns = side
+        ds.Rows, ds.Columns = side, columns or side
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.PixelData = rng.integers(0, 4096, size=(side, side), dtype=np.uint16).tobytes()
+        ds.PixelData = rng.integers(0, 4096, size=(ds.Rows, ds.Columns), dtype=np.uint16).tobytes()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        if syntax != ExplicitVRLittleEndian:
+            ds.compress(syntax, generate_instance_uid=False)
         path = directory / f"{seed:04d}_{index}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -98,16 +106,22 @@ def send(paths: list[Path], port: int) -> None:
     )  # fmt: skip
 
 
-def completed_at(data_dir: Path) -> dict[str, float]:
+def completed_at(data_dir: Path, field: str = "completed_at") -> dict[str, float]:
+    """``field`` (``completed_at``, ``last_received_at``) of every study, from ``fracwatch studies --json``."""
     out = subprocess.run(
         [sys.executable, "-m", "fracwatch", "studies", "--data-dir", str(data_dir), "--json", "--limit", "100000"],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     return {
-        row["study_instance_uid"]: datetime.fromisoformat(row["completed_at"]).timestamp()
+        row["study_instance_uid"]: datetime.fromisoformat(row[field]).timestamp()
         for row in json.loads(out.stdout)
-        if row["completed_at"]
+        if row[field]
     }
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
 def bare_model_rate(batch: int, seconds: float = 10.0) -> float:
@@ -129,9 +143,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=30, help="studies for the latency run")
     parser.add_argument("--burst", type=int, default=30, help="studies for the throughput run")
-    parser.add_argument("--size", type=int, default=1024, help="image side, pixels")
+    parser.add_argument("--size", type=int, default=1024, help="image side, pixels (square images)")
+    parser.add_argument("--rows", type=int, help="image rows (with --columns: real-size CR/DX, e.g. 3000)")
+    parser.add_argument("--columns", type=int, help="image columns (e.g. 2500)")
+    parser.add_argument("--jpeg2000", action="store_true", help="send the images JPEG 2000 lossless compressed")
     parser.add_argument("--stable-after", type=float, default=0.5)
     args = parser.parse_args()
+    rows, columns = args.rows or args.size, args.columns or args.rows or args.size
+    syntax = JPEG2000Lossless if args.jpeg2000 else ExplicitVRLittleEndian
     receiver = Receiver()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -147,29 +166,33 @@ def main() -> None:
         try:
             wait_echo(port, "FRACWATCH")
             (root / "src").mkdir()
-            latency_studies = [make_study(root / "src", args.size, i) for i in range(args.studies)]
+            latency_studies = [make_study(root / "src", rows, i, columns, syntax) for i in range(args.studies)]
             for study, paths in latency_studies:
                 send(paths, port)
                 receiver.wait({study}, timeout=120)
-            burst = [make_study(root / "src", args.size, 10_000 + i) for i in range(args.burst)]
+            burst = [make_study(root / "src", rows, 10_000 + i, columns, syntax) for i in range(args.burst)]
             start = time.time()
             for _, paths in burst:
                 send(paths, port)
             receiver.wait({s for s, _ in burst}, timeout=600)
             end = max(receiver.arrivals[s] for s, _ in burst)
             completed = completed_at(data_dir)
+            last_received = completed_at(data_dir, "last_received_at")
         finally:
             server.terminate()
             server.wait(timeout=60)
             receiver.server.shutdown()
-    latencies = sorted(receiver.arrivals[s] - completed[s] for s, _ in latency_studies)
-    p50 = statistics.median(latencies)
-    p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
+    latencies = [receiver.arrivals[s] - completed[s] for s, _ in latency_studies]
+    p50, p95 = percentiles(latencies)
+    wait50, wait95 = percentiles([completed[s] - last_received[s] for s, _ in latency_studies])
     per_minute = len(burst) / (end - start) * 60
     serving_images = 2 * len(burst) / (end - start)
     bare = bare_model_rate(batch=2)
-    print(f"latency completion → SR acknowledged ({len(latencies)} studies): p50 {p50:.3f} s, p95 {p95:.3f} s")
-    print(f"sustained: {per_minute:.1f} studies/min ({serving_images:.2f} images/s), {args.size}² 16-bit DX")
+    kind = f"{rows} x {columns} 16-bit DX{', JPEG 2000 lossless' if args.jpeg2000 else ''}"
+    print(f"working: completion → SR acknowledged ({len(latencies)} studies): p50 {p50:.3f} s, p95 {p95:.3f} s")
+    waiting = f"p50 {wait50:.3f} s, p95 {wait95:.3f} s"
+    print(f"waiting: last instance → completion (stable_after {args.stable_after} s): {waiting}")
+    print(f"sustained: {per_minute:.1f} studies/min ({serving_images:.2f} images/s), {kind}")
     print(f"bare model(x) loop, batch 2: {bare:.1f} images/s; serving / bare = {serving_images / bare:.3f}")
 
 
