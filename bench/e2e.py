@@ -101,7 +101,7 @@ def make_study(
 
 def send(paths: list[Path], port: int) -> None:
     subprocess.run(
-        [STORESCU, "-aec", "FRACWATCH", "-aet", "MODALITY", "127.0.0.1", str(port), *map(str, paths)],
+        [STORESCU, "-xv", "-R", "-aec", "FRACWATCH", "-aet", "MODALITY", "127.0.0.1", str(port), *map(str, paths)],
         check=True, env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
     )  # fmt: skip
 
