@@ -151,8 +151,12 @@ def _initialise(settings: Settings, factory: str | None, threads: int, memory_mb
             limit = memory_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         import torch
+        from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(threads)
+        # numpy's OpenBLAS (the gate's SVD, any linear algebra) otherwise starts a thread per core that spins
+        # beside torch's: measured here, 64 studies of 1024² DX, 7.1 -> 15.0 images/s with one worker.
+        threadpool_limits(limits=1, user_api="blas")
         engine = db.make_engine(settings.database_url, settings.data_dir)
         sessions = db.session_factory(engine)
         bundle = load_bundle(settings.model_path)
