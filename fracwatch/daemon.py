@@ -199,7 +199,10 @@ class RunningDaemon:
             LOGGER.warning("cannot queue %s: %s", task, exc)
 
     def start(self) -> None:
-        """Start the parts in order: job runner (with the backlog re-queued), ticks, listener, HTTP."""
+        """Start the parts in order: scoring processes (warming up), job runner (with the backlog re-queued),
+        ticks, listener, HTTP."""
+        if self.pool is not None:
+            self.pool.warm()
         self.runner.start()
         self.metrics.track_queue(self.worker.backlog)
         # On SQLite this is the only process: a version a job had claimed when it stopped is orphaned. On

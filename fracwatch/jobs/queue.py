@@ -66,8 +66,13 @@ def score_job(hand_over: HandOver) -> Job:
 
 
 def tick_job(task: str) -> Job:
-    """One run of a cluster-wide periodic task: one at a time across every process, at most one waiting."""
-    return Job(task, TICKS_QUEUE, {}, lock=task, queueing_lock=task)
+    """One run of a cluster-wide periodic task: one at a time across every process, at most one waiting.
+
+    The stalled-job check takes no job lock: a process killed while running it would hold that lock for good,
+    and nothing would then recover the jobs that process held (its own run among them). It serialises itself
+    with a PostgreSQL advisory lock instead, which dies with its holder's connection (tasks.retry_stalled).
+    """
+    return Job(task, TICKS_QUEUE, {}, lock=None if task == RETRY_STALLED else task, queueing_lock=task)
 
 
 class JobQueue(Protocol):

@@ -19,6 +19,7 @@ import procrastinate
 from procrastinate import JobContext, RetryStrategy
 from procrastinate.exceptions import UniqueViolation
 from procrastinate.jobs import Status
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import sessionmaker
 
 from fracwatch.jobs.queue import (
@@ -102,6 +103,26 @@ class Handlers:
     async def retry_stalled(self, context: JobContext) -> None:
         """Jobs whose process stopped sending heartbeats: run them again elsewhere, or dead-letter a scoring job
         that has used its attempts (a study that kills its worker process every time)."""
+        held = await asyncio.to_thread(self._stalled_check_lock)
+        if held is None:
+            return  # another process is checking right now
+        try:
+            await self._retry_stalled(context)
+        finally:
+            await asyncio.to_thread(_release, held)
+
+    def _stalled_check_lock(self) -> Connection | None:
+        """A connection holding the cluster's stalled-check advisory lock, or None when another process holds it
+        (the lock goes with its connection: a process that dies mid-check does not keep it)."""
+        engine: Engine = self.sessions.kw["bind"]
+        connection = engine.connect()
+        if connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": STALLED_CHECK_LOCK}):
+            connection.commit()
+            return connection
+        connection.close()
+        return None
+
+    async def _retry_stalled(self, context: JobContext) -> None:
         manager = context.app.job_manager
         for job in await manager.get_stalled_jobs(seconds_since_heartbeat=self.stalled_after):
             if job.task_name == SCORE_STUDY and job.attempts + 1 >= self.attempts:
@@ -115,6 +136,17 @@ class Handlers:
                 await manager.retry_job(job)
             except UniqueViolation:  # the same work already waits in a newer job: let that one run it
                 await manager.finish_job(job, status=Status.FAILED, delete_job=False)
+
+
+STALLED_CHECK_LOCK = 0x66726173  # "fras": the advisory lock of the stalled-job check
+
+
+def _release(connection: Connection) -> None:
+    try:
+        connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": STALLED_CHECK_LOCK})
+        connection.commit()
+    finally:
+        connection.close()
 
 
 def register(app: procrastinate.App, handlers: Handlers) -> None:

@@ -257,7 +257,8 @@ def test_two_receivers_and_workers_on_one_postgresql_score_each_study_once_throu
                 time.sleep(1)
             time.sleep(5)  # room for a duplicate to arrive, were one to be sent
             srs = _srs(pacs_dir)
-            assert set(srs) == uids, f"SRs for {len(srs)} of {len(uids)} studies\n{survivor.output[-3000:]}"
+            logs = "\n".join(f"--- {p.proc.args[-1]}\n{p.output[-2500:]}" for p in (*receivers, doomed, survivor))
+            assert set(srs) == uids, f"SRs for {len(srs)} of {len(uids)} studies\n{logs}"
             assert set(srs.values()) == {1}, f"an SR sent twice: {srs}"
 
             engine = create_engine(postgres_db)
