@@ -240,7 +240,12 @@ class Settings(BaseSettings):
         """The SQLAlchemy URL: ``db_url`` if set, else a SQLite file in the data directory."""
         if self.db_url:
             return self.db_url
-        return f"sqlite:///{(self.data_dir / DB_FILENAME).resolve()}"
+        return f"sqlite:///{self.own_database}"
+
+    @property
+    def own_database(self) -> Path:
+        """The data directory's own SQLite file: the embedded default, the one database a daemon may create."""
+        return (self.data_dir / DB_FILENAME).resolve()
 
 
 DEFAULT_MODEL = "fracwatch-drr"

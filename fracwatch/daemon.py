@@ -19,7 +19,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from fracwatch.config import DB_FILENAME, Settings
+from fracwatch.config import Settings
 from fracwatch.dicom import tls
 from fracwatch.dicom.scp import ListenerOptions, StorageSCP
 from fracwatch.dicom.spool import Spool
@@ -92,10 +92,10 @@ def refuse_missing_database(settings: Settings) -> None:
     """A daemon creates only its data directory's own SQLite file (the embedded default); any other database
     that does not exist is a mistake to stop on (a typo in --db would start an empty database)."""
     path = db.sqlite_file(settings.database_url)
-    if path is not None and not path.exists() and path.resolve() != (settings.data_dir / DB_FILENAME).resolve():
+    if path is not None and not path.exists() and path.resolve() != settings.own_database:
         raise DatabaseError(
             f"the database {path} does not exist: `fracwatch db upgrade --db {settings.database_url}` creates it "
-            f"(a daemon creates only the {DB_FILENAME} of its data directory)"
+            f"(a daemon creates only its data directory's own {settings.own_database.name})"
         )
 
 

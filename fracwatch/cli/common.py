@@ -1,4 +1,5 @@
-"""What every ``fracwatch`` command shares: logging set-up, settings options, errors as exit codes, output."""
+"""What every ``fracwatch`` command shares: logging set-up (from ``fracwatch.logs``), settings options, errors as
+exit codes, output."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import dataclasses
 import json
 import logging
 import sys
-import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -17,37 +17,12 @@ import click
 from fracwatch.config import Settings, load_settings
 from fracwatch.domain import parse_time_bound
 from fracwatch.errors import ConfigError, FracwatchError
+from fracwatch.logs import configure_logging as configure_logging  # the commands import it from here
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 LOGGER = logging.getLogger("fracwatch")
-
-
-class _UTCFormatter(logging.Formatter):
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-
-
-NOISY_LOGGERS = ("pynetdicom", "apscheduler", "alembic", "procrastinate", "highdicom")
-
-
-def configure_logging(level: str) -> None:
-    """Log to stderr, UTC timestamps; pynetdicom, APScheduler, Procrastinate and highdicom (seven INFO lines per
-    SR it builds) only from WARNING up."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
-    # A decoder failing on a broken stream logs an ERROR with a traceback; the image's error is recorded and
-    # reported by fracwatch itself (one line, by UID).
-    logging.getLogger("pydicom.pixels").setLevel(logging.CRITICAL)
-    # A delivery kicked while the scheduled run is in progress is coalesced on purpose; APScheduler would log
-    # each as a skipped execution.
-    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
 def one_line(text: str) -> str:

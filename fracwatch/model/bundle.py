@@ -53,11 +53,11 @@ class Scope(BaseModel):
     """The out-of-scope gate's rules (pipeline.gate), versioned with the bundle; a card without them gets the
     defaults of ``GateRules``."""
 
-    rules_version: str = "1"
-    min_grey_levels: int = Field(default=32, ge=1, le=256)
-    max_dominant_share: float = Field(default=0.9, gt=0, le=1)
-    min_pattern_residual: float = Field(default=1e-4, ge=0, lt=1)
-    max_colour: float = Field(default=0.04, ge=0, le=1)
+    rules_version: str = GateRules.rules_version
+    min_grey_levels: int = Field(default=GateRules.min_grey_levels, ge=1, le=256)
+    max_dominant_share: float = Field(default=GateRules.max_dominant_share, gt=0, le=1)
+    min_pattern_residual: float = Field(default=GateRules.min_pattern_residual, ge=0, lt=1)
+    max_colour: float = Field(default=GateRules.max_colour, ge=0, le=1)
 
     def rules(self) -> GateRules:
         return GateRules(**self.model_dump())

@@ -30,7 +30,7 @@ class GateRules:
     rules_version: str = "1"
     min_grey_levels: int = 32  # distinct levels in the 8-bit thumbnail between the 0.5 / 99.5 percentiles
     max_dominant_share: float = 0.9  # share of pixels in the 8 most frequent levels (a text page 0.94, RG3 0.50)
-    min_pattern_residual: float = 1e-4  # variance left after a rank-3 fit (clean bars ~0; phantoms >= 2.1e-4)
+    min_pattern_residual: float = 1e-4  # variance left after a rank-3 fit (clean bars ~0; 100 phantoms >= 2.1e-4)
     max_colour: float = 0.04  # mean chroma of a picture, as a fraction of full scale
 
 

@@ -10,12 +10,13 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fracwatch"
-LEAVES = {"config", "errors", "domain", "resample", "__version__"}
+LEAVES = {"config", "errors", "domain", "logs", "resample", "__version__"}
 CORE = {"dicom", "pipeline", "model", "store", "report", "triage", "synth"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "domain": set(),
     "resample": set(),
+    "logs": set(),
     "config": {"errors"},
     "dicom": LEAVES,
     "pipeline": LEAVES,
