@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     model: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(default=None, ge=1, le=256)
+    # where the network runs (model.runtimes): auto = the fastest here of torch and the runtimes the bundle's card
+    # records as having passed their gate (timed when a scoring process starts); or one by name
+    runtime: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8"] = "auto"
     batch_size: int = Field(default=16, ge=1, le=1024)
     max_batch_studies: int = Field(default=8, ge=1, le=1000)
 

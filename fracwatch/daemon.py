@@ -41,7 +41,9 @@ from fracwatch.jobs.queue import (
 from fracwatch.jobs.runner import JobRunner
 from fracwatch.jobs.sandbox import SandboxOptions, ScoringFailed, ScoringPool
 from fracwatch.jobs.tasks import Handlers, Score, register
+from fracwatch.model import runtimes
 from fracwatch.model.bundle import Bundle, load_bundle
+from fracwatch.model.predictor import select_device
 from fracwatch.service import datadir
 from fracwatch.service.channels import channels_of
 from fracwatch.service.delivery import Deliverer
@@ -289,6 +291,7 @@ class Daemon:
         if self._processor is None and bundle is None:
             bundle = load_bundle(settings.model_path)  # here too: a bad bundle stops the start, in one line
             LOGGER.info("model %s %s (Device UID %s)", bundle.card.name, bundle.card.version, bundle.card.device_uid)
+            runtimes.check(bundle, settings.runtime, select_device(settings.device))
         refuse_missing_database(settings)
         lock = db.lock_database(settings.database_url)  # a second daemon on one SQLite file is refused
         try:
@@ -381,7 +384,8 @@ class Daemon:
         )
         register(queue.app, handlers)
         if settings.http_enabled and self._receive:
-            web = WebContext(sessions, settings, metrics, running.readiness, _upload_scorer(bundle), clock)
+            scorer = _upload_scorer(bundle, settings.runtime)
+            web = WebContext(sessions, settings, metrics, running.readiness, scorer, clock)
             running.http = HttpServer(create_app(web), settings.http_host, settings.http_port)
         return running
 
@@ -436,8 +440,8 @@ def _unscored(hand_over: HandOver, _now: datetime) -> None:
     raise ScoringFailed("this process has no scoring workers")
 
 
-def _upload_scorer(bundle: Bundle | None) -> ImageScorer | None:
+def _upload_scorer(bundle: Bundle | None, runtime: str) -> ImageScorer | None:
     """The web pages' Grad-CAM runs on a copy of the network of its own, off the worker's."""
     if bundle is None:
         return None
-    return ImageScorer(Bundle(bundle.path, bundle.card, copy.deepcopy(bundle.network)))
+    return ImageScorer(Bundle(bundle.path, bundle.card, copy.deepcopy(bundle.network)), runtime=runtime)

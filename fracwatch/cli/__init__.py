@@ -29,6 +29,7 @@ for _command in (
     model.train,
     model.evaluate,
     model.ensemble,
+    model.export_runtime,
     studies.results,
     studies.requeue,
     outbox.outbox,

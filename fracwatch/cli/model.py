@@ -1,4 +1,4 @@
-"""``fracwatch train``, ``evaluate``, ``ensemble`` and ``predict``: the model lifecycle."""
+"""``fracwatch train``, ``evaluate``, ``ensemble``, ``export-runtime`` and ``predict``: the model lifecycle."""
 
 from __future__ import annotations
 
@@ -351,6 +351,74 @@ def evaluate(
     click.echo(f"report and plots in {out}")
 
 
+@click.command("export-runtime")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    "bundle",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Model bundle to export (the ONNX files and their card entries are written into it).",
+)
+@click.option(
+    "--layout", type=click.Choice(["auto", "manifest", "folder", "csv", "dicom"]), default="auto", show_default=True
+)
+@click.option("--calibration-split", default="val", show_default=True, help="Images the int8 ranges come from.")
+@click.option("--test-split", default="test", show_default=True, help="Images the gate is measured on.")
+@click.option("--calibration-images", type=click.IntRange(8, 100000), default=128, show_default=True)
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Also an int8 (static) quantised graph.")
+@click.option("--auroc-tolerance", type=click.FloatRange(0, 1), default=0.005, show_default=True)
+@click.option("--probability-tolerance", type=click.FloatRange(0, 1), default=0.1, show_default=True)
+@LOAD_WORKERS
+@click.option("--json", "as_json", is_flag=True, help="Print the card's new runtimes as JSON.")
+def export_runtime(
+    dataset: Path,
+    bundle: Path,
+    layout: str,
+    calibration_split: str,
+    test_split: str,
+    calibration_images: int,
+    int8: bool,
+    auroc_tolerance: float,
+    probability_tolerance: float,
+    load_workers: int,
+    as_json: bool,
+) -> None:
+    """Export a bundle's network to ONNX Runtime (float32, and int8 calibrated on DATASET's calibration split),
+    measure each against torch on the test split (AUROC and every input's probability), and record them in the
+    card: the daemon's ``runtime: auto`` runs the fastest that passed. Exit 1 when none passed."""
+    from fracwatch.lab.runtimes import ExportRequest, export_runtimes
+
+    configure_logging("INFO")
+    request = ExportRequest(
+        bundle,
+        dataset,
+        layout,
+        calibration_split,
+        test_split,
+        calibration_images,
+        int8,
+        auroc_tolerance,
+        probability_tolerance,
+        load_workers,
+    )
+    try:
+        recorded = export_runtimes(request)
+    except (FracwatchError, ValueError) as exc:
+        fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))
+    if as_json:
+        click.echo(json.dumps({k: v.model_dump(mode="json") | {"passed": v.passed} for k, v in recorded.items()}))
+    else:
+        for name, entry in recorded.items():
+            click.echo(
+                f"{name}: test AUROC {entry.test_auroc:.4f} (torch {entry.reference_auroc:.4f}), largest probability "
+                f"difference {entry.max_probability_difference:.4f}, {100 * entry.category_agreement:.1f} % of "
+                f"images in the same category — {'passed' if entry.passed else 'FAILED'}"
+            )
+    if not any(entry.passed for entry in recorded.values()):
+        sys.exit(EXIT_ERROR)
+
+
 @click.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False))
 @click.option(
@@ -382,6 +450,12 @@ def ensemble(bundles: tuple[Path, ...], out: Path, version: str, name: str | Non
     help="Model bundle (default: configured, else shipped).",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--runtime",
+    type=click.Choice(["auto", "torch", "torch-bf16", "onnx", "onnx-int8"]),
+    help="Where the network runs (default: the configured runtime, as the daemon scores): auto picks the fastest "
+    "here of torch and the runtimes the bundle records as having passed their gate.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per file.")
 @click.option(
     "--cam",
@@ -399,20 +473,22 @@ def predict(
     files: tuple[Path, ...],
     model: Path | None,
     device: str,
+    runtime: str | None,
     as_json: bool,
     cam_dir: Path | None,
     pixel_spacing: float | None,
 ) -> None:
     """Score PNG, JPEG or DICOM files with the daemon's pipeline."""
     from fracwatch.model.bundle import load_bundle
-    from fracwatch.model.predictor import Predictor
+    from fracwatch.model.runtimes import predictor_for
     from fracwatch.service.scoring import image_category, load_file, score_loaded, write_cam_pictures
 
     configure_logging("WARNING")
-    model_path = model or load(None).model_path  # --model, else the configured or shipped bundle
+    settings = load(None)
+    model_path = model or settings.model_path  # --model, else the configured or shipped bundle
     try:
         bundle = load_bundle(model_path)
-        predictor = Predictor(bundle.network, device)
+        predictor = predictor_for(bundle, device, runtime=runtime or settings.runtime)
     except (FracwatchError, ValueError) as exc:
         fail(exc if isinstance(exc, FracwatchError) else FracwatchError(str(exc)))
     config = bundle.preprocess_config

@@ -28,7 +28,7 @@ from fracwatch.config import Settings
 from fracwatch.dicom.spool import Spool
 from fracwatch.logs import configure_logging
 from fracwatch.model.bundle import Bundle, load_bundle
-from fracwatch.model.predictor import Predictor
+from fracwatch.model.runtimes import predictor_for
 from fracwatch.service.channels import triage_endpoints
 from fracwatch.service.lifecycle import Clock, StudyProcessor
 from fracwatch.service.scoring import StudyScorer
@@ -52,7 +52,7 @@ class ScoringFailed(Exception):
 
 def build_scorer(settings: Settings, sessions: sessionmaker[Any], bundle: Bundle, clock: Clock) -> StudyProcessor:
     """The daemon's scorer: the bundle's network on this process's device, writing SRs into the results spool."""
-    predictor = Predictor(bundle.network, settings.device, settings.torch_threads, settings.batch_size)
+    predictor = predictor_for(bundle, settings.device, settings.torch_threads, settings.batch_size, settings.runtime)
     reports = Spool(settings.results_dir)
     reports.prepare()
     return StudyScorer(

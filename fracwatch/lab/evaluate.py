@@ -31,11 +31,11 @@ from fracwatch.lab.datasets import (
 )
 from fracwatch.model.augmentation import box_masks
 from fracwatch.model.bundle import (
-    CARD_NAME,
     Bundle,
     ModelCard,
     OperatingPoints,
     load_bundle,
+    write_card,
 )
 from fracwatch.model.card import at_operating_points, operating_points
 from fracwatch.model.metrics import (
@@ -347,7 +347,7 @@ def _write_operating_points(
     card = bundle.card.model_copy(update={"operating_points": points})
     card.metrics["operating_points_chosen_on"] = split or "all"
     card.metrics.update(at_operating_points(labels, probabilities, points))
-    (bundle.path / CARD_NAME).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+    write_card(bundle.path, card)
     LOGGER.info("operating points written to %s: doubt %.4f, positive %.4f", bundle.path, points.doubt, points.positive)
     return card
 
@@ -359,7 +359,7 @@ def _record(bundle: Bundle, card: ModelCard, report: dict[str, Any]) -> None:
     if "multiclass" in report:
         summary["multiclass"] = {k: report["multiclass"][k] for k in ("classes", "accuracy", "per_class")}
     card.metrics[f"evaluation_{report['data']['split']}"] = summary
-    (bundle.path / CARD_NAME).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+    write_card(bundle.path, card)
 
 
 def _finite(value: Any) -> Any:

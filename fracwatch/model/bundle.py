@@ -81,6 +81,37 @@ class Weights(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class RuntimeGate(BaseModel):
+    """A runtime other than torch float32 (``model.runtimes``) and the gate it was held to on the test split: its
+    image-level AUROC against the torch network's on the same inputs, the largest difference in any image's
+    probability, and how many images kept their category. ONNX runtimes carry their file, its checksum and the
+    weights it was made from; ``torch-bf16`` runs the weights themselves and has no file."""
+
+    file: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    test_auroc: float = Field(ge=0, le=1)
+    reference_auroc: float = Field(ge=0, le=1)
+    max_probability_difference: float = Field(ge=0, le=1)
+    category_agreement: float = Field(ge=0, le=1)
+    auroc_tolerance: float = Field(ge=0, le=1)
+    probability_tolerance: float = Field(ge=0, le=1)
+    test_images: int = Field(ge=0)
+    test_inputs: int = Field(ge=0)
+    how: str = ""
+    measured_on: str = ""
+    created: datetime
+
+    @property
+    def passed(self) -> bool:
+        """Whether it kept to its gate: AUROC within the tolerance of torch's, every image's probability within
+        its own."""
+        return (
+            abs(self.test_auroc - self.reference_auroc) <= self.auroc_tolerance
+            and self.max_probability_difference <= self.probability_tolerance
+        )
+
+
 class ModelCard(BaseModel):
     """Everything ``model.json`` says about the model."""
 
@@ -94,6 +125,7 @@ class ModelCard(BaseModel):
     class_names: list[str] = Field(min_length=2, max_length=32)  # > 2: multi-class, class 0 = no fracture
     operating_points: OperatingPoints
     weights: Weights
+    runtimes: dict[str, RuntimeGate] = Field(default_factory=dict)  # ONNX exports (model.runtimes)
     created: datetime
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -185,7 +217,30 @@ def verified_weights(path: Path) -> tuple[ModelCard, Path]:
             f"weights {weights.name} do not match the model card (sha256 {actual[:12]}…, card says "
             f"{card.weights.sha256[:12]}…): refusing a mismatched bundle"
         )
+    for name, runtime in card.runtimes.items():
+        _verify_runtime(path, name, runtime, card.weights.sha256)
     return card, weights
+
+
+def _verify_runtime(path: Path, name: str, runtime: RuntimeGate, weights_sha256: str) -> None:
+    """A runtime the card records must come from the card's weights, and its file (if any) be there and match its
+    checksum."""
+    if runtime.source_sha256 != weights_sha256:
+        raise BundleError(
+            f"the {name} runtime in {path} was made from other weights (sha256 {runtime.source_sha256[:12]}…) than "
+            f"the bundle's; measure it again (fracwatch export-runtime) or remove it from the card"
+        )
+    if runtime.file is None:
+        return
+    file = path / runtime.file
+    if not file.is_file():
+        raise BundleError(f"model bundle {path} lacks its {name} runtime file {runtime.file}")
+    actual = sha256_of(file)
+    if actual != runtime.sha256:
+        raise BundleError(
+            f"{runtime.file} does not match the model card (sha256 {actual[:12]}…, card says "
+            f"{(runtime.sha256 or 'none')[:12]}…): refusing a mismatched bundle"
+        )
 
 
 def initial_weights_file(path: Path) -> Path:
@@ -211,6 +266,13 @@ def save_bundle(path: Path, card: ModelCard, network: torch.nn.Module) -> ModelC
     path.mkdir(parents=True, exist_ok=True)
     weights = path / card.weights.file
     torch.save(network.state_dict(), weights)
-    final = card.model_copy(update={"weights": Weights(file=card.weights.file, sha256=sha256_of(weights))})
-    (path / CARD_NAME).write_text(json.dumps(final.model_dump(mode="json"), indent=2) + "\n")
+    digest = sha256_of(weights)
+    kept = {name: entry for name, entry in card.runtimes.items() if entry.source_sha256 == digest}  # not retrained
+    final = card.model_copy(update={"weights": Weights(file=card.weights.file, sha256=digest), "runtimes": kept})
+    write_card(path, final)
     return final
+
+
+def write_card(path: Path, card: ModelCard) -> None:
+    """``model.json`` of the bundle at ``path``."""
+    (path / CARD_NAME).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")

@@ -1,9 +1,12 @@
-"""Batched inference: CUDA with autocast when available, else CPU with channels_last; inference_mode always."""
+"""Batched inference: CUDA with autocast when available, else CPU with channels_last (or an ONNX Runtime session,
+``runtimes``); inference_mode always."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -82,33 +85,72 @@ def fracture_probability(logits: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.softmax(logits, dim=1)[:, 0]
 
 
+class TorchRuntime:
+    """The network itself in channels_last, under autocast to ``dtype`` (None: float16 on a GPU, float32 — no
+    autocast — on a CPU; ``runtimes`` offers bfloat16 on a CPU as ``torch-bf16``); inference_mode."""
+
+    def __init__(self, network: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        self.device = device
+        self.dtype = autocast_dtype(device) if dtype is None else dtype
+        self.name = "torch-bf16" if self.dtype == torch.bfloat16 else "torch"
+        self._format = torch.channels_last
+        self.network = network.to(device).to(memory_format=self._format).eval()  # type: ignore[call-overload]
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, outputs) float32 logits of a (N, 1, S, S) batch, on the CPU."""
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            inputs = batch.to(self.device, non_blocking=True).contiguous(memory_format=self._format)
+            return self.network(inputs).float().cpu()
+
+
+class Runtime(Protocol):
+    """Where the network runs (``TorchRuntime``, or an ONNX Runtime session, ``runtimes``): a (N, 1, S, S) float32
+    batch in, the network's (N, outputs) logits out."""
+
+    name: str
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+
+def batches(count: int, batch_size: int) -> list[slice]:
+    """``count`` inputs cut into the fewest batches of at most ``batch_size``, as even as they come (18 inputs at
+    16: 9 + 9, not 16 + 2 — a batch of two costs nearly what a full one does)."""
+    if count <= 0:
+        return []
+    parts = -(-count // batch_size)
+    bounds = [round(k * count / parts) for k in range(parts + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
 class Predictor:
-    """Turns preprocessed (1, S, S) tensors into fracture probabilities."""
+    """Turns preprocessed (1, S, S) tensors into fracture probabilities, in batches, on ``runtime`` (default: the
+    network on ``device`` in torch). ``network`` and ``device`` stay the torch network's: Grad-CAM needs its
+    gradients whatever runtime scores."""
 
     def __init__(
-        self, network: torch.nn.Module, device: str = "auto", threads: int | None = None, batch_size: int = 16
+        self,
+        network: torch.nn.Module,
+        device: str = "auto",
+        threads: int | None = None,
+        batch_size: int = 16,
+        runtime: Runtime | None = None,
     ) -> None:
         self.device = select_device(device)
         if threads:
             torch.set_num_threads(threads)
         self.batch_size = max(1, batch_size)
-        self._memory_format = torch.channels_last
-        network = network.to(self.device)
-        self.network = network.to(memory_format=self._memory_format).eval()  # type: ignore[call-overload]
-        LOGGER.info("inference on %s (batch %d)", self.device, self.batch_size)
+        torch_runtime = TorchRuntime(network, self.device)
+        self.network = torch_runtime.network
+        self.runtime: Runtime = runtime if runtime is not None else torch_runtime
+        LOGGER.info("inference on %s, %s runtime (batch %d)", self.device, self.runtime.name, self.batch_size)
 
     def predict_batch(self, batch: torch.Tensor) -> np.ndarray:
         """Probabilities for a (N, 1, S, S) batch."""
-        with torch.inference_mode(), autocast(self.device):
-            inputs = batch.to(self.device, non_blocking=True).contiguous(memory_format=self._memory_format)
-            return fracture_probability(self.network(inputs).float()).cpu().numpy().astype(np.float64)
+        return fracture_probability(self.runtime.logits(batch)).numpy().astype(np.float64)
 
     def predict(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
-        """Probabilities for any number of (1, S, S) tensors, in batches."""
+        """Probabilities for any number of (1, S, S) tensors, in batches (``batches``)."""
         if not inputs:
             return np.zeros(0, dtype=np.float64)
-        out = [
-            self.predict_batch(torch.stack(list(inputs[start : start + self.batch_size])))
-            for start in range(0, len(inputs), self.batch_size)
-        ]
+        out = [self.predict_batch(torch.stack(list(inputs[part]))) for part in batches(len(inputs), self.batch_size)]
         return np.concatenate(out)

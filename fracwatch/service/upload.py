@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from fracwatch.model.bundle import Bundle
-from fracwatch.model.predictor import Predictor
+from fracwatch.model.runtimes import predictor_for
 from fracwatch.service.scoring import LoadedImage, cam_pictures, image_category, load_file, score_loaded
 
 
@@ -39,9 +39,9 @@ class UploadResult:
 class ImageScorer:
     """Scores one image with Grad-CAM for the web pages: its own copy of the network, one request at a time."""
 
-    def __init__(self, bundle: Bundle, device: str = "cpu") -> None:
+    def __init__(self, bundle: Bundle, device: str = "cpu", runtime: str = "torch") -> None:
         self.bundle = bundle
-        self._predictor = Predictor(bundle.network, device)
+        self._predictor = predictor_for(bundle, device, runtime=runtime)  # the daemon's runtime: the same score
         self._lock = threading.Lock()
 
     def score_path(self, path: Path, name: str) -> UploadResult:

@@ -78,3 +78,47 @@ def test_incomplete_card_is_refused(bundle_copy: Path) -> None:
 def test_not_a_bundle(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"no model\.json"):
         load_bundle(tmp_path)
+
+
+def test_the_shipped_bundle_records_its_runtimes_gates_and_refuses_a_tampered_onnx_file(bundle_copy: Path) -> None:
+    """The default bundle's card records the runtimes measured against torch on its test split; the ONNX file
+    it ships is checked like the weights, and a runtime made from other weights is refused."""
+    card = read_card(bundle_copy)
+    assert {"torch-bf16", "onnx"} <= set(card.runtimes)
+    for name, gate in card.runtimes.items():
+        assert gate.source_sha256 == card.weights.sha256 and gate.test_images > 500
+        assert gate.test_inputs >= gate.test_images  # whole chests count their tiles
+        assert gate.passed == (
+            abs(gate.test_auroc - gate.reference_auroc) <= gate.auroc_tolerance
+            and gate.max_probability_difference <= gate.probability_tolerance
+        ), name
+        assert (gate.file is not None) == (bundle_copy / (gate.file or "-")).is_file()
+    assert card.runtimes["onnx"].passed and card.runtimes["onnx"].file == "model.onnx"
+    load_bundle(bundle_copy)
+
+    onnx = bundle_copy / "model.onnx"
+    original = onnx.read_bytes()
+    onnx.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(BundleError, match=r"model\.onnx does not match the model card"):
+        load_bundle(bundle_copy)
+    onnx.unlink()
+    with pytest.raises(BundleError, match=r"lacks its onnx runtime file model\.onnx"):
+        load_bundle(bundle_copy)
+    onnx.write_bytes(original)
+    raw = json.loads((bundle_copy / "model.json").read_text())
+    raw["runtimes"]["onnx"]["source_sha256"] = "0" * 64
+    (bundle_copy / "model.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="made from other weights"):
+        load_bundle(bundle_copy)
+
+
+def test_saving_new_weights_drops_the_runtimes_made_from_the_old(bundle_copy: Path) -> None:
+    from fracwatch.model.bundle import save_bundle
+
+    bundle = load_bundle(bundle_copy)
+    assert bundle.card.runtimes
+    with torch.no_grad():
+        next(bundle.network.parameters()).add_(0.01)  # retrained, say
+    card = save_bundle(bundle_copy, bundle.card, bundle.network)
+    assert card.runtimes == {} and read_card(bundle_copy).runtimes == {}
+    load_bundle(bundle_copy)  # the stale model.onnx is no longer the card's: nothing refers to it
