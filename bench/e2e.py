@@ -5,11 +5,14 @@
 
 1. Latency: studies are sent one at a time with DCMTK ``storescu``; for each, the time from completion (the
    study's ``completed_at`` in fracwatch's database) to the SR being acknowledged by the receiving SCP — the
-   working time — and, apart from it, the time waiting for stability (last instance received → completed:
+   working time; the first study, sent as soon as the daemon answers C-ECHO while its scoring processes may
+   still be starting, is printed apart — and, apart from it, the time waiting for stability (last instance received → completed:
    ``stable_after`` plus the completion tick). Prints p50 and p95 of both.
 2. Throughput: a burst of studies sent back to back; studies per minute from the first send to the last SR.
 3. The ratio of serving throughput (images/s) to a bare ``model(x)`` loop on the same network and input size
-   in this process: how much of the machine the pipeline around the model costs.
+   in this process (inputs/s, torch float32, batch 2); and, what says how much of the machine the pipeline
+   around the network costs, to the network alone on the runtime the daemon chose, fed the same number of
+   inputs per image (the tiles a whole chest is cut into) in batches of one study's inputs.
 
 Needs the Debian package dcmtk. Not a test: figures depend on the machine.
 """
@@ -40,7 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import STORESCU, free_port, wait_echo
 
 from fracwatch.config import load_settings
+from fracwatch.model import runtimes
 from fracwatch.model.bundle import load_bundle
+from fracwatch.pipeline.transforms import tile_grid
+
+SPACING_MM = 0.15  # the images' Imager Pixel Spacing: a 3000-pixel side is 450 mm, a whole chest
 
 
 class Receiver:
@@ -84,7 +91,7 @@ def make_study(
         ds.SOPInstanceUID = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.Modality, ds.PatientName, ds.PatientID = "DX", "Bench^Synthetic", "BENCH"
-        ds.PatientOrientation, ds.ImagerPixelSpacing = ["A", "F"], [0.15, 0.15]
+        ds.PatientOrientation, ds.ImagerPixelSpacing = ["A", "F"], [SPACING_MM, SPACING_MM]
         ds.Rows, ds.Columns = side, columns or side
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -124,19 +131,20 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
-def bare_model_rate(batch: int, seconds: float = 10.0) -> float:
-    """Images/s of ``network(x)`` alone, same bundle, batch and input size, inference_mode, channels_last."""
+def bare_model_rate(batch: int, runtime: str = "torch", seconds: float = 10.0) -> float:
+    """Inputs/s of the network alone on ``runtime`` (``torch``: float32 channels_last, inference_mode), same
+    bundle, batch and input size."""
     bundle = load_bundle(load_settings().model_path)
     size = bundle.card.preprocessing.input_size
-    network = bundle.network.to(memory_format=torch.channels_last).eval()
-    x = torch.rand(batch, 1, size, size).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        network(x)
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            network(x)
-            count += batch
-    return count / (time.perf_counter() - start)
+    network = runtimes.build(bundle, runtime, torch.device("cpu"), torch.get_num_threads())
+    return runtimes.throughput(network, size, batch=batch, seconds=seconds)
+
+
+def inputs_per_image(rows: int, columns: int) -> int:
+    """How many network inputs the daemon cuts one of the bench's images into (its tiles, or 1)."""
+    config = load_bundle(load_settings().model_path).preprocess_config
+    grid = tile_grid((rows, columns), SPACING_MM, config)
+    return 1 if grid is None else len(grid.origins)
 
 
 def main() -> None:
@@ -182,18 +190,30 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=60)
             receiver.server.shutdown()
-    latencies = [receiver.arrivals[s] - completed[s] for s, _ in latency_studies]
+    everything = [receiver.arrivals[s] - completed[s] for s, _ in latency_studies]
+    first, latencies = everything[0], everything[1:] or everything  # the first: right after the daemon started
     p50, p95 = percentiles(latencies)
     wait50, wait95 = percentiles([completed[s] - last_received[s] for s, _ in latency_studies])
     per_minute = len(burst) / (end - start) * 60
     serving_images = 2 * len(burst) / (end - start)
     bare = bare_model_rate(batch=2)
+    bundle = load_bundle(load_settings().model_path)
+    chosen = runtimes.choose(bundle, load_settings().runtime, torch.device("cpu"), torch.get_num_threads())
+    tiles = inputs_per_image(rows, columns)
+    batch = 2 * tiles  # a study's inputs: one batch per study in the daemon
+    network_images = bare_model_rate(batch, chosen.name) / tiles
     kind = f"{rows} x {columns} 16-bit DX{', JPEG 2000 lossless' if args.jpeg2000 else ''}"
     print(f"working: completion → SR acknowledged ({len(latencies)} studies): p50 {p50:.3f} s, p95 {p95:.3f} s")
+    print(f"  the first study, sent as soon as the daemon answered C-ECHO: {first:.2f} s (not in the percentiles)")
+    print("  in the order sent: " + " ".join(f"{latency:.2f}" for latency in everything))
     waiting = f"p50 {wait50:.3f} s, p95 {wait95:.3f} s"
     print(f"waiting: last instance → completion (stable_after {args.stable_after} s): {waiting}")
     print(f"sustained: {per_minute:.1f} studies/min ({serving_images:.2f} images/s), {kind}")
     print(f"bare model(x) loop, batch 2: {bare:.1f} images/s; serving / bare = {serving_images / bare:.3f}")
+    print(
+        f"the network alone on the runtime the daemon chose ({chosen.name}), batches of one study's {batch} inputs "
+        f"({tiles} per image): {network_images:.2f} images/s; serving / network = {serving_images / network_images:.3f}"
+    )
 
 
 if __name__ == "__main__":

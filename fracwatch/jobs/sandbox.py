@@ -18,7 +18,7 @@ import signal
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pebble import ProcessExpired, ProcessPool
@@ -169,9 +169,23 @@ def _initialise(settings: Settings, factory: str | None, threads: int, memory_mb
             module, _, name = factory.partition(":")
             build = getattr(importlib.import_module(module), name)
         _state["processor"] = build(settings, sessions, bundle, _job_now)
+        _rehearse(_state["processor"])
     except Exception as exc:
         _state["error"] = f"the scoring process could not start: {type(exc).__name__}: {exc}"
         logging.getLogger(__name__).exception("scoring process start failed")
+
+
+def _rehearse(processor: StudyProcessor) -> None:
+    """The scorer's start-up rehearsal (``StudyScorer.rehearse``), where it has one; a failed rehearsal is logged
+    and the process still scores (a real study's failure is then recorded as its own)."""
+    rehearse = getattr(processor, "rehearse", None)
+    if rehearse is None:
+        return
+    _state["now"] = datetime.now(UTC)
+    try:
+        rehearse()
+    except Exception:
+        logging.getLogger(__name__).exception("the scoring process's start-up rehearsal failed")
 
 
 def _job_now() -> datetime:
