@@ -6,8 +6,8 @@
 1. Latency: studies are sent one at a time with DCMTK ``storescu``; for each, the time from completion (the
    study's ``completed_at`` in fracwatch's database) to the SR being acknowledged by the receiving SCP — the
    working time; the first study, sent as soon as the daemon answers C-ECHO while its scoring processes may
-   still be starting, is printed apart — and, apart from it, the time waiting for stability (last instance received → completed:
-   ``stable_after`` plus the completion tick). Prints p50 and p95 of both.
+   still be starting, is printed apart — and, apart from it, the time waiting for stability (last instance
+   received → completed: ``stable_after`` plus the completion tick). Prints p50 and p95 of both.
 2. Throughput: a burst of studies sent back to back; studies per minute from the first send to the last SR.
 3. The ratio of serving throughput (images/s) to a bare ``model(x)`` loop on the same network and input size
    in this process (inputs/s, torch float32, batch 2); and, what says how much of the machine the pipeline

@@ -14,6 +14,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
+from fracwatch.dicom import j2k
 from fracwatch.errors import FracwatchError
 from fracwatch.resample import block_mean, downsample_factor
 
@@ -68,14 +69,7 @@ def decode_dataset(ds: Dataset, target_longest: int | None = None) -> DecodedIma
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > MAX_FRAMES:
         raise PixelDataError(f"{frames} frames: more than the {MAX_FRAMES} a radiograph may have")
-    try:
-        stored = ds.pixel_array
-    except Exception as exc:  # decoders raise many types on corrupt data
-        raise PixelDataError(f"pixel data cannot be decoded: {exc}") from exc
-    if stored.ndim == 2:
-        stored = stored[np.newaxis]
-    if stored.ndim != 3:
-        raise PixelDataError(f"unexpected pixel array shape {stored.shape}")
+    stored, levels = _decoded(ds, target_longest)
     factor = downsample_factor(stored.shape, target_longest) if target_longest else 1
     try:
         if "ModalityLUTSequence" in ds:
@@ -90,6 +84,33 @@ def decode_dataset(ds: Dataset, target_longest: int | None = None) -> DecodedIma
     if not np.isfinite(out).all():
         raise PixelDataError("pixel values are not finite after the LUTs")
     spacing = header_spacing(ds)
-    if spacing is not None and factor > 1:
-        spacing = (spacing[0] * factor, spacing[1] * factor)
+    scale = factor * 2**levels
+    if spacing is not None and scale > 1:
+        spacing = (spacing[0] * scale, spacing[1] * scale)
     return DecodedImage(frames=out, pixel_spacing=spacing)
+
+
+def _decoded(ds: Dataset, target_longest: int | None) -> tuple[np.ndarray, int]:
+    """Stored values (frames, rows, columns) and how many halvings they were decoded at: a JPEG 2000 image that
+    is to be downsampled anyway comes out of its codestream at the largest power of two inside the factor
+    (``j2k``), everything else at full size. A Modality LUT Sequence applies at full size, so it stays full."""
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if target_longest and rows and columns and "ModalityLUTSequence" not in ds:
+        levels = j2k.levels_for(downsample_factor((rows, columns), target_longest))
+        reduced = j2k.decode_reduced(ds, levels) if levels else None
+        if reduced is not None:
+            return reduced, levels
+    return _full(ds), 0
+
+
+def _full(ds: Dataset) -> np.ndarray:
+    """Every frame's stored values at full size, (frames, rows, columns)."""
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # decoders raise many types on corrupt data
+        raise PixelDataError(f"pixel data cannot be decoded: {exc}") from exc
+    if stored.ndim == 2:
+        stored = stored[np.newaxis]
+    if stored.ndim != 3:
+        raise PixelDataError(f"unexpected pixel array shape {stored.shape}")
+    return stored

@@ -28,7 +28,7 @@ from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from fracwatch.dicom import fastrecv, status
+from fracwatch.dicom import fastrecv, nodelay, status
 from fracwatch.dicom.header import header_from_stream
 from fracwatch.dicom.spool import Spool
 from fracwatch.domain import InstanceHeader, ReceivedInstance, RecordOutcome
@@ -240,6 +240,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, handle_requested, [self.options.allowed_calling_aets]),
             (evt.EVT_ACSE_RECV, _note_abort),
             (evt.EVT_ABORTED, _log_aborted),
+            nodelay.HANDLER,
         ]
         self._server = self._ae.start_server(
             (self.options.host, self.options.port),

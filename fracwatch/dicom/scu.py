@@ -13,6 +13,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from fracwatch.dicom import nodelay
 from fracwatch.dicom import status as codes
 from fracwatch.errors import PeerError
 
@@ -73,7 +74,7 @@ def echo(
     ae = _ae(Peer(called_ae, host, port, calling_ae, timeout))
     ae.add_requested_context(Verification)
     tls_args = (ssl_context, host) if ssl_context is not None else None
-    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args, evt_handlers=[nodelay.HANDLER])
     if not assoc.is_established:
         if assoc.is_rejected:
             raise PeerError(f"{called_ae}@{host}:{port} rejected the association from {calling_ae}")
@@ -110,7 +111,9 @@ def store_files(peer: Peer, items: Sequence[Outgoing]) -> Iterator[StoreOutcome]
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     tls_args = (peer.ssl_context, peer.host) if peer.ssl_context is not None else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    assoc = ae.associate(
+        peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args, evt_handlers=[nodelay.HANDLER]
+    )
     if not assoc.is_established:
         permanent = bool(assoc.is_rejected and getattr(assoc.acceptor.primitive, "result", None) == REJECTED_PERMANENT)
         reason = "rejected the association permanently" if permanent else "could not be associated with"
