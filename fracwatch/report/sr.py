@@ -26,10 +26,11 @@ FRACTURE_OF_BONE = CodedConcept("125605004", "SCT", "Fracture of bone")
 PRESENT = CodedConcept("52101004", "SCT", "Present")
 ABSENT = CodedConcept("2667000", "SCT", "Absent")
 INDETERMINATE = CodedConcept("82334004", "SCT", "Indeterminate")
+NOT_DONE = CodedConcept("385660001", "SCT", "Not done")  # an image the model was kept from: not assessed
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
 RADIOGRAPHIC_PROCEDURE = CodedConcept("363680008", "SCT", "Radiographic imaging procedure")
-CATEGORY_VALUES = {"positive": PRESENT, "doubt": INDETERMINATE, "negative": ABSENT}
+CATEGORY_VALUES = {"positive": PRESENT, "doubt": INDETERMINATE, "negative": ABSENT, "skipped": NOT_DONE}
 SR_SERIES_NUMBER = 9901
 MANUFACTURER = "fracwatch"
 
@@ -91,11 +92,16 @@ class AlgorithmIdentity:
 
 @dataclass(frozen=True)
 class ScoredImage:
-    """A source image (header only is enough) with its probability and category."""
+    """A source image (header only is enough) with its probability and category; an image the out-of-scope
+    gate kept from the model has no probability and the category ``skipped`` (reported as not assessed)."""
 
     dataset: Dataset
-    probability: float
+    probability: float | None
     category: str
+
+    @property
+    def assessed(self) -> bool:
+        return self.probability is not None
 
 
 def device_observer(identity: AlgorithmIdentity) -> hd.sr.ObserverContext:
@@ -126,13 +132,12 @@ def _algorithm(identity: AlgorithmIdentity) -> hd.sr.AlgorithmIdentification:
 def _image_group(
     image: ScoredImage, index: int, identity: AlgorithmIdentity
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    what = "fracture assessment" if image.probability is not None else "not assessed (outside the model's scope)"
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier=f"Image {index}: fracture assessment"
-        ),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"Image {index}: {what}"),
         finding_type=FRACTURE_OF_BONE,
         algorithm_id=_algorithm(identity),
-        measurements=[_probability(image.probability)],
+        measurements=[_probability(image.probability)] if image.probability is not None else None,
         qualitative_evaluations=[_evaluation(image.category)],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(image.dataset)],
     )
@@ -147,7 +152,9 @@ def _study_group(
         algorithm_id=_algorithm(identity),
         measurements=[_probability(probability)],
         qualitative_evaluations=[_evaluation(category)],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(i.dataset) for i in images],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(i.dataset) for i in images if i.assessed
+        ],
     )
 
 
@@ -187,8 +194,9 @@ def build_sr(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """Build the SR for the scored ``images`` of one study (patient and study modules copied from them)."""
-    if not images:
+    """Build the SR for the ``images`` of one study (patient and study modules copied from them): one group per
+    image — scored, or not assessed — and the study's result from the scored ones."""
+    if not any(image.assessed for image in images):
         raise ValueError("an SR needs at least one scored image")
     images = [ScoredImage(with_type2_defaults(i.dataset), i.probability, i.category) for i in images]
     observer = device_observer(identity)

@@ -337,10 +337,13 @@ class StudyScorer:
         now = self._clock()
         scores = []
         scored: list[ScoredImage] = []
+        reported: list[ScoredImage] = []  # the SR's images, in the study's order: scored and not assessed
         for ref, image, probability in zip(item.instances, item.images, probabilities, strict=True):
             if probability is None and image.skipped is not None:
                 LOGGER.info("instance %s skipped: %s", ref.sop_instance_uid, image.skipped)
                 scores.append(ImageScore(ref.id, None, SKIPPED, image.skipped))
+                if image.header is not None:  # the SR (if the study has one) says it was not assessed
+                    reported.append(ScoredImage(image.header, None, SKIPPED))
                 continue
             if probability is None:
                 LOGGER.warning("instance %s not scored: %s", ref.sop_instance_uid, image.error)
@@ -350,14 +353,15 @@ class StudyScorer:
             scores.append(ImageScore(ref.id, probability, category, None, frames=image.frames))
             assert image.header is not None
             scored.append(ScoredImage(image.header, probability, category))
-        study_probability = max((s.probability for s in scored), default=None)
+            reported.append(scored[-1])
+        study_probability = max((s.probability for s in scored if s.probability is not None), default=None)
         category = bundle.category(study_probability) if study_probability is not None else "error"
         if study_probability is None and any(score.category == SKIPPED for score in scores):
             category = SKIPPED  # out of scope, not failed: no SR, no flag
         uid = item.hand_over.study_instance_uid
-        report = (
-            self._write_report(uid, scored, study_probability, category, now) if study_probability is not None else None
-        )
+        report = None
+        if study_probability is not None:
+            report = self._write_report(uid, reported, study_probability, category, now)
         attachments = self._write_overlays(uid, item, probabilities) if self._overlays and report is not None else []
         points = bundle.card.operating_points
         result = NewResult(

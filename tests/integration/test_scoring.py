@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import pytest
@@ -303,4 +304,43 @@ def test_out_of_scope_images_are_skipped_with_a_reason_and_get_no_sr_or_flag(
     by_category = {i.category: i for i in scored.images}
     assert set(by_category) - {"skipped"} and "skipped" in by_category  # one scored, one skipped
     assert scored.sr_sop_instance_uid == sr.SOPInstanceUID
-    assert len(sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence) == 1
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    pattern_uid = by_category["skipped"].sop_instance_uid
+    assert {str(item.ReferencedSOPInstanceUID) for item in evidence} == {i.sop_instance_uid for i in scored.images}
+    groups = _measurement_groups(sr)
+    (not_assessed,) = [g for g in groups if "not assessed" in g["tracking"]]
+    assert not_assessed["Fracture of bone"] == "Not done" and "Probability" not in not_assessed
+    assert not_assessed["sources"] == {pattern_uid}
+    study = next(g for g in groups if g["tracking"].startswith("Study"))
+    assert pattern_uid not in study["sources"] and study["Probability"]  # the study's result: scored images only
+    sr_path = tmp_path / "mixed-sr.dcm"
+    sr.save_as(sr_path, enforce_file_format=True)
+    assert dciodvfy_errors(sr_path, ("Error", "Warning")) == []  # the not-assessed group is valid TID 1501
+
+
+def _measurement_groups(sr: Dataset) -> list[dict[str, Any]]:
+    """Each TID 1501 group of an SR: its tracking identifier, qualitative values and measurements by concept
+    name, and the SOP Instance UIDs of its source images."""
+    groups = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+            if name == "Measurement Group":
+                group: dict[str, Any] = {"tracking": "", "sources": set()}
+                for child in item.ContentSequence:
+                    meaning = child.ConceptNameCodeSequence[0].CodeMeaning
+                    if child.ValueType == "TEXT" and meaning == "Tracking Identifier":
+                        group["tracking"] = str(child.TextValue)
+                    elif child.ValueType == "CODE":
+                        group[meaning] = child.ConceptCodeSequence[0].CodeMeaning
+                    elif child.ValueType == "NUM":
+                        group[meaning] = float(child.MeasuredValueSequence[0].NumericValue)
+                    elif child.ValueType == "IMAGE":
+                        group["sources"].add(str(child.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+                groups.append(group)
+            elif "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return groups
