@@ -38,6 +38,7 @@ from fracwatch.model.bundle import (
     write_card,
 )
 from fracwatch.model.card import at_operating_points, operating_points
+from fracwatch.model.gradcam import grad_cam
 from fracwatch.model.metrics import (
     at_threshold,
     auroc,
@@ -177,6 +178,54 @@ def break_inputs(items: Sequence[Item], loaded: LoadedInputs) -> tuple[torch.Ten
     return loaded.images[loaded.first() + offsets], chosen.boxes
 
 
+CAM_MARGIN_PX = 4  # input pixels around a box that still count: Grad-CAM of layer4 is upsampled from 16 x 16 cells
+
+
+def cam_peaks_in_boxes(
+    network: torch.nn.Module, images: torch.Tensor, boxes: torch.Tensor, labels: np.ndarray, batch: int = 32
+) -> dict[str, Any] | None:
+    """Grad-CAM sanity on the fractured items with a box: the share whose heat map peaks inside the break's box
+    (in the input's pixels, ``CAM_MARGIN_PX`` around it), beside the share of the input the boxes cover — what
+    a peak thrown at random would hit. ``images`` one input per item and ``boxes`` in its pixels
+    (``break_inputs``). None where no fractured item has a box."""
+    chosen = [i for i in range(len(labels)) if labels[i] == 1 and not bool(torch.isnan(boxes[i, 0]))]
+    if not chosen:
+        return None
+    size = images.shape[-1]
+    hits, areas = [], []
+    for start in range(0, len(chosen), batch):
+        part = chosen[start : start + batch]
+        maps = grad_cam(network.cpu(), images[part].to(torch.float32))
+        for index, heat in zip(part, maps, strict=True):
+            box = tuple(float(v) for v in boxes[index])
+            hits.append(peak_in_box(heat, box))  # type: ignore[arg-type,unused-ignore]
+            areas.append(box_share(box, size))  # type: ignore[arg-type,unused-ignore]
+    return {
+        "images": len(chosen),
+        "peak_in_box": float(np.mean(hits)),
+        "chance": float(np.mean(areas)),
+        "margin_px": CAM_MARGIN_PX,
+    }
+
+
+def _grown(box: tuple[float, float, float, float], size: int) -> tuple[float, float, float, float]:
+    m = CAM_MARGIN_PX
+    return max(0.0, box[0] - m), max(0.0, box[1] - m), min(float(size), box[2] + m), min(float(size), box[3] + m)
+
+
+def peak_in_box(heat: np.ndarray, box: tuple[float, float, float, float]) -> bool:
+    """Whether the (S, S) heat map's strongest pixel lies in ``box`` (x0, y0, x1, y1), ``CAM_MARGIN_PX`` around."""
+    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    x0, y0, x1, y1 = _grown(box, heat.shape[-1])
+    return bool(x0 <= col <= x1 and y0 <= row <= y1)
+
+
+def box_share(box: tuple[float, float, float, float], size: int) -> float:
+    """The share of a ``size`` x ``size`` input ``box`` covers with its margin: a random peak's chance of a hit."""
+    x0, y0, x1, y1 = _grown(box, size)
+    return max(0.0, x1 - x0) * max(0.0, y1 - y0) / size**2
+
+
 def breaks_seen(rises: dict[int, float]) -> dict[str, Any]:
     """The share of breaks whose cells rise more than ``SEEN_MARGIN`` logits over their twin's (``break_rises``)."""
     seen = sum(rise > SEEN_MARGIN for rise in rises.values())
@@ -274,8 +323,12 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
         rises = break_rises(bundle.network, inputs, items, device, boxes)
     if twins is not None and rises is not None:
         twins["localised"] = breaks_seen(rises)
-    bundle.network.cpu()
     labels = np.array([i.label for i in items], dtype=np.int64)
+    cam = None
+    if binary and any(i.box is not None for i in items):
+        cam_inputs, cam_boxes = break_inputs(items, loaded)
+        cam = cam_peaks_in_boxes(bundle.network, cam_inputs, cam_boxes, labels)
+    bundle.network.cpu()
     card = bundle.card
     if request.set_operating_points:
         config = TrainConfig(
@@ -313,6 +366,8 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     ).name
     if twins is not None:
         report["twins"] = twins
+    if cam is not None:
+        report["grad_cam"] = cam
     if len(card.class_names) > 2:
         report["multiclass"] = _multiclass(items, classes, list(card.class_names), request.out)
     report = _finite(report)
@@ -354,7 +409,7 @@ def _write_operating_points(
 
 def _record(bundle: Bundle, card: ModelCard, report: dict[str, Any]) -> None:
     keys = ["data", "images", "fractured", "auroc", "auroc_ci95", "at_doubt", "at_positive", "breakdown"]
-    keys += ["calibration", "twins"]
+    keys += ["calibration", "twins", "grad_cam"]
     summary: dict[str, Any] = {key: report[key] for key in keys if key in report}
     if "multiclass" in report:
         summary["multiclass"] = {k: report["multiclass"][k] for k in ("classes", "accuracy", "per_class")}
