@@ -27,6 +27,15 @@ from fracwatch.errors import FracwatchError
 @click.option("--no-dicom", is_flag=True, help="PNG + manifest only (no DICOM DX studies).")
 @click.option("--phantom", is_flag=True, help="2-D procedural limb phantoms instead of DRRs (fast; for tests).")
 @click.option(
+    "--family",
+    type=click.Choice(["a", "b"]),
+    default="a",
+    show_default=True,
+    help="a: the training generator; b: a second, independently written one for evaluation only (its own "
+    "fracture model, projection and processing; every image in the split external; train refuses it). "
+    "With b, --poses x --per-pose images are rendered.",
+)
+@click.option(
     "--twins/--no-twins",
     default=True,
     show_default=True,
@@ -52,6 +61,7 @@ def synth(
     size: tuple[int, int],
     no_dicom: bool,
     phantom: bool,
+    family: str,
     twins: bool,
     first_pose: int,
     splits: tuple[str, ...],
@@ -81,6 +91,11 @@ def synth(
     )
     if phantom and (first_pose or splits or append):
         raise click.UsageError("--first-pose, --splits and --append apply to DRRs, not --phantom")
+    if family == "b":
+        if phantom or append or first_pose or splits:
+            raise click.UsageError("--family b renders a test set of its own: no --phantom, --append or splits")
+        _family_b(out, ct_path, labels, structures, poses * per_pose, seed)
+        return
     count = poses if phantom else len(rendered_poses(config))
     try:
         if phantom:
@@ -94,3 +109,16 @@ def synth(
     except FracwatchError as exc:
         fail(exc)
     click.echo(f"wrote {count * per_pose} images ({'appended to' if append else 'manifest'} {manifest})")
+
+
+def _family_b(
+    out: Path, ct_path: Path | None, labels: Path | None, structures: Path | None, images: int, seed: int
+) -> None:
+    from fracwatch.synth import family_b
+    from fracwatch.synth.ct import load_ct
+
+    try:
+        manifest = family_b.render(load_ct(ct_path, labels, structures), out, images, seed)
+    except FracwatchError as exc:
+        fail(exc)
+    click.echo(f"wrote family b (evaluation only) images; manifest {manifest}")

@@ -163,8 +163,22 @@ def cross_validate(
     return {"folds": results, "auroc_mean": float(np.nanmean(values)), "auroc_sd": float(np.nanstd(values, ddof=1))}
 
 
+def refuse_evaluation_only(source: Path) -> None:
+    """A set rendered by the evaluation-only generator (``synth --family b``) is never trained on: a model that
+    saw it would make its cross-generator figure meaningless."""
+    described = source / "synth.json" if source.is_dir() else None
+    if described is not None and described.is_file():
+        try:
+            family = json.loads(described.read_text()).get("family")
+        except (ValueError, AttributeError):
+            return
+        if family == "b":
+            raise DatasetError(f"{source} is an evaluation-only set (synth --family b): evaluate on it, never train")
+
+
 def train_from_dataset(request: TrainRequest, progress: Progress | None = None) -> ModelCard:
     """Read the data set, optionally cross-validate, train on its train split, write the bundle."""
+    refuse_evaluation_only(request.source)
     # a bundle's weights are verified before minutes go into loading images
     initial = weights_provenance(Path(request.config.init_weights)) if request.config.init_weights else None
     items = assign_splits(
