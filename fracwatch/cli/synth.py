@@ -27,6 +27,12 @@ from fracwatch.errors import FracwatchError
 @click.option("--no-dicom", is_flag=True, help="PNG + manifest only (no DICOM DX studies).")
 @click.option("--phantom", is_flag=True, help="2-D procedural limb phantoms instead of DRRs (fast; for tests).")
 @click.option(
+    "--randomise",
+    is_flag=True,
+    help="Domain randomisation of each image's look: beam, scatter, noise, window and LUT shape, collimation, "
+    "side markers and text (twins keep the same look).",
+)
+@click.option(
     "--family",
     type=click.Choice(["a", "b"]),
     default="a",
@@ -61,6 +67,7 @@ def synth(
     size: tuple[int, int],
     no_dicom: bool,
     phantom: bool,
+    randomise: bool,
     family: str,
     twins: bool,
     first_pose: int,
@@ -88,9 +95,10 @@ def synth(
         twins=twins,
         first_pose=first_pose,
         splits=splits or ("train", "val", "test"),
+        randomise=randomise,
     )
-    if phantom and (first_pose or splits or append):
-        raise click.UsageError("--first-pose, --splits and --append apply to DRRs, not --phantom")
+    if phantom and (first_pose or splits or append or randomise):
+        raise click.UsageError("--first-pose, --splits, --append and --randomise apply to DRRs, not --phantom")
     if family == "b":
         if phantom or append or first_pose or splits:
             raise click.UsageError("--family b renders a test set of its own: no --phantom, --append or splits")

