@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from fracwatch.model.bundle import Bundle
+from fracwatch.model.predictor import Predictor
 from fracwatch.model.runtimes import predictor_for
 from fracwatch.service.scoring import LoadedImage, cam_pictures, image_category, load_file, score_loaded
 
@@ -41,15 +42,24 @@ class ImageScorer:
 
     def __init__(self, bundle: Bundle, device: str = "cpu", runtime: str = "torch") -> None:
         self.bundle = bundle
-        self._predictor = predictor_for(bundle, device, runtime=runtime)  # the daemon's runtime: the same score
+        self._device, self._runtime = device, runtime
+        self._predictor: Predictor | None = None
         self._lock = threading.Lock()
+
+    def _ready(self) -> Predictor:
+        """The predictor, made at the first upload (the daemon's runtime, so the same score): ``auto`` times the
+        runtimes, a second of CPU the daemon's start and its first associations should not pay for."""
+        if self._predictor is None:
+            self._predictor = predictor_for(self.bundle, self._device, runtime=self._runtime)
+        return self._predictor
 
     def score_path(self, path: Path, name: str) -> UploadResult:
         """Probability, category and Grad-CAM picture of a PNG/JPEG/DICOM file."""
         with self._lock:
+            predictor = self._ready()
             image: LoadedImage = load_file(path, self.bundle.preprocess_config, rules=self.bundle.scope)
-            probability = score_loaded([image], self._predictor, self.bundle.preprocess_config)[0]
-            picture = cam_pictures([image], [probability], self._predictor, self.bundle)[0]
+            probability = score_loaded([image], predictor, self.bundle.preprocess_config)[0]
+            picture = cam_pictures([image], [probability], predictor, self.bundle)[0]
         png = None
         if picture is not None:
             buffer = io.BytesIO()
