@@ -72,44 +72,47 @@ def recorded(bundle: Bundle) -> list[str]:
     return [name for name, entry in bundle.card.runtimes.items() if entry.passed and name in CHOICES]
 
 
-def build(bundle: Bundle, name: str, device: torch.device, threads: int) -> Runtime:
-    """Runtime ``name`` (not ``auto``) for the bundle: only one the card records as passed (files' checksums are
-    verified by the bundle's loader); ONNX ones on the CPU only."""
-    if name == TORCH:
-        return TorchRuntime(bundle.network, device)
-    if name == TORCH_BF16:
-        _require_passed(bundle, name)
-        return TorchRuntime(bundle.network, device, torch.bfloat16)
-    if device.type != "cpu":
-        raise RuntimeUnavailable(f"runtime {name} runs on the CPU only; the device is {device.type}")
-    if not onnx_available():
-        raise RuntimeUnavailable(f"runtime {name} needs the onnxruntime package (pip install onnxruntime)")
-    _require_passed(bundle, name)
-    file = bundle.card.runtimes[name].file
-    if file is None:
-        raise RuntimeUnavailable(f"the card's {name} runtime names no file")
-    return OnnxRuntime(name, bundle.path / file, threads)
-
-
-def _require_passed(bundle: Bundle, name: str) -> None:
-    if name not in recorded(bundle):
-        raise RuntimeUnavailable(
-            f"bundle {bundle.card.name} {bundle.card.version} records no {name} runtime that passed its gate; "
-            f"measure it with fracwatch export-runtime"
-        )
-
-
 def check(bundle: Bundle, requested: str, device: torch.device) -> None:
-    """Refuse, before anything starts, a runtime the configuration names that cannot run this bundle here."""
+    """Refuse a runtime that cannot run this bundle here: unknown, not recorded as passed by the card, or an ONNX
+    one on a GPU or without onnxruntime. The daemon calls it before anything starts; ``build`` before building."""
     if requested not in CHOICES:
         raise RuntimeUnavailable(f"runtime {requested!r}: choose from {', '.join(CHOICES)}")
     if requested in ("auto", TORCH):
         return
-    _require_passed(bundle, requested)
-    if requested != TORCH_BF16 and device.type != "cpu":
+    if requested not in recorded(bundle):
+        raise RuntimeUnavailable(
+            f"bundle {bundle.card.name} {bundle.card.version} records no {requested} runtime that passed its gate; "
+            f"measure it with fracwatch export-runtime"
+        )
+    if requested == TORCH_BF16:
+        return
+    if device.type != "cpu":
         raise RuntimeUnavailable(f"runtime {requested} runs on the CPU only; the device is {device.type}")
-    if requested != TORCH_BF16 and not onnx_available():
+    if not onnx_available():
         raise RuntimeUnavailable(f"runtime {requested} needs the onnxruntime package (pip install onnxruntime)")
+    if bundle.card.runtimes[requested].file is None:
+        raise RuntimeUnavailable(f"the card's {requested} runtime names no file")
+
+
+def build(bundle: Bundle, name: str, device: torch.device, threads: int) -> Runtime:
+    """Runtime ``name`` (not ``auto``) for the bundle, once ``check`` lets it (files' checksums are verified by
+    the bundle's loader)."""
+    check(bundle, name, device)
+    if name == TORCH:
+        return TorchRuntime(bundle.network, device)
+    if name == TORCH_BF16:
+        return TorchRuntime(bundle.network, device, torch.bfloat16)
+    file = bundle.card.runtimes[name].file
+    assert file is not None  # check() refused a runtime without one
+    return OnnxRuntime(name, bundle.path / file, threads)
+
+
+def _runs(bundle: Bundle, name: str, device: torch.device) -> bool:
+    try:
+        check(bundle, name, device)
+    except RuntimeUnavailable:
+        return False
+    return True
 
 
 def throughput(runtime: Runtime, size: int, batch: int = 8, seconds: float = 0.4) -> float:
@@ -129,21 +132,17 @@ def predictor_for(
     """The scoring path's predictor for ``bundle``: ``threads`` (None: torch's current count) for torch and ONNX
     Runtime alike, the runtime ``choose`` picks."""
     if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # before the timing: torch and ONNX Runtime get the same threads
     chosen = choose(bundle, runtime, select_device(device), threads or torch.get_num_threads())
-    return Predictor(bundle.network, device, threads, batch_size, runtime=chosen)
+    return Predictor(bundle.network, device, batch_size=batch_size, runtime=chosen)
 
 
 def choose(bundle: Bundle, requested: str, device: torch.device, threads: int) -> Runtime:
     """The runtime to score with: ``requested``, or for ``auto`` torch on a GPU and, on a CPU, the fastest on this
     machine of torch and the runtimes the bundle records (timed here, about a second each)."""
-    if requested not in CHOICES:
-        raise RuntimeUnavailable(f"runtime {requested!r}: choose from {', '.join(CHOICES)}")
     if requested != "auto":
         return build(bundle, requested, device, threads)
-    candidates = [TORCH] + [
-        name for name in recorded(bundle) if device.type == "cpu" and (name == TORCH_BF16 or onnx_available())
-    ]
+    candidates = [TORCH] + [name for name in recorded(bundle) if device.type == "cpu" and _runs(bundle, name, device)]
     if len(candidates) == 1:
         return build(bundle, TORCH, device, threads)
     size = bundle.preprocess_config.input_size
