@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,23 @@ from fracwatch.cli.common import (
 )
 from fracwatch.errors import FracwatchError
 
+LAYOUT = click.option(
+    "--layout", type=click.Choice(["auto", "manifest", "folder", "csv", "dicom"]), default="auto", show_default=True
+)
+
+
+def bundle_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--model BUNDLE`` (required), passed as ``bundle``."""
+    return click.option(
+        "--model", "bundle", type=click.Path(path_type=Path, file_okay=False), required=True, help=help_text
+    )
+
 
 @click.command()
 @click.argument("dataset", required=False, type=click.Path(path_type=Path))
 @click.option("--phantom", is_flag=True, help="Train on 2-D procedural phantoms (the bootstrap data set).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Bundle directory.")
-@click.option(
-    "--layout", type=click.Choice(["auto", "manifest", "folder", "csv", "dicom"]), default="auto", show_default=True
-)
+@LAYOUT
 @click.option("--labels", "labels_csv", type=click.Path(path_type=Path, dir_okay=False), help="Labels of DICOM files.")
 @click.option(
     "--task",
@@ -246,13 +256,7 @@ def train(
 
 @click.command()
 @click.argument("dataset", type=click.Path(path_type=Path))
-@click.option(
-    "--model",
-    "bundle",
-    type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="Model bundle to evaluate.",
-)
+@bundle_option("Model bundle to evaluate.")
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
@@ -260,9 +264,7 @@ def train(
     help="Folder for report.json and the plots.",
 )
 @click.option("--split", help="Only this split (default: test when the data set has one, else everything).")
-@click.option(
-    "--layout", type=click.Choice(["auto", "manifest", "folder", "csv", "dicom"]), default="auto", show_default=True
-)
+@LAYOUT
 @click.option("--labels", "labels_csv", type=click.Path(path_type=Path, dir_okay=False), help="Labels of DICOM files.")
 @click.option(
     "--set-operating-points",
@@ -353,16 +355,8 @@ def evaluate(
 
 @click.command("export-runtime")
 @click.argument("dataset", type=click.Path(path_type=Path))
-@click.option(
-    "--model",
-    "bundle",
-    type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="Model bundle to export (the ONNX files and their card entries are written into it).",
-)
-@click.option(
-    "--layout", type=click.Choice(["auto", "manifest", "folder", "csv", "dicom"]), default="auto", show_default=True
-)
+@bundle_option("Model bundle to export (the ONNX files and their card entries are written into it).")
+@LAYOUT
 @click.option("--calibration-split", default="val", show_default=True, help="Images the int8 ranges come from.")
 @click.option("--test-split", default="test", show_default=True, help="Images the gate is measured on.")
 @click.option("--calibration-images", type=click.IntRange(8, 100000), default=128, show_default=True)
