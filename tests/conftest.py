@@ -81,6 +81,21 @@ class FakeClock:
         self.offset += timedelta(seconds=seconds)
 
 
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small ``fracwatch synth --phantom`` set (train/val/test splits, boxes), rendered once for the session;
+    tests read it and never change it."""
+    from click.testing import CliRunner
+
+    from fracwatch.cli import cli
+
+    out = tmp_path_factory.mktemp("phantoms") / "set"
+    result = CliRunner().invoke(cli, ["synth", "--phantom", "--out", str(out), "--poses", "16", "--per-pose", "6",
+                                      "--size", "128", "160"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

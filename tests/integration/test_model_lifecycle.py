@@ -64,15 +64,6 @@ pytestmark = pytest.mark.timeout(300)
 FAST = ["--input-size", "64", "--batch-size", "16", "--epochs", "1"]
 
 
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms") / "set"
-    result = CliRunner().invoke(cli, ["synth", "--phantom", "--out", str(out), "--poses", "16", "--per-pose", "6",
-                                      "--size", "128", "160"])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def png(path: Path, fractured: bool, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((np.clip(render_phantom(seed, fractured, (96, 96)).image, 0, 1) * 255).astype(np.uint8)).save(path)

@@ -18,15 +18,6 @@ from tests.conftest import PHANTOM_MODEL
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms") / "set"
-    result = CliRunner().invoke(cli, ["synth", "--phantom", "--out", str(out), "--poses", "12", "--per-pose", "6",
-                                      "--size", "128", "160"])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def _predict(model: Path, runtime: str, files: list[str]) -> tuple[int, str]:
     result = CliRunner().invoke(cli, ["predict", "--model", str(model), "--runtime", runtime, "--json", *files])
     return result.exit_code, result.output
