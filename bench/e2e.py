@@ -44,7 +44,7 @@ from ingest import STORESCU, free_port, wait_echo
 
 from fracwatch.config import load_settings
 from fracwatch.model import runtimes
-from fracwatch.model.bundle import load_bundle
+from fracwatch.model.bundle import Bundle, load_bundle
 from fracwatch.pipeline.transforms import tile_grid
 
 SPACING_MM = 0.15  # the images' Imager Pixel Spacing: a 3000-pixel side is 450 mm, a whole chest
@@ -131,19 +131,17 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
-def bare_model_rate(batch: int, runtime: str = "torch", seconds: float = 10.0) -> float:
+def bare_model_rate(bundle: Bundle, batch: int, runtime: str = "torch", seconds: float = 10.0) -> float:
     """Inputs/s of the network alone on ``runtime`` (``torch``: float32 channels_last, inference_mode), same
     bundle, batch and input size."""
-    bundle = load_bundle(load_settings().model_path)
     size = bundle.card.preprocessing.input_size
     network = runtimes.build(bundle, runtime, torch.device("cpu"), torch.get_num_threads())
     return runtimes.throughput(network, size, batch=batch, seconds=seconds)
 
 
-def inputs_per_image(rows: int, columns: int) -> int:
+def inputs_per_image(bundle: Bundle, rows: int, columns: int) -> int:
     """How many network inputs the daemon cuts one of the bench's images into (its tiles, or 1)."""
-    config = load_bundle(load_settings().model_path).preprocess_config
-    grid = tile_grid((rows, columns), SPACING_MM, config)
+    grid = tile_grid((rows, columns), SPACING_MM, bundle.preprocess_config)
     return 1 if grid is None else len(grid.origins)
 
 
@@ -196,12 +194,13 @@ def main() -> None:
     wait50, wait95 = percentiles([completed[s] - last_received[s] for s, _ in latency_studies])
     per_minute = len(burst) / (end - start) * 60
     serving_images = 2 * len(burst) / (end - start)
-    bare = bare_model_rate(batch=2)
-    bundle = load_bundle(load_settings().model_path)
-    chosen = runtimes.choose(bundle, load_settings().runtime, torch.device("cpu"), torch.get_num_threads())
-    tiles = inputs_per_image(rows, columns)
+    settings = load_settings()
+    bundle = load_bundle(settings.model_path)
+    bare = bare_model_rate(bundle, batch=2)
+    chosen = runtimes.choose(bundle, settings.runtime, torch.device("cpu"), torch.get_num_threads())
+    tiles = inputs_per_image(bundle, rows, columns)
     batch = 2 * tiles  # a study's inputs: one batch per study in the daemon
-    network_images = bare_model_rate(batch, chosen.name) / tiles
+    network_images = bare_model_rate(bundle, batch, chosen.name) / tiles
     kind = f"{rows} x {columns} 16-bit DX{', JPEG 2000 lossless' if args.jpeg2000 else ''}"
     print(f"working: completion → SR acknowledged ({len(latencies)} studies): p50 {p50:.3f} s, p95 {p95:.3f} s")
     print(f"  the first study, sent as soon as the daemon answered C-ECHO: {first:.2f} s (not in the percentiles)")

@@ -195,7 +195,8 @@ def cam_peaks_in_boxes(
     hits, areas = [], []
     for start in range(0, len(chosen), batch):
         part = chosen[start : start + batch]
-        maps = grad_cam(network.cpu(), images[part].to(torch.float32))
+        device = next(network.parameters()).device
+        maps = grad_cam(network, images[part].to(device, torch.float32))
         for index, heat in zip(part, maps, strict=True):
             box = tuple(float(v) for v in boxes[index])
             hits.append(peak_in_box(heat, box))  # type: ignore[arg-type,unused-ignore]
@@ -317,17 +318,16 @@ def evaluate_bundle(request: EvaluateRequest, progress: Progress | None = None) 
     classes = per_input_classes[strongest]
     twins = twin_comparison(items, probabilities)
     binary = len(bundle.card.class_names) == 2  # a multi-class map's channel 0 is "no fracture"
+    labels = np.array([i.label for i in items], dtype=np.int64)
+    boxed = binary and any(i.box is not None for i in items)
+    # one input per item holding its break (its tile), shared by the twins' rises and the Grad-CAM check
+    located = break_inputs(items, loaded) if boxed or (twins is not None and binary) else None
     rises = None
-    if twins is not None and binary:
-        inputs, boxes = break_inputs(items, loaded)
-        rises = break_rises(bundle.network, inputs, items, device, boxes)
+    if twins is not None and binary and located is not None:
+        rises = break_rises(bundle.network, located[0], items, device, located[1])
     if twins is not None and rises is not None:
         twins["localised"] = breaks_seen(rises)
-    labels = np.array([i.label for i in items], dtype=np.int64)
-    cam = None
-    if binary and any(i.box is not None for i in items):
-        cam_inputs, cam_boxes = break_inputs(items, loaded)
-        cam = cam_peaks_in_boxes(bundle.network, cam_inputs, cam_boxes, labels)
+    cam = cam_peaks_in_boxes(bundle.network, *located, labels) if boxed and located is not None else None
     bundle.network.cpu()
     card = bundle.card
     if request.set_operating_points:

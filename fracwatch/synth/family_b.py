@@ -7,8 +7,8 @@ Shared with family A: only the CT and its preparation (``ct.load_ct``: attenuati
 
 - **Fracture model:** a fragment — the bone voxels within 6–14 mm of a point on one side of a random plane
   through it — is lifted out and put back displaced 0.5–4 mm (a random direction) and tilted 0–8°; the voxels it
-  left are filled with soft tissue, a fraction of the gap with callus-like bone of 30–70 % density. Family A cuts
-  a gap along the bone's own axis.
+  left are filled with soft tissue, a third of them with callus-like bone at 15–35 % of the block's densest.
+  Family A cuts a gap along the bone's own axis.
 - **Projection:** parallel beams along Y (anterior to posterior), tilted in the axial plane by shearing each
   coronal slab sideways (yaw −20…20°), a line integral summed slab by slab; family A casts diverging rays from a
   point source through poses.
@@ -233,7 +233,6 @@ def _row(
         pose=pair,
         index=0 if fractured else 1,
         twin_of="" if fractured else 0,
-        gap_mm=round(record.shift_mm, 2),
         shift_mm=round(record.shift_mm, 2),
         angle_deg=round(record.tilt_deg, 2),
     )
