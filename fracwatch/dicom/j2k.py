@@ -33,15 +33,14 @@ SYNTAXES = {JPEG2000Lossless, JPEG2000}
 
 def levels_for(factor: int) -> int:
     """The wavelet levels to skip for an integer downsampling ``factor``: the largest r with 2^r dividing it."""
-    if factor < 2:
-        return 0
-    return min(int(math.log2(factor)), (factor & -factor).bit_length() - 1)
+    return (factor & -factor).bit_length() - 1 if factor >= 2 else 0
 
 
 def decode_reduced(ds: Dataset, levels: int) -> np.ndarray | None:
     """(frames, ceil(rows / 2^levels), ceil(columns / 2^levels)) stored values of a single-channel unsigned
     JPEG 2000 instance decoded ``levels`` resolution levels down, or None where this path does not apply."""
-    if levels < 1 or ds.file_meta.get("TransferSyntaxUID") not in SYNTAXES:
+    meta = getattr(ds, "file_meta", None)  # a dataset built in memory may have none
+    if levels < 1 or meta is None or meta.get("TransferSyntaxUID") not in SYNTAXES:
         return None
     if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("PixelRepresentation", 0)) != 0:
         return None

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
 from fracwatch import __version__
@@ -251,6 +252,8 @@ def rehearsal_dataset(rows: int = 2400, columns: int = 2000, spacing_mm: float =
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.PixelData = pixels.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
 
 
@@ -314,7 +317,8 @@ class StudyScorer:
     def rehearse(self) -> None:
         """Score a made-up image and build its SR, keeping nothing: the one-off costs of the first study — the
         decoder's and the network's first calls, highdicom's IOD tables — are paid when the process starts, not
-        by the first study it is given (bench/e2e.py at 3000 x 2500: the first study after start took 3.4 s)."""
+        by the first study it is given. Its effect was not measured apart: in bench/e2e.py the first study arrives
+        while the process is still starting and takes about 3 s more with or without it."""
         image = load_dicom(rehearsal_dataset(), self._bundle.preprocess_config, self._bundle.scope)
         if image.error is not None or image.header is None:
             raise FracwatchError(f"the rehearsal image did not load: {image.error}")
@@ -336,7 +340,6 @@ class StudyScorer:
         bundle = self._bundle
         now = self._clock()
         scores = []
-        scored: list[ScoredImage] = []
         reported: list[ScoredImage] = []  # the SR's images, in the study's order: scored and not assessed
         for ref, image, probability in zip(item.instances, item.images, probabilities, strict=True):
             if probability is None and image.skipped is not None:
@@ -352,9 +355,9 @@ class StudyScorer:
             category = bundle.category(probability)
             scores.append(ImageScore(ref.id, probability, category, None, frames=image.frames))
             assert image.header is not None
-            scored.append(ScoredImage(image.header, probability, category))
-            reported.append(scored[-1])
-        study_probability = max((s.probability for s in scored if s.probability is not None), default=None)
+            reported.append(ScoredImage(image.header, probability, category))
+        scored = [s.probability for s in reported if s.probability is not None]
+        study_probability = max(scored, default=None)
         category = bundle.category(study_probability) if study_probability is not None else "error"
         if study_probability is None and any(score.category == SKIPPED for score in scores):
             category = SKIPPED  # out of scope, not failed: no SR, no flag
@@ -437,7 +440,7 @@ class StudyScorer:
         )
 
     def _write_report(
-        self, study_uid: str, scored: list[ScoredImage], probability: float, category: str, now: datetime
+        self, study_uid: str, images: list[ScoredImage], probability: float, category: str, now: datetime
     ) -> ReportFile | None:
         with self._sessions() as session:
             previous_object = outbox.latest_report(session, study_uid)
@@ -449,7 +452,7 @@ class StudyScorer:
             except (InvalidDicomError, OSError) as exc:
                 LOGGER.error("earlier SR of study %s unreadable (%s); the new SR will not reference it", study_uid, exc)
         try:
-            sr = build_sr(scored, probability, category, self.identity, now, previous=previous)
+            sr = build_sr(images, probability, category, self.identity, now, previous=previous)
             written = self._write_object(study_uid, sr, "sr")
         except (FracwatchError, ValueError, TypeError, AttributeError) as exc:
             LOGGER.exception("cannot build the SR for study %s: %s", study_uid, exc)

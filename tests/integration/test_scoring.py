@@ -344,3 +344,24 @@ def _measurement_groups(sr: Dataset) -> list[dict[str, Any]]:
 
     walk(sr.ContentSequence)
     return groups
+
+
+def test_the_start_up_rehearsal_runs_the_whole_path_and_keeps_nothing(tmp_path: Path) -> None:
+    """A scoring process rehearses on a made-up whole chest when it starts: decoded as tiles, scored, an SR
+    built; no file is written and nothing touches the database (its session factory is bound to nothing)."""
+    from sqlalchemy.orm import sessionmaker
+
+    from fracwatch.config import load_settings
+    from fracwatch.dicom.spool import Spool
+    from fracwatch.model.bundle import load_bundle
+    from fracwatch.model.predictor import Predictor
+    from fracwatch.service.scoring import StudyScorer, load_dicom, rehearsal_dataset
+
+    bundle = load_bundle(load_settings().model_path)
+    image = load_dicom(rehearsal_dataset(), bundle.preprocess_config, bundle.scope)
+    assert image.error is None and image.skipped is None and len(image.inputs) > 1  # a whole chest: tiles
+    reports = Spool(tmp_path / "results")
+    reports.prepare()
+    scorer = StudyScorer(sessionmaker(), bundle, Predictor(bundle.network, "cpu"), reports, [])
+    scorer.rehearse()
+    assert not any(path.is_file() for path in (tmp_path / "results").rglob("*"))
