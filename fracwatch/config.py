@@ -133,6 +133,8 @@ class Settings(BaseSettings):
     # records as having passed their gate (timed when a scoring process starts); or one by name
     runtime: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8"] = "auto"
     batch_size: int = Field(default=16, ge=1, le=1024)
+    # the most study versions a scoring process takes together (those that waited while every process was busy;
+    # a study finding a process free goes alone, at once): their images and tiles share the network's batches
     max_batch_studies: int = Field(default=8, ge=1, le=1000)
 
     # the job queue (Procrastinate): scoring processes on this host (0 = receive only), and each scoring job's

@@ -337,11 +337,12 @@ class Daemon:
         )
         triage = TriageSender(sessions, channels_of(settings), policy, clock, metrics)
         queue = open_queue(engine, sessions)
-        pool, score, processes = self._scoring()
+        pool, score, processes = self._scoring(metrics)
         on_loop = (lambda loop: setattr(queue, "loop", loop)) if isinstance(queue, MemoryQueue) else _no_loop
         runner = JobRunner(
             queue.app,
-            {SCORING_QUEUE: processes, TICKS_QUEUE: 1},
+            # enough scoring jobs at once for every process's batch: the sandbox coalesces those that wait
+            {SCORING_QUEUE: processes * (settings.max_batch_studies if pool is not None else 1), TICKS_QUEUE: 1},
             on_loop=on_loop,
             poll_interval=MEMORY_POLL if isinstance(queue, MemoryQueue) else DATABASE_POLL,
             shutdown_grace=settings.shutdown_grace,
@@ -390,7 +391,7 @@ class Daemon:
             running.http = HttpServer(create_app(web), settings.http_host, settings.http_port)
         return running
 
-    def _scoring(self) -> tuple[ScoringPool | None, Score, int]:
+    def _scoring(self, metrics: Metrics) -> tuple[ScoringPool | None, Score, int]:
         """The scoring pool (``workers`` processes), or a processor run in this process (tests only)."""
         settings = self.settings
         processor = self._processor
@@ -399,8 +400,10 @@ class Daemon:
         if settings.workers == 0:
             LOGGER.warning("workers = 0: this process receives only; another host's `fracwatch worker` must score")
             return None, _unscored, 0
-        options = SandboxOptions(settings.workers, settings.job_timeout, settings.worker_memory_mb, self._factory)
-        pool = ScoringPool(settings, options)
+        options = SandboxOptions(
+            settings.workers, settings.job_timeout, settings.worker_memory_mb, self._factory, settings.max_batch_studies
+        )
+        pool = ScoringPool(settings, options, on_batch=metrics.scoring_batches.observe)
         return pool, pool.score, settings.workers
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:

@@ -1,8 +1,10 @@
 """The job runner: Procrastinate workers on an event loop of their own, in a thread of this process.
 
 One worker per queue so that a long scoring job never delays a tick: ``scoring`` runs as many jobs at once as
-this host has scoring processes, ``ticks`` one at a time. The scoring jobs themselves wait on the sandbox's
-processes; the runner only dispatches.
+this host's scoring processes take in their batches, ``ticks`` one at a time. The scoring jobs themselves wait on
+the sandbox's processes; the runner only dispatches. Procrastinate runs a synchronous task in a thread of the
+loop's default executor, so that executor has a thread for every job that may run at once (asyncio's default,
+the cores + 4, would cap the jobs in flight below the concurrency asked for).
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import procrastinate
 
 LOGGER = logging.getLogger(__name__)
+
+
+SPARE_THREADS = 4  # besides one per job in flight: Procrastinate's own calls into threads
 
 
 class JobRunner:
@@ -58,6 +64,8 @@ class JobRunner:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
+        threads = sum(self._queues.values()) + SPARE_THREADS
+        self._loop.set_default_executor(ThreadPoolExecutor(threads, thread_name_prefix="fracwatch-job"))
         try:
             self._loop.run_until_complete(self._serve())
         except BaseException as exc:  # reported to start(), or logged when it happens later

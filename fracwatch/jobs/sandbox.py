@@ -1,10 +1,13 @@
 """The scoring sandbox: study versions are scored in separate processes (Pebble's process pool), never in the
 process that runs the DICOM listener.
 
-Each process loads the bundle and opens the database once, then takes one study version at a time. A job that
-runs past ``job_timeout`` has its process killed; a process that dies (a decoder's segfault, the kernel's OOM
-killer, the per-process address-space limit) fails only its own job. Either way the pool starts a fresh process
-and the caller gets a :class:`ScoringFailed` with the reason, to retry or dead-letter.
+Each process loads the bundle and opens the database once, then takes one batch of study versions at a time
+(``jobs.batching``: those that waited while every process was busy, up to ``max_batch_studies``, share the
+network's batches; a study that finds a process free goes alone, at once). A batch that runs past its time limit
+(``job_timeout`` a study) has its process killed; a process that dies (a decoder's segfault, the kernel's OOM
+killer, the per-process address-space limit) fails only its own batch, whose studies then run again one by one so
+that only the bad one fails. Either way the pool starts a fresh process and the caller gets a
+:class:`ScoringFailed` with the reason, to retry or dead-letter.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import resource
 import signal
 from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +30,7 @@ from sqlalchemy.orm import sessionmaker
 
 from fracwatch.config import Settings
 from fracwatch.dicom.spool import Spool
+from fracwatch.jobs.batching import Batcher, Outcome
 from fracwatch.logs import configure_logging
 from fracwatch.model.bundle import Bundle, load_bundle
 from fracwatch.model.runtimes import predictor_for
@@ -72,15 +77,25 @@ class SandboxOptions:
     """How the pool's processes are made: how many, each one's limits, and who builds their scorer."""
 
     processes: int
-    timeout: float
+    timeout: float  # a study's; a batch of n studies gets n times this
     memory_mb: int | None
     factory: str | None = None  # "module:function" (a ProcessorFactory); None = build_scorer
+    batch_studies: int = 1  # the most study versions one process scores together
+
+
+@dataclass(frozen=True)
+class _Request:
+    hand_over: HandOver
+    now: datetime
 
 
 class ScoringPool:
-    """``processes`` scoring processes (started on the first job, restarted after a crash or a time-out)."""
+    """``processes`` scoring processes (started on the first job, restarted after a crash or a time-out), fed in
+    batches of up to ``batch_studies`` study versions; ``on_batch`` hears each batch's size."""
 
-    def __init__(self, settings: Settings, options: SandboxOptions) -> None:
+    def __init__(
+        self, settings: Settings, options: SandboxOptions, on_batch: Callable[[int], None] = lambda _size: None
+    ) -> None:
         self._options = options
         threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // max(1, options.processes))
         self._pool = ProcessPool(
@@ -88,6 +103,9 @@ class ScoringPool:
             initializer=_initialise,
             initargs=(_portable(settings), options.factory, threads, options.memory_mb),
             context=multiprocessing.get_context("spawn"),  # never fork a process that holds threads and sockets
+        )
+        self._batcher: Batcher[_Request] = Batcher(
+            self._launch, options.processes, options.batch_studies, self._describe, on_batch
         )
 
     def warm(self) -> None:
@@ -97,25 +115,32 @@ class ScoringPool:
         self._pool.schedule(_ready)
 
     def score(self, hand_over: HandOver, now: datetime) -> None:
-        """Score one study version in a pool process; raise :class:`ScoringFailed` if it does not finish."""
-        timeout = self._options.timeout
-        future = self._pool.schedule(
-            _score, args=(hand_over.study_instance_uid, hand_over.version, now.isoformat()), timeout=timeout
+        """Score one study version in a pool process, in a batch with others waiting as it does; raise
+        :class:`ScoringFailed` if it does not finish."""
+        reason = self._batcher.submit(_Request(hand_over, now)).result()
+        if reason is not None:
+            raise ScoringFailed(reason)
+
+    def _launch(self, requests: list[_Request]) -> Future[list[Outcome]]:
+        studies = [(r.hand_over.study_instance_uid, r.hand_over.version) for r in requests]
+        now = max(r.now for r in requests)
+        future: Future[list[Outcome]] = self._pool.schedule(
+            _score, args=(studies, now.isoformat()), timeout=self._options.timeout * len(requests)
         )
-        try:
-            future.result()
-        except FutureTimeout:
-            raise ScoringFailed(f"scoring ran past the {timeout:g} s time limit; its process was killed") from None
-        except ProcessExpired as exc:
-            raise ScoringFailed(_death(exc.exitcode)) from None
-        except MemoryError:
-            limit = self._options.memory_mb
-            raise ScoringFailed(f"out of memory (the scoring process's limit is {limit} MB)") from None
-        except Exception as exc:
-            raise ScoringFailed(f"{type(exc).__name__}: {exc}".splitlines()[0][:500]) from None
+        return future
+
+    def _describe(self, exc: BaseException) -> str:
+        """The dead letter's line for a lone study version's failed job."""
+        if isinstance(exc, FutureTimeout):
+            return f"scoring ran past the {self._options.timeout:g} s time limit; its process was killed"
+        if isinstance(exc, ProcessExpired):
+            return _death(exc.exitcode)
+        return failure_reason(exc, self._options.memory_mb)
 
     def close(self) -> None:
-        """Stop the processes (a job still running is killed; its study is re-scored at the next start)."""
+        """Stop the processes (a job still running is killed; its study is re-scored at the next start, as are
+        those still waiting for a process)."""
+        self._batcher.close()
         self._pool.stop()  # type: ignore[no-untyped-call]
         self._pool.join(timeout=10)
 
@@ -124,6 +149,13 @@ def _portable(settings: Settings) -> Settings:
     """The same values on the plain ``Settings`` class (``load_settings`` builds a local subclass that the
     process start cannot pickle); already validated, so not validated again."""
     return Settings.model_construct(**{name: getattr(settings, name) for name in Settings.model_fields})
+
+
+def failure_reason(exc: BaseException, memory_mb: int | None) -> str:
+    """One line for a scorer's exception."""
+    if isinstance(exc, MemoryError):
+        return f"out of memory (the scoring process's limit is {memory_mb} MB)"
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 
 
 def _death(exitcode: int | None) -> str:
@@ -147,6 +179,7 @@ def _initialise(settings: Settings, factory: str | None, threads: int, memory_mb
     job this process is given (a clear reason in the dead letter), instead of a process that dies at birth."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the daemon stops the pool
     configure_logging(settings.log_level)  # as the daemon's own
+    _state["memory_mb"] = memory_mb
     try:
         # Scoring yields the CPU to the listener and HTTP in the daemon's own process (a receiver that
         # stalls makes the PACS queue or time out; a score a moment later costs nothing).
@@ -198,8 +231,31 @@ def _ready() -> bool:
     return "error" not in _state
 
 
-def _score(study: str, version: int, now: str) -> None:
+def _score(studies: list[tuple[str, int]], now: str) -> list[Outcome]:
+    """Score a batch of study versions together; if that fails, each one alone (the outcome of each: None, or
+    why it failed). A lone study's failure is raised, for the pool to translate."""
     if "error" in _state:
         raise RuntimeError(_state["error"])
     _state["now"] = datetime.fromisoformat(now)
-    _state["processor"]([HandOver(study, version)])
+    hand_overs = [HandOver(study, version) for study, version in studies]
+    processor: StudyProcessor = _state["processor"]
+    try:
+        processor(hand_overs)
+    except Exception:
+        if len(hand_overs) == 1:
+            raise
+        LOGGER.warning("a batch of %d study versions failed; each is scored again alone", len(hand_overs),
+                       exc_info=True)  # fmt: skip
+    else:
+        return [None] * len(hand_overs)
+    return [_score_alone(processor, hand_over) for hand_over in hand_overs]
+
+
+def _score_alone(processor: StudyProcessor, hand_over: HandOver) -> Outcome:
+    """One study version of a failed batch (one the batch had already scored is skipped by its claim)."""
+    try:
+        processor([hand_over])
+    except Exception as exc:
+        LOGGER.warning("study %s version %d failed alone", hand_over.study_instance_uid, hand_over.version)
+        return failure_reason(exc, _state.get("memory_mb"))
+    return None

@@ -33,7 +33,7 @@ from fracwatch.jobs.queue import (
     tick_job,
 )
 from fracwatch.jobs.sandbox import ScoringFailed
-from fracwatch.service.lifecycle import Clock
+from fracwatch.service.lifecycle import Clock, claim
 from fracwatch.service.metrics import Metrics
 from fracwatch.store import instances, results
 from fracwatch.store.instances import HandOver
@@ -62,8 +62,15 @@ class Handlers:
         """One attempt at scoring ``study`` at ``version`` (Procrastinate counts the attempts)."""
         hand_over = HandOver(study, version)
         attempt = context.job.attempts + 1
+        now = self.clock()
+        # Claimed before it waits for a scoring process (the sandbox may batch it behind others): a claimed study
+        # is not handed over again by the completion tick meanwhile, and one re-opened or already scored is
+        # dropped here without taking a process's time. The scorer's own claim then finds it taken, as after a
+        # retry.
+        if not claim(self.sessions, [hand_over], now):
+            return
         try:
-            self.score(hand_over, self.clock())
+            self.score(hand_over, now)
         except ScoringFailed as exc:
             if attempt >= self.attempts:
                 self._dead_letter(hand_over, f"{exc.reason} (attempt {attempt} of {self.attempts})")

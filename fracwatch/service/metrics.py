@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
 
@@ -33,6 +34,12 @@ class Metrics:
             "fracwatch_scoring_latency_seconds",
             "From the study's completion to its result being saved.",
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.scoring_batches = Histogram(
+            "fracwatch_scoring_batch_studies",
+            "Study versions per scoring batch (more than one when studies waited for a busy scoring process).",
+            buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
         self.delivery_latency = Histogram(

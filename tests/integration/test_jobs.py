@@ -97,6 +97,10 @@ def test_a_crashing_hanging_or_raising_study_is_dead_lettered_and_the_others_sco
         received = pacs.wait_for(2)
         assert sorted(str(ds.AccessionNumber) for ds in received) == ["GOOD-1", "GOOD-2"]
         assert daemon.metrics.dead_letters._value.get() == 3  # type: ignore[attr-defined]
+        # the studies waiting while GOOD-1 scored went together; the batch with the crash was split, so each
+        # failed alone (above) and GOOD-2 was scored
+        batches, studies = batch_figures(daemon)
+        assert studies > batches, "no two studies ever shared a batch"
 
         # an admin re-queues a dead letter once the cause is fixed: it is scored like any other (here it fails
         # again, the fault being in the study, and is dead-lettered again rather than lost)
@@ -108,6 +112,12 @@ def test_a_crashing_hanging_or_raising_study_is_dead_lettered_and_the_others_sco
         daemon.detect_once()  # the completion tick hands it over
         assert daemon.worker.wait_idle(60)
         assert states(daemon)[faults.RAISE][0] == "failed"
+
+
+def batch_figures(daemon: RunningDaemon) -> tuple[float, float]:
+    """(scoring batches started, study versions in them) from the daemon's Prometheus histogram."""
+    samples = {s.name: s.value for metric in daemon.metrics.scoring_batches.collect() for s in metric.samples}
+    return samples["fracwatch_scoring_batch_studies_count"], samples["fracwatch_scoring_batch_studies_sum"]
 
 
 def _uid(daemon: RunningDaemon, accession: str) -> str:
