@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=120.0, gt=0)
     shutdown_grace: float = Field(default=30.0, ge=0)
+    # several receiver processes on this host share the DICOM port (SO_REUSEPORT; PostgreSQL only): each is a
+    # `fracwatch serve` of its own, the kernel spreads the associations across them
+    reuse_port: bool = False
 
     # the study lifecycle
     stable_after: float = Field(default=30.0, gt=0)

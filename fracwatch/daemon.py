@@ -87,6 +87,7 @@ def listener_options(settings: Settings) -> ListenerOptions:
         acse_timeout=settings.acse_timeout,
         dimse_timeout=settings.dimse_timeout,
         network_timeout=settings.network_timeout,
+        reuse_port=settings.reuse_port,
     )
 
 
@@ -286,6 +287,11 @@ class Daemon:
             raise DatabaseError(
                 "a worker host shares the receivers' PostgreSQL database; "
                 f"{settings.database_url} is SQLite (fracwatch serve scores it with --workers)"
+            )
+        if self._receive and settings.reuse_port and db.is_sqlite(settings.database_url):
+            raise DatabaseError(
+                "receivers sharing a port (reuse_port) share one PostgreSQL database; "
+                f"{settings.database_url} is SQLite, which takes one daemon (set db_url, or drop --reuse-port)"
             )
         bundle = self._bundle
         if self._processor is None and bundle is None:

@@ -39,6 +39,13 @@ from fracwatch.errors import FracwatchError
 @click.option("--allow-ae", "allowed_calling_aets", multiple=True, metavar="AE", help="Accept only these callers.")
 @click.option("--max-pdu", type=int, help="Maximum PDU size we receive, bytes (0 = unlimited).")
 @click.option("--max-associations", type=int, help="Concurrent associations.")
+@click.option(
+    "--reuse-port",
+    "reuse_port",
+    flag_value=True,
+    default=None,
+    help="Share the DICOM port with other receiver processes on this host (SO_REUSEPORT; PostgreSQL only).",
+)
 @click.option("--http-port", type=int, help="HTTP port of the API and dashboard (default 8080).")
 @click.option("--http-host", help="Address the HTTP side binds (default 127.0.0.1).")
 @click.option("--no-http", "http_enabled", flag_value=False, default=None, help="Do not serve HTTP.")

@@ -6,8 +6,10 @@ Handlers run on association threads; they write and record, nothing heavier.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -67,6 +69,7 @@ class ListenerOptions:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 120.0
+    reuse_port: bool = False  # SO_REUSEPORT: several receiver processes share the port (the kernel spreads them)
 
 
 def _file_meta_bytes(event: Event, header: InstanceHeader, calling_ae: str) -> bytes:
@@ -207,6 +210,21 @@ def build_ae(options: ListenerOptions) -> AE:
     return ae
 
 
+class SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with SO_REUSEPORT set before the bind: every receiver process on this host
+    that sets it listens on the same port, and the kernel spreads incoming connections across them (Linux; where
+    the OS lacks it the bind fails with a clear error)."""
+
+    def server_bind(self) -> None:
+        reuse_port = getattr(socket, "SO_REUSEPORT", None)
+        if reuse_port is None:
+            raise OSError(errno.ENOPROTOOPT, "this OS has no SO_REUSEPORT: receivers cannot share a port")
+        listening = self.socket
+        assert listening is not None  # socketserver made it in __init__, before the bind
+        listening.setsockopt(socket.SOL_SOCKET, reuse_port, 1)
+        super().server_bind()
+
+
 class StorageSCP:
     """A running storage listener; ``start`` binds, ``stop`` drains in-flight associations."""
 
@@ -242,14 +260,19 @@ class StorageSCP:
             (evt.EVT_ABORTED, _log_aborted),
             nodelay.HANDLER,
         ]
-        self._server = self._ae.start_server(
-            (self.options.host, self.options.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self.options.ssl_context,
-        )
+        address = (self.options.host, self.options.port)
+        if self.options.reuse_port:
+            self._server = self._ae.make_server(
+                address, evt_handlers=handlers, ssl_context=self.options.ssl_context, server_class=SharedPortServer
+            )
+            threading.Thread(target=self._server.serve_forever, name="fracwatch-listener", daemon=True).start()
+        else:
+            self._server = self._ae.start_server(
+                address, block=False, evt_handlers=handlers, ssl_context=self.options.ssl_context
+            )
         tls = " (TLS)" if self.options.ssl_context is not None else ""
-        LOGGER.info("listening as %s on %s:%d%s", self.options.ae_title, *self.address, tls)
+        shared = " (port shared with other receivers)" if self.options.reuse_port else ""
+        LOGGER.info("listening as %s on %s:%d%s%s", self.options.ae_title, *self.address, tls, shared)
 
     def _handle_store(self, event: Event) -> int:
         key = id(event.assoc)

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +294,41 @@ def test_two_receivers_and_workers_on_one_postgresql_score_each_study_once_throu
         finally:
             for process in [*receivers, doomed, *([survivor] if survivor else [])]:
                 process.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(240)
+def test_receivers_sharing_one_port_each_take_associations_and_record_every_instance_once(
+    tmp_path: Path, postgres_db: str
+) -> None:
+    port = free_port()
+    common = ["--db", postgres_db, "--model", str(PHANTOM_MODEL), "--workers", "0", "--no-http", "--reuse-port"]
+    receivers = [ServeProcess(serve_args(tmp_path / "shared", port, *common)) for _ in range(2)]
+    try:
+        for receiver in receivers:
+            receiver.wait_for("port shared with other receivers")
+        files = study(tmp_path / "s", "ACC-SHARED", images=16)  # one study, its images spread over both
+        with ThreadPoolExecutor(4) as senders:
+            statuses = list(senders.map(lambda path: send_files(port, [path]), files))
+        assert statuses == [[0]] * len(files)
+        engine = create_engine(postgres_db)
+        try:
+            with engine.connect() as connection:
+                instances = connection.scalar(text("SELECT count(*) FROM instances"))
+                studies = connection.scalar(text("SELECT count(*) FROM studies"))
+        finally:
+            engine.dispose()
+        assert (instances, studies) == (len(files), 1)
+        taken = [receiver.output.count(" stored ") for receiver in receivers]
+        assert sum(taken) == len(files) and all(taken), f"associations per receiver: {taken}"
+    finally:
+        for receiver in receivers:
+            receiver.stop()
+
+
+def test_receivers_sharing_a_port_need_postgresql(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path / "data"), "--reuse-port"])
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "PostgreSQL" in errors[0] and "reuse_port" in errors[0], result.output
+    assert not (tmp_path / "data" / "fracwatch.db").exists()  # refused before anything was made
