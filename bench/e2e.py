@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -126,6 +127,15 @@ def completed_at(data_dir: Path, field: str = "completed_at") -> dict[str, float
     }
 
 
+def scoring_batches(http_port: int) -> tuple[float, float]:
+    """(scoring batches, study versions in them) so far, from the daemon's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    name = "fracwatch_scoring_batch_studies"
+    figures = dict(line.split()[:2] for line in text.splitlines() if line.startswith(f"{name}_"))
+    return float(figures[f"{name}_count"]), float(figures[f"{name}_sum"])
+
+
 def percentiles(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values)
     return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -160,12 +170,12 @@ def main() -> None:
     receiver = Receiver()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        port = free_port()
+        port, http_port = free_port(), free_port()
         data_dir = root / "data"
         env = {**os.environ, "FRACWATCH_COMPLETION_INTERVAL": "0.05", "FRACWATCH_LOG_LEVEL": "WARNING"}
         server = subprocess.Popen(
             [sys.executable, "-m", "fracwatch", "serve", "--data-dir", str(data_dir), "--host", "127.0.0.1",
-             "--port", str(port), "--stable-after", str(args.stable_after),
+             "--port", str(port), "--http-port", str(http_port), "--stable-after", str(args.stable_after),
              "--destination", f"PACS@127.0.0.1:{receiver.port}"],
             env=env,
         )  # fmt: skip
@@ -184,6 +194,7 @@ def main() -> None:
             end = max(receiver.arrivals[s] for s, _ in burst)
             completed = completed_at(data_dir)
             last_received = completed_at(data_dir, "last_received_at")
+            batches, batched = scoring_batches(http_port)
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -208,6 +219,8 @@ def main() -> None:
     waiting = f"p50 {wait50:.3f} s, p95 {wait95:.3f} s"
     print(f"waiting: last instance → completion (stable_after {args.stable_after} s): {waiting}")
     print(f"sustained: {per_minute:.1f} studies/min ({serving_images:.2f} images/s), {kind}")
+    print(f"  scoring batches over both runs: {batches:.0f} for {batched:.0f} study versions "
+          f"({batched / max(batches, 1):.2f} a batch; max_batch_studies {settings.max_batch_studies})")  # fmt: skip
     print(f"bare model(x) loop, batch 2: {bare:.1f} images/s; serving / bare = {serving_images / bare:.3f}")
     print(
         f"the network alone on the runtime the daemon chose ({chosen.name}), batches of one study's {batch} inputs "
