@@ -5,7 +5,8 @@
 #
 # 1. the GPU and the torch build; 2. the model tests on CUDA (training under float16 autocast with GradScaler,
 # the augmentation on the device, resuming, inference, Grad-CAM; the `gpu`-marked tests run instead of skipping);
-# 3. bench/training_step.py and bench/inference_speed.py on CUDA; 4. a synth set of the shipped recipe's first
+# 3. bench/training_step.py, bench/inference_speed.py and bench/batching.py (the shipped bundle serving whole-chest
+# studies in batches of 1, 4, 8 and 16 studies: images/s and seconds a batch) on CUDA; 4. a synth set of the shipped recipe's first
 # POSES poses (default 100: its validation and test poses and 73 training poses, 48 images each) rendered on every
 # CPU core, then the recipe's training command on it under bf16 autocast (the same data, seed and command as on a
 # CPU, so epoch times and AUROCs compare), `evaluate --split test` and `predict --cam` on CUDA.
@@ -22,7 +23,7 @@ export PYTHONUNBUFFERED=1
 exec > >(tee -a "$out/log.txt") 2>&1
 
 precision=${PRECISION:-bf16}
-steps=${STEPS:-gpu tests training_step inference_speed synth train evaluate predict}
+steps=${STEPS:-gpu tests training_step inference_speed batching synth train evaluate predict}
 
 step() {  # step NAME LIMIT_S COMMAND...: run COMMAND under a time limit, print its seconds and exit status
     local name=$1 limit=$2 started=$SECONDS
@@ -41,6 +42,7 @@ step tests 150 python3 -m pytest -q -p no:cacheprovider --timeout 90 -rs \
 step training_step 60 python3 bench/training_step.py --arch small-resnet-map16 --repeat 6
 step inference_speed 45 python3 bench/inference_speed.py \
     --configs small-resnet-map16:256,small-resnet-map16:384,resnet18:256 --images 512
+step batching 60 python3 bench/batching.py --studies 32 --batches 1,4,8,16 --device cuda
 step synth 150 python3 -m fracwatch synth --out "$work/synth" --poses "$poses" --per-pose 48 --seed 11 \
     --size 320 512 --no-dicom --workers "$cores"
 step train 200 python3 -m fracwatch train "$work/synth" --out "$work/model" --arch small-resnet-map16 \

