@@ -182,10 +182,12 @@ class RunningDaemon:
     def detect_once(self) -> None:
         """One run of the completion job (the completion tick runs it; tests may too)."""
         try:
-            detect_complete_studies(self.sessions, self.worker.submit_in, self.settings.stable_after, self.clock)
+            handed = detect_complete_studies(
+                self.sessions, self.worker.submit_in, self.settings.stable_after, self.clock
+            )
             # and any complete study without a waiting job (re-queued by an admin, deferred by an older version):
-            # a no-op for those whose job waits
-            requeue_pending(self.sessions, self.worker.submit, quiet=True)
+            # a no-op for those whose job waits or runs
+            requeue_pending(self.sessions, self.worker.submit, quiet=True, skip=set(handed))
         except SQLAlchemyError:
             LOGGER.exception("completion check failed; will retry")
 

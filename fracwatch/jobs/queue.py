@@ -3,7 +3,10 @@
 ``PostgresQueue`` defers into Procrastinate's tables through the caller's own database transaction, so a job
 exists exactly when the state change that causes it commits. ``MemoryQueue`` (embedded SQLite) defers into
 Procrastinate's in-memory connector once the caller's transaction commits. Both refuse a second job with the
-same queueing lock while one waits, which is what makes re-deferring (at start, at each tick) harmless.
+same queueing lock while one waits, which is what makes re-deferring (at start, at each tick) harmless. A scoring
+job is also not deferred again while one for the same study version runs: Procrastinate's queueing lock covers
+only waiting jobs, and a failed attempt's retry (back to waiting) would then collide with the newer copy — the
+retry fails with a unique violation and the running job is left "doing" for good.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Job:
     args: dict[str, Any] = field(default_factory=dict)
     lock: str | None = None
     queueing_lock: str | None = None
+    once_running: bool = False  # not deferred while a job with the same queueing lock runs
 
 
 def score_job(hand_over: HandOver) -> Job:
@@ -62,6 +66,7 @@ def score_job(hand_over: HandOver) -> Job:
         {"study": uid, "version": version},
         lock=f"study:{uid}",
         queueing_lock=f"score:{uid}:{version}",
+        once_running=True,
     )
 
 
@@ -115,6 +120,9 @@ class PostgresQueue:
         self._deferrer = procrastinate.App(connector=procrastinate.SyncPsycopgConnector(conninfo=self.conninfo))
 
     def defer_in(self, session: Session, job: Job) -> None:
+        if _running_in(session, job):
+            LOGGER.debug("job %s %s already running", job.task, job.args)
+            return
         try:
             with session.begin_nested():  # a refused duplicate rolls back to here, not the caller's work
                 raw = session.connection().connection.driver_connection
@@ -124,6 +132,8 @@ class PostgresQueue:
 
     def defer(self, job: Job) -> bool:
         with self._sessions() as session, session.begin():
+            if _running_in(session, job):
+                return False
             raw = session.connection().connection.driver_connection
             try:
                 _configured(self._deferrer, job, raw).defer(**job.args)
@@ -143,6 +153,17 @@ class PostgresQueue:
 
     def close(self) -> None:
         pass
+
+
+def _running_in(session: Session, job: Job) -> bool:
+    """True when ``job`` is ``once_running`` and a job with its queueing lock runs (in Procrastinate's table)."""
+    if not job.once_running:
+        return False
+    running = session.execute(
+        text("SELECT 1 FROM procrastinate_jobs WHERE queueing_lock = :lock AND status = 'doing' LIMIT 1"),
+        {"lock": job.queueing_lock},
+    ).first()
+    return running is not None
 
 
 class MemoryQueue:
@@ -172,6 +193,11 @@ class MemoryQueue:
     def defer(self, job: Job) -> bool:
         if self.loop is None or not self.loop.is_running():
             raise RuntimeError("the job runner is not running; start it before deferring jobs")
+        if job.once_running and any(
+            row["queueing_lock"] == job.queueing_lock and row["status"] == "doing"
+            for row in list(self.connector.jobs.values())
+        ):
+            return False
         future = asyncio.run_coroutine_threadsafe(_configured(self.app, job).defer_async(**job.args), self.loop)
         try:
             future.result(timeout=30)

@@ -8,7 +8,7 @@ same transaction (``fracwatch.jobs``); the job runs a :class:`StudyProcessor` (t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -70,12 +70,17 @@ def detect_complete_studies(
 
 
 def requeue_pending(
-    sessions: sessionmaker[Any], submit: Callable[[HandOver], None], taken: bool = False, quiet: bool = False
+    sessions: sessionmaker[Any],
+    submit: Callable[[HandOver], None],
+    taken: bool = False,
+    quiet: bool = False,
+    skip: Collection[HandOver] = (),
 ) -> int:
     """Hand over again every study complete but never scored (and, with ``taken``, those a job had claimed
-    when its process stopped); return how many. Harmless when one already waits: a no-op in the queue."""
+    when its process stopped), except those in ``skip`` (just handed over); return how many. Harmless when one
+    already waits or runs: a no-op in the queue."""
     with sessions() as session:
-        pending = instances.pending_hand_overs(session, taken=taken)
+        pending = [h for h in instances.pending_hand_overs(session, taken=taken) if h not in skip]
     for hand_over in pending:
         submit(hand_over)
     if pending and not quiet:

@@ -26,6 +26,8 @@ from fracwatch.cli import cli
 from fracwatch.config import Settings
 from fracwatch.daemon import Daemon, RunningDaemon
 from fracwatch.errors import DatabaseError
+from fracwatch.jobs.queue import SCORING_QUEUE, MemoryQueue, score_job
+from fracwatch.store.instances import HandOver
 from fracwatch.store.models import Study, StudyResult
 from tests import dicomgen, faults
 from tests.conftest import PG_ADMIN_URL, PHANTOM_MODEL, STARTED, FakeClock, free_port, send_files
@@ -332,3 +334,33 @@ def test_receivers_sharing_a_port_need_postgresql(tmp_path: Path) -> None:
     errors = [line for line in result.output.splitlines() if "error:" in line]
     assert len(errors) == 1 and "PostgreSQL" in errors[0] and "reuse_port" in errors[0], result.output
     assert not (tmp_path / "data" / "fracwatch.db").exists()  # refused before anything was made
+
+
+def _set_job_status(daemon: RunningDaemon, lock: str, status: str) -> None:
+    """As Procrastinate's worker would: the job with this queueing lock starts (doing) or ends."""
+    queue = daemon.queue
+    if isinstance(queue, MemoryQueue):
+        for row in queue.connector.jobs.values():
+            if row["queueing_lock"] == lock:
+                row["status"] = status
+        return
+    with daemon.sessions() as session, session.begin():
+        session.execute(
+            text("UPDATE procrastinate_jobs SET status = :status WHERE queueing_lock = :lock"),
+            {"status": status, "lock": lock},
+        )
+
+
+def test_a_scoring_job_is_not_deferred_again_while_one_waits_or_runs(
+    start_daemon: Callable[..., RunningDaemon], db_url: str
+) -> None:
+    daemon = start_daemon(db_url=db_url, workers=0)  # nothing takes the scoring jobs: the test moves them
+    job = score_job(HandOver(str(generate_uid()), 1))
+    assert job.queueing_lock is not None
+    assert daemon.queue.defer(job)
+    assert not daemon.queue.defer(job)  # one waits: Procrastinate's queueing lock
+    _set_job_status(daemon, job.queueing_lock, "doing")
+    assert not daemon.queue.defer(job)  # one runs: its retry must not meet a copy (a unique violation)
+    assert daemon.queue.pending(SCORING_QUEUE) == 1
+    _set_job_status(daemon, job.queueing_lock, "failed")
+    assert daemon.queue.defer(job)  # none waits or runs: deferred again
