@@ -46,6 +46,7 @@ from ingest import STORESCU, free_port, wait_echo
 from fracwatch.config import load_settings
 from fracwatch.model import runtimes
 from fracwatch.model.bundle import Bundle, load_bundle
+from fracwatch.model.predictor import select_device
 from fracwatch.pipeline.transforms import tile_grid
 
 SPACING_MM = 0.15  # the images' Imager Pixel Spacing: a 3000-pixel side is 450 mm, a whole chest
@@ -208,6 +209,7 @@ def main() -> None:
     settings = load_settings()
     bundle = load_bundle(settings.model_path)
     bare = bare_model_rate(bundle, batch=2)
+    device = select_device(settings.device)
     chosen = runtimes.choose(bundle, settings.runtime, torch.device("cpu"), torch.get_num_threads())
     tiles = inputs_per_image(bundle, rows, columns)
     batch = 2 * tiles  # a study's inputs: one batch per study in the daemon
@@ -220,7 +222,7 @@ def main() -> None:
     print(f"waiting: last instance → completion (stable_after {args.stable_after} s): {waiting}")
     print(f"sustained: {per_minute:.1f} studies/min ({serving_images:.2f} images/s), {kind}")
     print(f"  scoring batches over both runs: {batches:.0f} for {batched:.0f} study versions "
-          f"({batched / max(batches, 1):.2f} a batch; max_batch_studies {settings.max_batch_studies})")  # fmt: skip
+          f"({batched / max(batches, 1):.2f} a batch; at most {settings.batch_studies(device.type)})")  # fmt: skip
     print(f"bare model(x) loop, batch 2: {bare:.1f} images/s; serving / bare = {serving_images / bare:.3f}")
     print(
         f"the network alone on the runtime the daemon chose ({chosen.name}), batches of one study's {batch} inputs "

@@ -99,6 +99,9 @@ def _check_url(value: Any) -> Any:
     return text
 
 
+GPU_BATCH_STUDIES = 8  # max_batch_studies' default where the scoring processes run on a GPU
+
+
 class Settings(BaseSettings):
     """Every fracwatch setting. ``config/fracwatch.example.toml`` documents each key."""
 
@@ -137,8 +140,16 @@ class Settings(BaseSettings):
     runtime: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8"] = "auto"
     batch_size: int = Field(default=16, ge=1, le=1024)
     # the most study versions a scoring process takes together (those that waited while every process was busy;
-    # a study finding a process free goes alone, at once): their images and tiles share the network's batches
-    max_batch_studies: int = Field(default=8, ge=1, le=1000)
+    # a study finding a process free goes alone, at once): their images and tiles share the network's batches.
+    # Unset: 8 on a GPU, 1 on a CPU (there a batch costs its first study the whole batch's time and gains
+    # nothing: bench/batching.py)
+    max_batch_studies: int | None = Field(default=None, ge=1, le=1000)
+
+    def batch_studies(self, device_type: str) -> int:
+        """``max_batch_studies``, or its default for a scoring device of ``device_type`` ("cuda", "cpu")."""
+        if self.max_batch_studies is not None:
+            return self.max_batch_studies
+        return GPU_BATCH_STUDIES if device_type == "cuda" else 1
 
     # the job queue (Procrastinate): scoring processes on this host (0 = receive only), and each scoring job's
     # limits: wall-clock time, attempts before the dead letter, the back-off base (waits of b, b², b³ … seconds),

@@ -350,7 +350,7 @@ class Daemon:
         runner = JobRunner(
             queue.app,
             # enough scoring jobs at once for every process's batch: the sandbox coalesces those that wait
-            {SCORING_QUEUE: processes * (settings.max_batch_studies if pool is not None else 1), TICKS_QUEUE: 1},
+            {SCORING_QUEUE: processes * (pool.batch_studies if pool is not None else 1), TICKS_QUEUE: 1},
             on_loop=on_loop,
             poll_interval=MEMORY_POLL if isinstance(queue, MemoryQueue) else DATABASE_POLL,
             shutdown_grace=settings.shutdown_grace,
@@ -408,8 +408,9 @@ class Daemon:
         if settings.workers == 0:
             LOGGER.warning("workers = 0: this process receives only; another host's `fracwatch worker` must score")
             return None, _unscored, 0
+        batch = settings.batch_studies(select_device(settings.device).type)
         options = SandboxOptions(
-            settings.workers, settings.job_timeout, settings.worker_memory_mb, self._factory, settings.max_batch_studies
+            settings.workers, settings.job_timeout, settings.worker_memory_mb, self._factory, batch_studies=batch
         )
         pool = ScoringPool(settings, options, on_batch=metrics.scoring_batches.observe)
         return pool, pool.score, settings.workers

@@ -108,6 +108,11 @@ class ScoringPool:
             self._launch, options.processes, options.batch_studies, self._describe, on_batch
         )
 
+    @property
+    def batch_studies(self) -> int:
+        """The most study versions one process scores together."""
+        return self._options.batch_studies
+
     def warm(self) -> None:
         """Start the processes now, in the background: each loads torch and the bundle (seconds) before the
         first study arrives instead of while it waits (bench/e2e.py at 3000 x 2500: p95 completion -> SR

@@ -63,7 +63,8 @@ def faulty_daemon(make_settings: Callable[..., Settings], clock: FakeClock) -> I
     started: list[RunningDaemon] = []
 
     def start(**overrides: Any) -> RunningDaemon:
-        settings = make_settings(job_timeout=8, job_attempts=2, job_retry_wait=1, **overrides)
+        # batches of up to 4 (a CPU's default is 1): a bad study shares a batch with good ones, which is split
+        settings = make_settings(job_timeout=8, job_attempts=2, job_retry_wait=1, max_batch_studies=4, **overrides)
         daemon = Daemon(settings, clock=clock, processor_factory="tests.faults:faulty").start()
         started.append(daemon)
         STARTED.append(daemon)

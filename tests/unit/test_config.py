@@ -109,3 +109,10 @@ def test_unknown_environment_variable_stops_like_an_unknown_key(monkeypatch: pyt
 def test_destination_parse_ipv6() -> None:
     assert Destination.parse("PACS@[::1]:104") == Destination(ae_title="PACS", host="::1", port=104)
     assert str(Destination.parse("PACS@10.0.0.1:104")) == "PACS@10.0.0.1:104"
+
+
+def test_studies_a_scoring_batch_takes_default_to_eight_on_a_gpu_and_one_on_a_cpu(tmp_path: Path) -> None:
+    settings = load_settings(None, data_dir=tmp_path)
+    assert (settings.batch_studies("cuda"), settings.batch_studies("cpu")) == (8, 1)
+    chosen = load_settings(None, data_dir=tmp_path, max_batch_studies=3)
+    assert (chosen.batch_studies("cuda"), chosen.batch_studies("cpu")) == (3, 3)
