@@ -11,6 +11,11 @@ has no reduced-resolution call. Pillow widens samples of fewer than 16 bits to 1
 undone and checked (every value a multiple of it), and anything this path is not sure of — signed or colour
 samples, more levels than the codestream has, a shape that does not match — returns None so the caller decodes
 at full size as before.
+
+OpenJPEG decodes a codestream's code blocks on as many threads as ``OPJ_NUM_THREADS`` says, read each time a
+decoder is made (one thread when it is unset); ``use_threads`` sets it for a scoring process. Measured on a
+2-core machine, a 3000 x 2500 12-bit frame of noise at half size: 0.53 s on one thread, 0.29 s on two, the same
+values. (pylibjpeg-openjpeg's full decode ignores it: 1.71 and 1.65 s.)
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 
 import numpy as np
 import openjpeg  # type: ignore[import-untyped,unused-ignore]
@@ -29,6 +35,14 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless
 LOGGER = logging.getLogger(__name__)
 
 SYNTAXES = {JPEG2000Lossless, JPEG2000}
+
+
+THREADS_ENV = "OPJ_NUM_THREADS"
+
+
+def use_threads(count: int) -> None:
+    """Let OpenJPEG decode on ``count`` threads in this process, unless the environment already says how many."""
+    os.environ.setdefault(THREADS_ENV, str(max(1, count)))
 
 
 def levels_for(factor: int) -> int:

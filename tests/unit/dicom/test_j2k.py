@@ -3,6 +3,8 @@ uncompressed twin up to the low-pass filter, at the right spacing; anything else
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from pydicom import dcmread
@@ -54,3 +56,16 @@ def test_what_the_reduced_path_cannot_do_falls_back_to_the_full_decode() -> None
     spaced = dcmread(get_testdata_file("RG1_J2KR.dcm"))
     spaced.PixelSpacing = [0.1, 0.1]
     assert decode_dataset(spaced, target_longest=480).pixel_spacing == pytest.approx((0.4, 0.4))  # 2 levels: x4
+
+
+def test_openjpeg_on_two_threads_decodes_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    compressed = dcmread(get_testdata_file("RG1_J2KR.dcm"))
+    monkeypatch.delenv(j2k.THREADS_ENV, raising=False)
+    alone = j2k.decode_reduced(compressed, 1)
+    j2k.use_threads(2)
+    assert j2k.THREADS_ENV in os.environ and os.environ[j2k.THREADS_ENV] == "2"
+    together = j2k.decode_reduced(compressed, 1)
+    assert alone is not None and together is not None
+    np.testing.assert_array_equal(alone, together)
+    j2k.use_threads(4)  # the environment's own figure (an admin's) wins
+    assert os.environ[j2k.THREADS_ENV] == "2"
