@@ -6,7 +6,9 @@ Procrastinate's in-memory connector once the caller's transaction commits. Both 
 same queueing lock while one waits, which is what makes re-deferring (at start, at each tick) harmless. A scoring
 job is also not deferred again while one for the same study version runs: Procrastinate's queueing lock covers
 only waiting jobs, and a failed attempt's retry (back to waiting) would then collide with the newer copy — the
-retry fails with a unique violation and the running job is left "doing" for good.
+retry fails with a unique violation and the running job is left "doing" for good. One window is left: a job
+whose fetch is committing while the copy is deferred is seen as neither; the completion tick therefore never
+re-defers what it has just handed over (``RunningDaemon.detect_once``).
 """
 
 from __future__ import annotations
